@@ -1,0 +1,452 @@
+//! The backend contract. A [`Broker`] stores jobs in four states — pending, in flight
+//! (leased), delayed, dead — and moves them between states atomically.
+//!
+//! ```text
+//! enqueue ─► pending ─fetch─► in_flight ─ack──────────► gone
+//!               ▲                │  ├─retry_after──────► delayed ─(due)─► pending, attempt+1
+//!               │                │  ├─dead_letter──────► dead
+//!               └─release────────┘  └─(lease expires)──► reap_expired ─► pending, attempt+1
+//! ```
+//!
+//! **Fencing.** Each delivery gets a fresh [`LeaseToken`]. Every operation on an in-flight
+//! job carries it, and a backend refuses a token that no longer owns the job with
+//! [`BrokerError::LeaseLost`], changing nothing. A worker whose lease expired therefore
+//! cannot ack, retry, release or extend the attempt another worker now owns.
+//!
+//! **Attempts.** [`Envelope::attempt`] is 1 on first delivery, counts up on
+//! `retry_after` and on a reaped lease, and is unchanged by `release`.
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::BrokerError;
+use crate::job::{Envelope, JobId, NewJob};
+
+pub mod memory;
+
+/// Opaque proof of ownership of one delivery of a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseToken(pub u64);
+
+impl LeaseToken {
+    /// A new random token.
+    pub fn random() -> Self {
+        Self(fastrand::u64(1..))
+    }
+}
+
+/// What identifies one delivery: the job, its queue and the lease token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Lease {
+    /// The job.
+    pub job_id: JobId,
+    /// Its queue.
+    pub queue: String,
+    /// The token of this delivery.
+    pub token: LeaseToken,
+}
+
+impl Lease {
+    /// A lease for `job_id` on `queue` with `token`.
+    pub fn new(job_id: JobId, queue: impl Into<String>, token: LeaseToken) -> Self {
+        Self {
+            job_id,
+            queue: queue.into(),
+            token,
+        }
+    }
+}
+
+/// A fetched job and the lease that owns it.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// The job as stored.
+    pub envelope: Envelope,
+    /// The lease of this delivery.
+    pub lease: Lease,
+}
+
+impl Delivery {
+    /// A delivery of `envelope` under `token`.
+    pub fn new(envelope: Envelope, token: LeaseToken) -> Self {
+        let lease = Lease::new(envelope.id.clone(), envelope.queue.clone(), token);
+        Self { envelope, lease }
+    }
+}
+
+/// One queue's part in a [`FetchPlan`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FetchShare {
+    /// The queue.
+    pub queue: String,
+    /// Jobs the scheduler would like from this queue.
+    pub share: u32,
+    /// Jobs this queue may give at most (its per-queue limit's room).
+    pub max: u32,
+}
+
+impl FetchShare {
+    /// A share of `share` jobs, at most `max`, from `queue`.
+    pub fn new(queue: impl Into<String>, share: u32, max: u32) -> Self {
+        Self {
+            queue: queue.into(),
+            share,
+            max: max.max(share),
+        }
+    }
+}
+
+/// What to fetch in one round trip.
+///
+/// A backend takes, in order, up to `share` jobs from each entry; then, while it has
+/// fewer than `total`, it tops up from the entries in order, each up to its `max`.
+/// That keeps the scheduler's weights when every queue has work and gives an empty
+/// queue's share to the others when one has none (work-conserving).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FetchPlan {
+    /// Queues in order of preference.
+    pub shares: Vec<FetchShare>,
+    /// Jobs wanted in all.
+    pub total: u32,
+    /// Lease length for every job fetched.
+    pub lease: Duration,
+}
+
+impl FetchPlan {
+    /// A plan taking `total` jobs by `shares`, each leased for `lease`.
+    pub fn new(shares: Vec<FetchShare>, total: u32, lease: Duration) -> Self {
+        Self {
+            shares,
+            total,
+            lease,
+        }
+    }
+
+    /// A plan for up to `n` jobs from one queue.
+    pub fn single(queue: impl Into<String>, n: u32, lease: Duration) -> Self {
+        Self::new(vec![FetchShare::new(queue, n, n)], n, lease)
+    }
+
+    /// How many jobs each share gets from `available` (per entry, in order): the
+    /// reference for what a backend must return. Backends that can count first may
+    /// use it directly.
+    pub fn allocate(&self, available: &[u64]) -> Vec<u32> {
+        let mut taken: Vec<u32> = self
+            .shares
+            .iter()
+            .zip(available)
+            .map(|(s, &a)| (s.share as u64).min(a) as u32)
+            .collect();
+        let mut left = self.total.saturating_sub(taken.iter().sum());
+        for (i, (s, &a)) in self.shares.iter().zip(available).enumerate() {
+            if left == 0 {
+                break;
+            }
+            let room = (s.max as u64).min(a) as u32 - taken[i];
+            let more = room.min(left);
+            taken[i] += more;
+            left -= more;
+        }
+        taken
+    }
+}
+
+/// Jobs of one queue by state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct QueueDepth {
+    /// Ready to start now.
+    pub pending: u64,
+    /// Leased to a worker.
+    pub in_flight: u64,
+    /// Waiting for a delay or retry backoff, including those already due.
+    pub delayed: u64,
+    /// Part of `delayed` whose time has come but that is not pending yet.
+    pub delayed_due: u64,
+    /// Dead letters.
+    pub dead: u64,
+    /// Age of the oldest pending job (since it became due), if any.
+    pub oldest_pending_age: Option<Duration>,
+}
+
+impl QueueDepth {
+    /// Work the pool owes: pending + in flight + delayed that is due.
+    pub fn backlog(&self) -> u64 {
+        self.pending + self.in_flight + self.delayed_due
+    }
+}
+
+/// A dead job with the reason it died.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The envelope as it was, with its attempt history.
+    pub envelope: Envelope,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// When, ms since the Unix epoch.
+    pub died_at_ms: u64,
+}
+
+/// A live worker as the registry knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct WorkerInfo {
+    /// Unique per process.
+    pub id: String,
+    /// Pool name.
+    pub pool: String,
+    /// Queues it consumes.
+    pub queues: Vec<String>,
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+    /// Concurrency limit.
+    pub concurrency: u32,
+    /// Jobs running at the last beat.
+    pub in_flight: u32,
+    /// Whether it is draining.
+    pub draining: bool,
+    /// Start time, ms since the Unix epoch.
+    pub started_at_ms: u64,
+    /// Last beat, ms since the Unix epoch.
+    pub last_beat_ms: u64,
+}
+
+impl WorkerInfo {
+    /// Info for a worker `id` of `pool` consuming `queues`.
+    pub fn new(id: impl Into<String>, pool: impl Into<String>, queues: Vec<String>) -> Self {
+        let now = crate::job::now_ms();
+        Self {
+            id: id.into(),
+            pool: pool.into(),
+            queues,
+            host: String::new(),
+            pid: std::process::id(),
+            concurrency: 0,
+            in_flight: 0,
+            draining: false,
+            started_at_ms: now,
+            last_beat_ms: now,
+        }
+    }
+
+    /// Time since the last beat.
+    pub fn beat_age(&self) -> Duration {
+        let now = crate::job::now_ms();
+        Duration::from_millis(now.saturating_sub(self.last_beat_ms))
+    }
+}
+
+/// The backend contract: every state change of a job, atomic and fenced by lease token.
+///
+/// Implementations must pass the conformance suite in `worker_core::testing`
+/// (feature `testing`). Every method may be called concurrently from many tasks and
+/// many processes.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Store jobs (pending, or delayed when they have a delay). All or nothing:
+    /// a refused job (too large, bad queue name) fails the batch before anything is written.
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, BrokerError>;
+
+    /// Lease up to `plan.total` pending jobs as [`FetchPlan`] describes, oldest first
+    /// within a queue. Delayed jobs whose time has come are promoted first. Returns
+    /// at once, possibly with nothing.
+    async fn fetch(&self, plan: &FetchPlan) -> Result<Vec<Delivery>, BrokerError>;
+
+    /// The job succeeded: remove it.
+    async fn ack(&self, lease: &Lease) -> Result<(), BrokerError>;
+
+    /// The attempt failed: record `error` and make the job due again after `delay`
+    /// with its attempt counted.
+    async fn retry_after(
+        &self,
+        lease: &Lease,
+        delay: Duration,
+        error: &str,
+    ) -> Result<(), BrokerError>;
+
+    /// Move the job to the dead letters with `reason`.
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), BrokerError>;
+
+    /// Give the job back to pending at the head of its queue, attempt not counted
+    /// (the worker is stopping, not the job failing).
+    async fn release(&self, lease: &Lease) -> Result<(), BrokerError>;
+
+    /// Push the lease deadline to now + `lease`.
+    async fn extend_lease(&self, lease: &Lease, lease_for: Duration) -> Result<(), BrokerError>;
+
+    /// Move every job of `queues` whose lease deadline has passed back to pending,
+    /// counting an attempt. Safe to run from many workers at once: each expired
+    /// lease is reclaimed exactly once. Returns how many were reclaimed.
+    async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError>;
+
+    /// Jobs of `queue` by state.
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError>;
+
+    /// Up to `limit` dead letters of `queue`, oldest first.
+    async fn dead_letters(&self, queue: &str, limit: usize)
+        -> Result<Vec<DeadLetter>, BrokerError>;
+
+    /// Put dead letters of `queue` back to pending with a fresh attempt count: the
+    /// ones with these ids, or all when `ids` is empty. Returns how many moved.
+    async fn requeue_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError>;
+
+    /// Drop dead letters of `queue`: these ids, or all when empty. Returns how many.
+    async fn purge_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError>;
+
+    /// Add or refresh a worker in the registry; it disappears `ttl` after its last beat.
+    async fn register_worker(&self, info: &WorkerInfo, ttl: Duration) -> Result<(), BrokerError>;
+
+    /// Refresh a registered worker (same as registering again).
+    async fn beat_worker(&self, info: &WorkerInfo, ttl: Duration) -> Result<(), BrokerError> {
+        self.register_worker(info, ttl).await
+    }
+
+    /// Live workers of `pool` (all pools when `None`).
+    async fn list_workers(&self, pool: Option<&str>) -> Result<Vec<WorkerInfo>, BrokerError>;
+
+    /// Remove a worker from the registry.
+    async fn deregister_worker(&self, worker_id: &str) -> Result<(), BrokerError>;
+
+    /// Wait until one of `queues` may have work, or `timeout` passes. A hint only:
+    /// the caller fetches afterwards either way. Backends without a wake-up
+    /// mechanism may simply sleep; the default sleeps `min(timeout, 50 ms)`.
+    async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
+        let _ = queues;
+        tokio::time::sleep(timeout.min(Duration::from_millis(50))).await;
+    }
+}
+
+/// Wall-clock time as ms since the Unix epoch, for a `SystemTime`.
+pub fn system_time_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Longest queue name any backend accepts.
+pub const MAX_QUEUE_NAME: usize = 200;
+
+/// The queue-name rules every backend shares: 1 to [`MAX_QUEUE_NAME`] bytes, no
+/// control characters, no whitespace, and none of `{ } , :` (hash tags, and the
+/// separators of `WORKER_QUEUES`).
+pub fn validate_queue_name(name: &str) -> Result<(), BrokerError> {
+    let refuse = |reason: &str| {
+        Err(BrokerError::InvalidQueueName {
+            name: name.to_owned(),
+            reason: reason.to_owned(),
+        })
+    };
+    if name.is_empty() {
+        return refuse("it is empty");
+    }
+    if name.len() > MAX_QUEUE_NAME {
+        return refuse("it is longer than 200 bytes");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| c.is_control() || c.is_whitespace() || matches!(c, '{' | '}' | ',' | ':'))
+    {
+        return Err(BrokerError::InvalidQueueName {
+            name: name.to_owned(),
+            reason: format!("it contains {c:?}; control characters, whitespace and {{ }} , : are not allowed"),
+        });
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, BrokerError> {
+        (**self).enqueue(jobs).await
+    }
+    async fn fetch(&self, plan: &FetchPlan) -> Result<Vec<Delivery>, BrokerError> {
+        (**self).fetch(plan).await
+    }
+    async fn ack(&self, lease: &Lease) -> Result<(), BrokerError> {
+        (**self).ack(lease).await
+    }
+    async fn retry_after(&self, lease: &Lease, delay: Duration, error: &str) -> Result<(), BrokerError> {
+        (**self).retry_after(lease, delay, error).await
+    }
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), BrokerError> {
+        (**self).dead_letter(lease, reason).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
+        (**self).release(lease).await
+    }
+    async fn extend_lease(&self, lease: &Lease, lease_for: Duration) -> Result<(), BrokerError> {
+        (**self).extend_lease(lease, lease_for).await
+    }
+    async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError> {
+        (**self).reap_expired(queues).await
+    }
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        (**self).depth(queue).await
+    }
+    async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        (**self).dead_letters(queue, limit).await
+    }
+    async fn requeue_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError> {
+        (**self).requeue_dead(queue, ids).await
+    }
+    async fn purge_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError> {
+        (**self).purge_dead(queue, ids).await
+    }
+    async fn register_worker(&self, info: &WorkerInfo, ttl: Duration) -> Result<(), BrokerError> {
+        (**self).register_worker(info, ttl).await
+    }
+    async fn beat_worker(&self, info: &WorkerInfo, ttl: Duration) -> Result<(), BrokerError> {
+        (**self).beat_worker(info, ttl).await
+    }
+    async fn list_workers(&self, pool: Option<&str>) -> Result<Vec<WorkerInfo>, BrokerError> {
+        (**self).list_workers(pool).await
+    }
+    async fn deregister_worker(&self, worker_id: &str) -> Result<(), BrokerError> {
+        (**self).deregister_worker(worker_id).await
+    }
+    async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
+        (**self).wait_for_work(queues, timeout).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(shares: &[(u32, u32)], total: u32) -> FetchPlan {
+        FetchPlan::new(
+            shares
+                .iter()
+                .enumerate()
+                .map(|(i, &(s, m))| FetchShare::new(format!("q{i}"), s, m))
+                .collect(),
+            total,
+            Duration::from_secs(1),
+        )
+    }
+
+    #[test]
+    fn allocation_keeps_shares_when_all_have_work() {
+        assert_eq!(plan(&[(3, 8), (1, 8)], 4).allocate(&[10, 10]), vec![3, 1]);
+    }
+
+    #[test]
+    fn allocation_gives_an_empty_queues_share_to_the_others() {
+        assert_eq!(plan(&[(3, 8), (1, 8)], 4).allocate(&[0, 10]), vec![0, 4]);
+        assert_eq!(plan(&[(3, 8), (1, 8)], 4).allocate(&[1, 10]), vec![1, 3]);
+    }
+
+    #[test]
+    fn allocation_respects_per_queue_max() {
+        assert_eq!(plan(&[(3, 3), (1, 1)], 8).allocate(&[10, 10]), vec![3, 1]);
+    }
+}

@@ -1,0 +1,369 @@
+//! Jobs as they travel: what a producer enqueues ([`NewJob`]), what a broker stores
+//! ([`Envelope`]), and what a handler receives ([`Job`] with its [`JobContext`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// A job's stable identity, kept across retries, releases and redeliveries, so a
+/// handler can make its side effects idempotent under at-least-once delivery.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(Arc<str>);
+
+impl JobId {
+    /// A new random id: 128 random bits in hex.
+    pub fn random() -> Self {
+        Self(format!("{:032x}", fastrand::u128(..)).into())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for JobId {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<String> for JobId {
+    fn from(s: String) -> Self {
+        Self(s.into())
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A job to enqueue.
+///
+/// ```
+/// use std::time::Duration;
+/// use worker_core::NewJob;
+///
+/// let job = NewJob::json("emails", &serde_json::json!({"to": "a@example.com"}))?
+///     .delay(Duration::from_secs(10))
+///     .max_attempts(3)
+///     .header("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+/// assert_eq!(job.queue, "emails");
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct NewJob {
+    /// Queue to put the job on.
+    pub queue: String,
+    /// Encoded payload (JSON unless the producer chose otherwise).
+    pub payload: Bytes,
+    /// Id to use; a random one when `None`.
+    pub id: Option<JobId>,
+    /// Do not start before this much time has passed.
+    pub delay: Option<Duration>,
+    /// Attempts before dead-lettering; the worker's setting when `None`.
+    pub max_attempts: Option<u32>,
+    /// Units of the pool's weighted budget this job holds while it runs (0 = none).
+    pub cost: u32,
+    /// Free-form headers, e.g. trace context.
+    pub headers: BTreeMap<String, String>,
+}
+
+impl NewJob {
+    /// A job with raw payload bytes.
+    pub fn new(queue: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Self {
+            queue: queue.into(),
+            payload: payload.into(),
+            id: None,
+            delay: None,
+            max_attempts: None,
+            cost: 0,
+            headers: BTreeMap::new(),
+        }
+    }
+
+    /// A job whose payload is `value` encoded as JSON.
+    pub fn json<T: Serialize + ?Sized>(
+        queue: impl Into<String>,
+        value: &T,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self::new(queue, serde_json::to_vec(value)?))
+    }
+
+    /// Use this id instead of a random one.
+    pub fn id(mut self, id: impl Into<JobId>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Make the job due only after `delay`.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Dead-letter after this many attempts.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+
+    /// Units of the pool budget this job needs (see `WorkerConfig::budget`).
+    pub fn cost(mut self, units: u32) -> Self {
+        self.cost = units;
+        self
+    }
+
+    /// Add a header.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// One failed attempt, kept in the envelope so a dead letter shows its whole story.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct AttemptRecord {
+    /// Which attempt failed (1-based).
+    pub attempt: u32,
+    /// What went wrong.
+    pub error: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+impl AttemptRecord {
+    /// A record of `attempt` failing with `error` now.
+    pub fn now(attempt: u32, error: impl Into<String>) -> Self {
+        Self {
+            attempt,
+            error: error.into(),
+            at_ms: now_ms(),
+        }
+    }
+}
+
+/// How many failures an envelope's history keeps; older ones are dropped first.
+pub const MAX_HISTORY: usize = 16;
+
+/// A job as a broker stores it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Envelope {
+    /// Stable id.
+    pub id: JobId,
+    /// Queue it belongs to.
+    pub queue: String,
+    /// Encoded payload.
+    #[serde(with = "payload_serde")]
+    pub payload: Bytes,
+    /// The attempt this delivery is (1 on first delivery). A retry or an expired
+    /// lease counts an attempt; a release does not.
+    pub attempt: u32,
+    /// Attempts before dead-lettering; the worker's setting when `None`.
+    pub max_attempts: Option<u32>,
+    /// Budget units the job holds while running.
+    pub cost: u32,
+    /// Enqueue time, ms since the Unix epoch.
+    pub enqueued_at_ms: u64,
+    /// When it became (or becomes) due, ms since the Unix epoch: enqueue time, or the
+    /// end of its delay or retry backoff.
+    pub due_at_ms: u64,
+    /// Headers given at enqueue.
+    pub headers: BTreeMap<String, String>,
+    /// The most recent failures, oldest first (at most [`MAX_HISTORY`]).
+    pub history: Vec<AttemptRecord>,
+}
+
+impl Envelope {
+    /// The envelope a broker stores for `job` at enqueue time.
+    pub fn from_new(job: NewJob) -> Self {
+        let now = now_ms();
+        let delay = job.delay.map_or(0, |d| d.as_millis() as u64);
+        Self {
+            id: job.id.unwrap_or_else(JobId::random),
+            queue: job.queue,
+            payload: job.payload,
+            attempt: 1,
+            max_attempts: job.max_attempts,
+            cost: job.cost,
+            enqueued_at_ms: now,
+            due_at_ms: now + delay,
+            headers: job.headers,
+            history: Vec::new(),
+        }
+    }
+
+    /// Record a failure of the current attempt.
+    pub fn record_failure(&mut self, error: &str) {
+        self.history.push(AttemptRecord::now(self.attempt, error));
+        if self.history.len() > MAX_HISTORY {
+            let extra = self.history.len() - MAX_HISTORY;
+            self.history.drain(..extra);
+        }
+    }
+
+    /// Encode for storage (JSON).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // A map of strings, numbers and base64-free byte arrays cannot fail to encode.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decode from storage.
+    pub fn from_bytes(raw: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(raw)
+    }
+}
+
+mod payload_serde {
+    //! Payloads are stored as a UTF-8 string when they are valid UTF-8 (the common JSON
+    //! case, readable in `redis-cli`), and as a byte array otherwise.
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(b) {
+            Ok(text) => s.serialize_str(text),
+            Err(_) => s.serialize_bytes(b),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Text(String),
+        Bytes(Vec<u8>),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        Ok(match Stored::deserialize(d)? {
+            Stored::Text(s) => Bytes::from(s),
+            Stored::Bytes(b) => Bytes::from(b),
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a handler knows about the job it runs.
+#[derive(Clone, Debug)]
+pub struct JobContext {
+    pub(crate) id: JobId,
+    pub(crate) queue: String,
+    pub(crate) attempt: u32,
+    pub(crate) max_attempts: u32,
+    pub(crate) enqueued_at: SystemTime,
+    pub(crate) headers: Arc<BTreeMap<String, String>>,
+    pub(crate) cancel: CancellationToken,
+}
+
+impl JobContext {
+    /// The job's stable id.
+    pub fn id(&self) -> &JobId {
+        &self.id
+    }
+
+    /// Queue the job came from.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// This attempt's number, 1 on first delivery.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Attempts allowed before the job is dead-lettered.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// When the job was enqueued.
+    pub fn enqueued_at(&self) -> SystemTime {
+        self.enqueued_at
+    }
+
+    /// Headers given at enqueue.
+    pub fn headers(&self) -> &BTreeMap<String, String> {
+        &self.headers
+    }
+
+    /// Fires when the handler must stop: the drain deadline passed, the job's
+    /// timeout ran out, or the lease was lost to another worker. The outcome of a
+    /// cancelled job is not recorded; long handlers should watch this token and
+    /// return early.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Whether [`cancellation`](Self::cancellation) has fired.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+/// A job handed to a handler: its decoded payload, raw bytes and context.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Job<T> {
+    /// The decoded payload.
+    pub payload: T,
+    /// The payload bytes as enqueued.
+    pub raw: Bytes,
+    /// Id, queue, attempt, headers and cancellation.
+    pub ctx: JobContext,
+}
+
+impl<T> Job<T> {
+    /// The job's context.
+    pub fn ctx(&self) -> &JobContext {
+        &self.ctx
+    }
+
+    /// The job's id.
+    pub fn id(&self) -> &JobId {
+        &self.ctx.id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips_text_and_binary_payloads() {
+        for payload in [Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(&[0xff, 0, 7])] {
+            let env = Envelope::from_new(NewJob::new("q", payload.clone()).cost(3));
+            let back = Envelope::from_bytes(&env.to_bytes()).unwrap();
+            assert_eq!(back, env);
+            assert_eq!(back.payload, payload);
+        }
+    }
+
+    #[test]
+    fn history_is_bounded() {
+        let mut env = Envelope::from_new(NewJob::new("q", "x"));
+        for i in 0..40 {
+            env.attempt = i + 1;
+            env.record_failure("boom");
+        }
+        assert_eq!(env.history.len(), MAX_HISTORY);
+        assert_eq!(env.history[0].attempt, 40 - MAX_HISTORY as u32 + 1);
+    }
+}

@@ -1,0 +1,59 @@
+//! # worker-core
+//!
+//! The runtime for queue-consuming worker pools that autoscale. A worker author writes
+//! a [`Handler`]; the runtime fetches fairly across queues, enforces concurrency,
+//! per-queue and weighted-budget limits, keeps job leases alive, retries with backoff,
+//! dead-letters what cannot succeed, drains gracefully on SIGTERM, and publishes the
+//! queue depth — counting in-flight work — that autoscalers act on.
+//!
+//! ```no_run
+//! use worker_core::{handler_fn, Job, JobError, MemoryBroker, Worker, WorkerConfig};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Embed { doc_id: u64 }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let config = WorkerConfig::from_env()?;
+//!     let handler = handler_fn(|job: Job<Embed>| async move {
+//!         tracing::info!(doc = job.payload.doc_id, attempt = job.ctx.attempt(), "embedding");
+//!         Ok::<_, JobError>(())
+//!     });
+//!     Worker::new(MemoryBroker::new(), config, handler).run_until_signal().await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Backends implement [`Broker`]; [`MemoryBroker`] is the in-process one. With the
+//! `testing` feature, `worker_core::testing` holds the conformance suite every backend
+//! passes unchanged.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod handler;
+pub mod job;
+pub mod lifecycle;
+mod runtime;
+mod scheduler;
+pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use async_trait::async_trait;
+pub use broker::memory::MemoryBroker;
+pub use broker::{
+    Broker, DeadLetter, Delivery, FetchPlan, FetchShare, Lease, LeaseToken, QueueDepth,
+    WorkerInfo,
+};
+pub use config::{Backoff, QueueSpec, Scheduling, WorkerConfig, WorkerConfigBuilder};
+pub use error::{BrokerError, ConfigError, JobError, Transience, WorkerError};
+pub use handler::{handler_fn, Handler, HandlerFn};
+pub use job::{Envelope, Job, JobContext, JobId, NewJob};
+pub use lifecycle::{ShutdownHandle, State};
+pub use runtime::{RunReport, RunningWorker, Worker};
+pub use telemetry::scaling::ScalingDoc;
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,58 @@
+//! Tasks beside the fetch loop: the worker registry heartbeat and the lease reaper.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::handler::Handler;
+
+/// Register, beat every `heartbeat` with TTL = 3 × heartbeat, deregister at the end.
+pub(crate) async fn heartbeat<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationToken) {
+    let ttl = shared.config.heartbeat * 3;
+    let mut registered = false;
+    let mut tick = tokio::time::interval(shared.config.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let info = shared.worker_info();
+        let result = if registered {
+            shared.broker.beat_worker(&info, ttl).await
+        } else {
+            shared.broker.register_worker(&info, ttl).await
+        };
+        match result {
+            Ok(()) => registered = true,
+            Err(e) => {
+                shared.broker_error("heartbeat");
+                tracing::warn!(error = %e, "worker heartbeat failed");
+            }
+        }
+    }
+    if let Err(e) = shared.broker.deregister_worker(&shared.worker_id).await {
+        tracing::warn!(error = %e, "could not deregister; the entry expires with its TTL");
+    }
+}
+
+/// Reclaim expired leases of this worker's queues. Every worker runs one; the
+/// broker guarantees each expired lease is reclaimed once.
+pub(crate) async fn reaper<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationToken) {
+    let queues = shared.config.queue_names();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(shared.config.reap_interval) => {}
+        }
+        match shared.broker.reap_expired(&queues).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(reclaimed = n, "expired leases returned to pending"),
+            Err(e) => {
+                shared.broker_error("reap");
+                tracing::warn!(error = %e, "reaping expired leases failed");
+            }
+        }
+    }
+}

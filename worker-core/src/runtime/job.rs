@@ -1,0 +1,320 @@
+//! One job's life inside the worker, in this order:
+//!
+//! 1. **admission** — too many attempts (a job whose worker keeps dying) or a cost over
+//!    the whole budget: dead-letter at once;
+//! 2. **start** — wait for budget units and a run permit, keeping the lease alive; a drain
+//!    beginning before the job starts releases it at once;
+//! 3. **decode** — an undecodable payload is dead-lettered with the decode error;
+//! 4. **run** — the handler on its own task (a panic is caught there), supervised by this
+//!    task: lease extended every lease/3, the per-job timeout, the drain deadline;
+//! 5. **settle** — ack, retry with backoff, dead-letter or release, fenced by the lease
+//!    token; transient broker errors are retried until the lease would have expired.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tracing::Instrument;
+
+use super::limits::RunPermits;
+use super::Shared;
+use crate::broker::{Delivery, Lease};
+use crate::error::{BrokerError, JobError};
+use crate::handler::Handler;
+use crate::job::{now_ms, Envelope, Job, JobContext};
+use crate::telemetry::{names, Outcome};
+
+pub(crate) async fn run<H: Handler>(
+    shared: Arc<Shared<H>>,
+    delivery: Delivery,
+    held: OwnedSemaphorePermit,
+) {
+    let queue = delivery.lease.queue.clone();
+    let span = tracing::info_span!(
+        "job",
+        id = %delivery.envelope.id,
+        queue = %queue,
+        attempt = delivery.envelope.attempt,
+    );
+    let outcome = supervise(&shared, delivery).instrument(span).await;
+    shared.record(&queue, outcome);
+    shared.sched().finished(&queue);
+    drop(held);
+    shared.job_done.notify_one();
+}
+
+enum RunEnd<T> {
+    Finished(Result<T, tokio::task::JoinError>),
+    TimedOut(Duration),
+    LeaseLost,
+    Cancelled,
+}
+
+fn lease_ticker(lease: Duration) -> Interval {
+    let period = lease / 3;
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tick
+}
+
+/// Extend the lease once. `Err` only when the lease is gone for good; a transient
+/// failure is logged and the next tick tries again (the lease is still ours until it
+/// expires).
+async fn extend<H>(shared: &Shared<H>, lease: &Lease) -> Result<(), BrokerError> {
+    match shared.broker.extend_lease(lease, shared.config.lease).await {
+        Ok(()) => Ok(()),
+        Err(e) if !e.is_transient() => {
+            tracing::warn!(error = %e, "lease lost: another worker owns this job now");
+            Err(e)
+        }
+        Err(e) => {
+            shared.broker_error("extend_lease");
+            tracing::warn!(error = %e, "lease extension failed; retrying at the next tick");
+            Ok(())
+        }
+    }
+}
+
+async fn supervise<H: Handler>(shared: &Shared<H>, delivery: Delivery) -> Outcome {
+    let Delivery { envelope, lease } = delivery;
+    let max_attempts = envelope.max_attempts.unwrap_or(shared.config.max_attempts);
+
+    // 1. admission
+    if envelope.attempt > max_attempts {
+        let last = envelope
+            .history
+            .last()
+            .map_or("none recorded", |r| r.error.as_str());
+        let reason = format!("exceeded {max_attempts} attempts; last error: {last}");
+        return dead_letter(shared, &lease, &reason).await;
+    }
+    if let Some(total) = shared.limits.exceeds_budget(envelope.cost) {
+        let reason = format!(
+            "cost of {} units exceeds the pool budget of {total} units; it can never start",
+            envelope.cost
+        );
+        return dead_letter(shared, &lease, &reason).await;
+    }
+
+    // 2. start
+    let Some(permits) = wait_to_start(shared, &lease, envelope.cost).await else {
+        return if shared.life.drain.is_cancelled() {
+            release(shared, &lease).await
+        } else {
+            Outcome::Failed
+        };
+    };
+
+    // 3. decode
+    let payload: H::Payload = match serde_json::from_slice(&envelope.payload) {
+        Ok(p) => p,
+        Err(e) => {
+            drop(permits);
+            let reason = format!("undecodable payload: {e}");
+            tracing::warn!(%reason, "dead-lettering undecodable payload");
+            return dead_letter(shared, &lease, &reason).await;
+        }
+    };
+
+    // 4. run
+    let cancel = shared.life.hard.child_token();
+    let job = Job {
+        payload,
+        raw: envelope.payload.clone(),
+        ctx: JobContext {
+            id: envelope.id.clone(),
+            queue: envelope.queue.clone(),
+            attempt: envelope.attempt,
+            max_attempts,
+            enqueued_at: UNIX_EPOCH + Duration::from_millis(envelope.enqueued_at_ms),
+            headers: Arc::new(envelope.headers.clone()),
+            cancel: cancel.clone(),
+        },
+    };
+    let labels = [
+        (names::POOL, shared.config.pool.clone()),
+        (names::QUEUE, envelope.queue.clone()),
+    ];
+    let waited = now_ms().saturating_sub(envelope.due_at_ms.max(envelope.enqueued_at_ms));
+    metrics::histogram!(names::JOB_WAIT, &labels).record(waited as f64 / 1000.0);
+    shared.running.fetch_add(1, Ordering::Relaxed);
+    shared.publish_load();
+    let started = Instant::now();
+
+    let handler = shared.handler.clone();
+    let task = tokio::spawn(
+        async move { handler.handle(job).await }.instrument(tracing::Span::current()),
+    );
+    let end = supervise_handler(shared, &lease, task, &cancel).await;
+
+    metrics::histogram!(names::JOB_DURATION, &labels).record(started.elapsed().as_secs_f64());
+    shared.running.fetch_sub(1, Ordering::Relaxed);
+    drop(permits);
+    shared.publish_load();
+
+    // 5. settle
+    match end {
+        RunEnd::Finished(Ok(Ok(()))) => settle(shared, &lease, Outcome::Ok, || {
+            shared.broker.ack(&lease)
+        })
+        .await,
+        RunEnd::Finished(Ok(Err(JobError::Fatal { reason }))) => {
+            dead_letter(shared, &lease, &reason).await
+        }
+        RunEnd::Finished(Ok(Err(JobError::Retry { reason, after }))) => {
+            fail(shared, &lease, &envelope, max_attempts, &reason, after).await
+        }
+        RunEnd::Finished(Err(e)) => {
+            let reason = if e.is_panic() {
+                format!("handler panicked: {}", panic_message(e.into_panic()))
+            } else {
+                "handler task was cancelled".to_owned()
+            };
+            tracing::error!(%reason, "handler failed");
+            fail(shared, &lease, &envelope, max_attempts, &reason, None).await
+        }
+        RunEnd::TimedOut(limit) => {
+            let reason = format!("timed out after {limit:?}");
+            fail(shared, &lease, &envelope, max_attempts, &reason, None).await
+        }
+        RunEnd::LeaseLost => Outcome::Failed,
+        RunEnd::Cancelled => release(shared, &lease).await,
+    }
+}
+
+/// Wait for budget units and a run permit, extending the lease while waiting. `None`
+/// when the drain began first (the caller releases) or the lease was lost.
+async fn wait_to_start<H>(shared: &Shared<H>, lease: &Lease, cost: u32) -> Option<RunPermits> {
+    let drain = &shared.life.drain;
+    let units = shared.limits.units_for(cost);
+    if drain.is_cancelled() {
+        return None;
+    }
+    if let Some(p) = shared.limits.try_start(units) {
+        return Some(p);
+    }
+    let mut tick = lease_ticker(shared.config.lease);
+    let start = shared.limits.start(units);
+    tokio::pin!(start);
+    loop {
+        tokio::select! {
+            biased;
+            _ = drain.cancelled() => return None,
+            permits = &mut start => return permits,
+            _ = tick.tick() => extend(shared, lease).await.ok()?,
+        }
+    }
+}
+
+async fn supervise_handler<H, T>(
+    shared: &Shared<H>,
+    lease: &Lease,
+    mut task: JoinHandle<T>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> RunEnd<T> {
+    let mut tick = lease_ticker(shared.config.lease);
+    let timeout = shared.config.job_timeout;
+    let timed_out = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(timed_out);
+    let end = loop {
+        tokio::select! {
+            biased;
+            result = &mut task => return RunEnd::Finished(result),
+            _ = cancel.cancelled() => break RunEnd::Cancelled,
+            _ = &mut timed_out => break RunEnd::TimedOut(timeout.unwrap_or_default()),
+            _ = tick.tick() => {
+                if extend(shared, lease).await.is_err() {
+                    break RunEnd::LeaseLost;
+                }
+            }
+        }
+    };
+    // The outcome will not be recorded: tell the handler, then stop it at its next await.
+    cancel.cancel();
+    task.abort();
+    end
+}
+
+async fn fail<H>(
+    shared: &Shared<H>,
+    lease: &Lease,
+    envelope: &Envelope,
+    max_attempts: u32,
+    reason: &str,
+    after: Option<Duration>,
+) -> Outcome {
+    if envelope.attempt >= max_attempts {
+        let reason = format!("failed {} of {max_attempts} attempts; last error: {reason}", envelope.attempt);
+        return dead_letter(shared, lease, &reason).await;
+    }
+    let delay = after.unwrap_or_else(|| shared.config.backoff.delay(envelope.attempt));
+    tracing::info!(error = reason, retry_in = ?delay, "job failed; will retry");
+    settle(shared, lease, Outcome::Retried, || {
+        shared.broker.retry_after(lease, delay, reason)
+    })
+    .await
+}
+
+async fn dead_letter<H>(shared: &Shared<H>, lease: &Lease, reason: &str) -> Outcome {
+    tracing::warn!(reason, "dead-lettering job");
+    settle(shared, lease, Outcome::Dead, || {
+        shared.broker.dead_letter(lease, reason)
+    })
+    .await
+}
+
+async fn release<H>(shared: &Shared<H>, lease: &Lease) -> Outcome {
+    settle(shared, lease, Outcome::Released, || shared.broker.release(lease)).await
+}
+
+/// Run a settling call, retrying transient failures with backoff until the lease would
+/// have expired (past that, another worker may own the job and the reaper returns it).
+async fn settle<H, F, Fut>(shared: &Shared<H>, lease: &Lease, outcome: Outcome, op: F) -> Outcome
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<(), BrokerError>>,
+{
+    let give_up = Instant::now() + shared.config.lease;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(()) => return outcome,
+            Err(e) if e.is_transient() && Instant::now() + wait < give_up => {
+                shared.broker_error("settle");
+                tracing::warn!(error = %e, outcome = outcome.as_str(), retry_in = ?wait, "could not record outcome; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                shared.broker_error("settle");
+                tracing::warn!(
+                    error = %e,
+                    job = %lease.job_id,
+                    outcome = outcome.as_str(),
+                    "outcome not recorded; the broker will redeliver the job"
+                );
+                return Outcome::Failed;
+            }
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(s) => (*s).to_owned(),
+            Err(_) => "non-string panic payload".to_owned(),
+        },
+    }
+}
+

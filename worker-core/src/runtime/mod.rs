@@ -1,0 +1,350 @@
+//! The worker: fetch loop, job supervision, background tasks, drain.
+
+mod background;
+mod fetcher;
+mod job;
+pub(crate) mod limits;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, WorkerInfo};
+use crate::config::WorkerConfig;
+use crate::error::WorkerError;
+use crate::handler::Handler;
+use crate::lifecycle::{install_signal_handlers, Lifecycle, ShutdownHandle, State};
+use crate::scheduler::Scheduler;
+use crate::telemetry::{self, http, names, Outcome};
+use limits::Limits;
+
+/// What happened during a worker's run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RunReport {
+    /// Jobs acked.
+    pub ok: u64,
+    /// Jobs scheduled for retry.
+    pub retried: u64,
+    /// Jobs dead-lettered.
+    pub dead: u64,
+    /// Jobs given back to pending, attempt not counted.
+    pub released: u64,
+    /// Jobs whose outcome could not be recorded (lease lost, broker refused).
+    pub failed: u64,
+    /// Whether every running job finished before the drain deadline.
+    pub clean_drain: bool,
+}
+
+#[derive(Debug, Default)]
+struct Counts([AtomicU64; 5]);
+
+impl Counts {
+    fn add(&self, outcome: Outcome) {
+        // Plain tallies for the report; nothing else is ordered by them.
+        self.0[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    fn get(&self, outcome: Outcome) -> u64 {
+        self.0[outcome as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// State every task of one worker shares.
+pub(crate) struct Shared<H> {
+    pub(crate) config: WorkerConfig,
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) handler: Arc<H>,
+    pub(crate) life: Arc<Lifecycle>,
+    pub(crate) sched: Mutex<Scheduler>,
+    pub(crate) limits: Limits,
+    /// Signalled when a job settles, so a fetcher blocked on per-queue limits retries.
+    pub(crate) job_done: Notify,
+    pub(crate) running: AtomicU32,
+    pub(crate) worker_id: String,
+    counts: Counts,
+}
+
+impl<H> Shared<H> {
+    pub(crate) fn sched(&self) -> MutexGuard<'_, Scheduler> {
+        self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn record(&self, queue: &str, outcome: Outcome) {
+        self.counts.add(outcome);
+        metrics::counter!(
+            names::JOBS_TOTAL,
+            names::POOL => self.config.pool.clone(),
+            names::QUEUE => queue.to_owned(),
+            names::OUTCOME => outcome.as_str()
+        )
+        .increment(1);
+    }
+
+    pub(crate) fn broker_error(&self, op: &'static str) {
+        metrics::counter!(names::BROKER_ERRORS, names::POOL => self.config.pool.clone(), names::OP => op)
+            .increment(1);
+    }
+
+    /// Refresh the process gauges after a job starts or ends.
+    pub(crate) fn publish_load(&self) {
+        let pool = self.config.pool.clone();
+        // Only a gauge reading; no data is published through this counter.
+        let running = self.running.load(Ordering::Relaxed);
+        metrics::gauge!(names::IN_FLIGHT, names::POOL => pool.clone()).set(f64::from(running));
+        metrics::gauge!(names::UTILIZATION, names::POOL => pool.clone())
+            .set(f64::from(running) / f64::from(self.config.concurrency));
+        if let Some((used, total)) = self.limits.budget_used() {
+            metrics::gauge!(names::BUDGET_USED, names::POOL => pool.clone()).set(f64::from(used));
+            metrics::gauge!(names::BUDGET_TOTAL, names::POOL => pool).set(f64::from(total));
+        }
+    }
+
+    pub(crate) fn worker_info(&self) -> WorkerInfo {
+        let mut info = WorkerInfo::new(
+            self.worker_id.clone(),
+            self.config.pool.clone(),
+            self.config.queue_names(),
+        );
+        info.host = hostname();
+        info.concurrency = self.config.concurrency;
+        info.in_flight = self.running.load(Ordering::Relaxed);
+        info.draining = self.life.drain.is_cancelled();
+        info
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// A worker: a broker, a configuration and a handler.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use worker_core::{handler_fn, Broker, Job, JobError, MemoryBroker, NewJob, Worker, WorkerConfig};
+///
+/// let broker = MemoryBroker::new();
+/// broker.enqueue(vec![NewJob::json("default", &"hello")?]).await?;
+///
+/// let config = WorkerConfig::builder().http_addr(None).build()?;
+/// let worker = Worker::new(broker.clone(), config, handler_fn(|job: Job<String>| async move {
+///     assert_eq!(job.payload, "hello");
+///     Ok::<_, JobError>(())
+/// }))
+/// .spawn()
+/// .await?;
+///
+/// while broker.depth("default").await?.backlog() > 0 {
+///     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+/// }
+/// worker.shutdown_handle().drain();
+/// let report = worker.join().await?;
+/// assert_eq!(report.ok, 1);
+/// # Ok(()) }
+/// ```
+pub struct Worker<H> {
+    config: WorkerConfig,
+    broker: Arc<dyn Broker>,
+    handler: Arc<H>,
+    life: Arc<Lifecycle>,
+}
+
+impl<H: Handler> Worker<H> {
+    /// A worker for `broker` running `handler` under `config`.
+    pub fn new(broker: impl Broker, config: WorkerConfig, handler: H) -> Self {
+        Self::with_shared_broker(Arc::new(broker), config, handler)
+    }
+
+    /// A worker on a broker shared with other parts of the program.
+    pub fn with_shared_broker(broker: Arc<dyn Broker>, config: WorkerConfig, handler: H) -> Self {
+        Self {
+            config,
+            broker,
+            handler: Arc::new(handler),
+            life: Lifecycle::new(),
+        }
+    }
+
+    /// A handle that can drain or force-stop the worker once it runs.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            life: self.life.clone(),
+        }
+    }
+
+    /// Run until SIGTERM/SIGINT, then drain (a second signal releases everything and
+    /// exits). Returns after the drain; the caller exits 0.
+    pub async fn run_until_signal(self) -> Result<RunReport, WorkerError> {
+        let signals =
+            install_signal_handlers(self.shutdown_handle()).map_err(WorkerError::Signals)?;
+        let result = self.run().await;
+        signals.close();
+        result
+    }
+
+    /// Run until the [`ShutdownHandle`] asks it to stop.
+    pub async fn run(self) -> Result<RunReport, WorkerError> {
+        self.spawn().await?.join().await
+    }
+
+    /// Start the worker in the background: bind the HTTP listener, register, and
+    /// begin fetching. Configuration and listener errors are returned here.
+    pub async fn spawn(self) -> Result<RunningWorker, WorkerError> {
+        self.config.validate()?;
+        let listener = match self.config.http_addr {
+            Some(addr) => Some(
+                http::bind(addr)
+                    .await
+                    .map_err(|source| WorkerError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
+        let http_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+        if listener.is_some() {
+            telemetry::prometheus();
+        }
+        let shared = Arc::new(Shared {
+            sched: Mutex::new(Scheduler::new(&self.config.queues, self.config.scheduling)),
+            limits: Limits::new(&self.config),
+            job_done: Notify::new(),
+            running: AtomicU32::new(0),
+            worker_id: format!("{}-{}-{:08x}", self.config.pool, std::process::id(), fastrand::u32(..)),
+            counts: Counts::default(),
+            config: self.config,
+            broker: self.broker,
+            handler: self.handler,
+            life: self.life,
+        });
+        let stop = CancellationToken::new();
+        let mut background = vec![
+            tokio::spawn(background::heartbeat(shared.clone(), stop.clone())),
+            tokio::spawn(background::reaper(shared.clone(), stop.clone())),
+        ];
+        if let Some(listener) = listener {
+            let state = http::HttpState {
+                life: shared.life.clone(),
+                broker: shared.broker.clone(),
+                pool: shared.config.pool.clone(),
+                capacity: shared.config.capacity_per_replica(),
+                queues: shared.config.queue_names(),
+            };
+            background.push(http::serve(listener, state, stop.clone()));
+        }
+        shared.publish_load();
+        metrics::gauge!(names::DRAINING, names::POOL => shared.config.pool.clone()).set(0.0);
+        shared.life.advance(State::Running);
+        tracing::info!(
+            pool = %shared.config.pool,
+            worker = %shared.worker_id,
+            queues = ?shared.config.queue_names(),
+            concurrency = shared.config.concurrency,
+            http = ?http_addr,
+            "worker running"
+        );
+        let handle = ShutdownHandle {
+            life: shared.life.clone(),
+        };
+        let join = tokio::spawn(drive(shared, stop, background));
+        Ok(RunningWorker {
+            handle,
+            http_addr,
+            join,
+        })
+    }
+}
+
+/// A worker started by [`Worker::spawn`].
+#[derive(Debug)]
+pub struct RunningWorker {
+    handle: ShutdownHandle,
+    http_addr: Option<SocketAddr>,
+    join: tokio::task::JoinHandle<RunReport>,
+}
+
+impl RunningWorker {
+    /// The bound address of the HTTP listener, if any.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    /// Drain or force-stop it.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.handle.clone()
+    }
+
+    /// Its state.
+    pub fn state(&self) -> State {
+        self.handle.state()
+    }
+
+    /// Wait until it has stopped.
+    pub async fn join(self) -> Result<RunReport, WorkerError> {
+        self.join.await.map_err(|e| WorkerError::Crashed(e.to_string()))
+    }
+}
+
+/// After the hard deadline, how long releases may take before the worker stops anyway
+/// (their leases expire and the reaper returns those jobs).
+const RELEASE_GRACE: Duration = Duration::from_millis(800);
+
+async fn drive<H: Handler>(
+    shared: Arc<Shared<H>>,
+    stop: CancellationToken,
+    background: Vec<tokio::task::JoinHandle<()>>,
+) -> RunReport {
+    let tracker = TaskTracker::new();
+    fetcher::fetch_loop(shared.clone(), tracker.clone()).await;
+
+    shared.life.advance(State::Draining);
+    metrics::gauge!(names::DRAINING, names::POOL => shared.config.pool.clone()).set(1.0);
+    tracing::info!(
+        in_flight = tracker.len(),
+        drain_timeout = ?shared.config.drain_timeout,
+        "draining: fetching stopped"
+    );
+    tracker.close();
+    let mut clean = true;
+    tokio::select! {
+        _ = tracker.wait() => {}
+        _ = tokio::time::sleep(shared.config.drain_timeout) => {
+            tracing::warn!(in_flight = tracker.len(), "drain timeout: cancelling and releasing running jobs");
+            clean = false;
+            shared.life.hard.cancel();
+        }
+        _ = shared.life.hard.cancelled() => {
+            clean = false;
+        }
+    }
+    if tokio::time::timeout(RELEASE_GRACE, tracker.wait()).await.is_err() {
+        tracing::error!(
+            left = tracker.len(),
+            "releases did not finish in time; those jobs return when their leases expire"
+        );
+    }
+    stop.cancel();
+    for task in background {
+        let _ = tokio::time::timeout(Duration::from_millis(500), task).await;
+    }
+    shared.life.advance(State::Stopped);
+    let c = &shared.counts;
+    let report = RunReport {
+        ok: c.get(Outcome::Ok),
+        retried: c.get(Outcome::Retried),
+        dead: c.get(Outcome::Dead),
+        released: c.get(Outcome::Released),
+        failed: c.get(Outcome::Failed),
+        clean_drain: clean,
+    };
+    tracing::info!(?report, "worker stopped");
+    report
+}

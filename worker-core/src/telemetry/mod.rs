@@ -1,0 +1,106 @@
+//! Metrics, the `/scaling` document, and the HTTP listener that serves them.
+//!
+//! Every metric name and label is defined once, in [`names`].
+
+pub(crate) mod http;
+pub mod scaling;
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Metric and label names (the contract in the README's metrics table).
+pub mod names {
+    /// Counter of settled jobs, label `outcome`.
+    pub const JOBS_TOTAL: &str = "worker_jobs_total";
+    /// Histogram of handler run time.
+    pub const JOB_DURATION: &str = "worker_job_duration_seconds";
+    /// Histogram of enqueue (or due time) to start.
+    pub const JOB_WAIT: &str = "worker_job_wait_seconds";
+    /// Gauge of jobs running in this process.
+    pub const IN_FLIGHT: &str = "worker_in_flight";
+    /// Gauge of busy permits / total permits.
+    pub const UTILIZATION: &str = "worker_utilization";
+    /// Gauge, 1 while draining.
+    pub const DRAINING: &str = "worker_draining";
+    /// Gauge of queue depth, label `state`.
+    pub const QUEUE_DEPTH: &str = "worker_queue_depth";
+    /// Gauge of pending + in flight + delayed that is due.
+    pub const QUEUE_BACKLOG: &str = "worker_queue_backlog";
+    /// Gauge of the oldest pending job's age.
+    pub const QUEUE_OLDEST_AGE: &str = "worker_queue_oldest_age_seconds";
+    /// Gauge of budget units held by running jobs.
+    pub const BUDGET_USED: &str = "worker_budget_used";
+    /// Gauge of the pool budget in units.
+    pub const BUDGET_TOTAL: &str = "worker_budget_total";
+    /// Counter of failed broker calls, label `op`.
+    pub const BROKER_ERRORS: &str = "worker_broker_errors_total";
+
+    /// Label: pool name.
+    pub const POOL: &str = "pool";
+    /// Label: queue name.
+    pub const QUEUE: &str = "queue";
+    /// Label: job outcome.
+    pub const OUTCOME: &str = "outcome";
+    /// Label: queue state.
+    pub const STATE: &str = "state";
+    /// Label: broker operation.
+    pub const OP: &str = "op";
+}
+
+/// How a job ended, as counted by `worker_jobs_total{outcome}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Succeeded and acked.
+    Ok,
+    /// Failed and scheduled for another attempt.
+    Retried,
+    /// Dead-lettered.
+    Dead,
+    /// Given back to pending, attempt not counted (drain, or a budget it could not get).
+    Released,
+    /// Its outcome could not be recorded: the lease was lost or the broker refused;
+    /// the broker will redeliver it.
+    Failed,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Retried => "retried",
+            Self::Dead => "dead",
+            Self::Released => "released",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Seconds buckets for the duration and wait histograms: 1 ms to 1 h.
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0,
+];
+
+static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process's Prometheus recorder, installed on first use. `None` when the
+/// application installed another `metrics` recorder first; then `/metrics` says so
+/// and the application's own exporter carries the same names.
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    PROMETHEUS
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            match builder.install_recorder() {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a metrics recorder is already installed; /metrics will not render");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}

@@ -1,0 +1,79 @@
+//! The backend conformance suite: the [`Broker`](crate::Broker) contract as tests.
+//!
+//! A backend crate runs every case with one macro call in an integration test:
+//!
+//! ```ignore
+//! async fn make() -> worker_core::MemoryBroker { worker_core::MemoryBroker::new() }
+//! worker_core::conformance_suite!(make());
+//! ```
+//!
+//! Each case names its own queues and pools with a random prefix, so cases run in
+//! parallel against one shared server. Cases use real time with short leases, as a
+//! real backend's clock cannot be paused.
+
+pub mod cases;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// A random, valid queue (or pool) name for one test: `t<hex>-<name>`.
+pub fn unique(name: &str) -> String {
+    format!("t{:012x}-{name}", fastrand::u64(..) & 0xffff_ffff_ffff)
+}
+
+/// Wait until `check` returns true, polling every 10 ms; panics after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Generate one `#[tokio::test]` per conformance case. `$make` is an expression whose
+/// value is a future resolving to a fresh broker; it is evaluated once per case.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        $crate::conformance_suite!(@cases $make;
+            enqueue_fetch_ack,
+            fetch_is_fifo_and_bounded,
+            fetch_plan_keeps_shares_and_conserves_work,
+            envelope_round_trips,
+            batch_enqueue_is_all_or_nothing,
+            invalid_queue_names_are_refused,
+            expired_lease_is_reaped_with_attempt_counted,
+            extended_lease_is_not_reaped,
+            concurrent_reapers_reclaim_each_lease_once,
+            stale_token_is_refused_everywhere,
+            retry_after_delays_and_counts_the_attempt,
+            retry_without_delay_is_pending_at_once,
+            release_keeps_the_attempt_and_goes_first,
+            dead_letters_keep_reason_and_history,
+            delayed_enqueue_waits_for_its_time,
+            depth_counts_every_state,
+            worker_registry_lives_by_ttl,
+            settled_job_cannot_be_settled_again,
+            wait_for_work_wakes_on_enqueue
+        );
+    };
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let broker = $make.await;
+                $crate::testing::cases::$case(&broker).await;
+            }
+        )*
+    };
+}
