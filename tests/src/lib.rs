@@ -1,1 +1,199 @@
+//! Helpers for system tests: build and start real worker processes, follow their
+//! event lines, send them signals, and wait for their exit.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Path of a workspace binary, built once per test process.
+pub fn binary(package: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
+    let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
+    if !built.iter().any(|p| p == package) {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", package])
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run cargo build -p {package}: {e}"));
+        assert!(status.success(), "cargo build -p {package} failed");
+        built.push(package.to_owned());
+    }
+    // Test binaries live in target/<profile>/deps; workspace binaries one level up.
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap_or_else(|| panic!("unexpected test binary path {exe:?}"));
+    dir.join(package)
+}
+
+/// A free loopback port (bound and released; good enough for a test's own process).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
+    l.local_addr().unwrap_or_else(|e| panic!("local_addr: {e}"))
+}
+
+/// A running `demo-worker` process.
+pub struct DemoWorker {
+    child: Child,
+    /// Its HTTP listener.
+    pub http: SocketAddr,
+    events: Arc<Mutex<Vec<Value>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl DemoWorker {
+    /// Start `demo-worker` with these environment variables (plus an HTTP port of its own).
+    pub fn start(env: &[(&str, &str)]) -> Self {
+        let http = free_addr();
+        let mut cmd = Command::new(binary("demo-worker"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("WORKER_HTTP_ADDR", http.to_string())
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn demo-worker: {e}"));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        if let Some(out) = child.stdout.take() {
+            let events = events.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        events.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+                    }
+                }
+            });
+        }
+        if let Some(mut err) = child.stderr.take() {
+            let stderr = stderr.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    stderr
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        Self {
+            child,
+            http,
+            events,
+            stderr,
+        }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Every event line so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Events named `name` so far.
+    pub fn count(&self, name: &str) -> usize {
+        self.events().iter().filter(|e| e["event"] == name).count()
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Wait until `check` holds on the events; panics with the worker's log after `limit`.
+    pub async fn wait_for(&self, limit: Duration, what: &str, check: impl Fn(&[Value]) -> bool) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !check(&self.events()) {
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "{what}: not seen within {limit:?}\nevents: {:?}\nstderr:\n{}",
+                    self.events(),
+                    self.stderr()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Send a signal by name (`TERM`, `INT`, `KILL`).
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args(["-s", name, &self.pid().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("kill: {e}"));
+        assert!(status.success(), "kill -s {name} failed");
+    }
+
+    /// `GET path` on its HTTP listener: status and body (status 0 when it does not answer).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        worker_core::testing::http_get(self.http, path)
+            .await
+            .unwrap_or((0, String::new()))
+    }
+
+    /// Wait until its HTTP listener answers `/livez`.
+    pub async fn wait_listening(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.get("/livez").await.0 != 200 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no /livez\nstderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Wait for the process to exit; panics after `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(Ok(status)) => {
+                // Let the readers drain the pipes.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                status
+            }
+            Ok(Err(e)) => panic!("wait: {e}"),
+            Err(_) => panic!("did not exit within {limit:?}\nstderr:\n{}", self.stderr()),
+        }
+    }
+
+    /// The final `stopped` event.
+    pub fn stopped(&self) -> Value {
+        self.events()
+            .into_iter()
+            .find(|e| e["event"] == "stopped")
+            .unwrap_or_else(|| panic!("no stopped event\nstderr:\n{}", self.stderr()))
+    }
+}
+
+/// `n` copies of a demo payload, as a `DEMO_JOBS` value.
+pub fn demo_jobs(n: usize, payload: Value) -> String {
+    Value::Array(std::iter::repeat_n(payload, n).collect()).to_string()
+}

@@ -268,6 +268,7 @@ pub struct JobContext {
     pub(crate) queue: String,
     pub(crate) attempt: u32,
     pub(crate) max_attempts: u32,
+    pub(crate) cost: u32,
     pub(crate) enqueued_at: SystemTime,
     pub(crate) headers: Arc<BTreeMap<String, String>>,
     pub(crate) cancel: CancellationToken,
@@ -292,6 +293,12 @@ impl JobContext {
     /// Attempts allowed before the job is dead-lettered.
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
+    }
+
+    /// Budget units the job declared (it holds them while running when the worker
+    /// has a budget).
+    pub fn cost(&self) -> u32 {
+        self.cost
     }
 
     /// When the job was enqueued.
@@ -348,7 +355,10 @@ mod tests {
 
     #[test]
     fn envelope_round_trips_text_and_binary_payloads() {
-        for payload in [Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(&[0xff, 0, 7])] {
+        for payload in [
+            Bytes::from_static(b"{\"a\":1}"),
+            Bytes::from_static(&[0xff, 0, 7]),
+        ] {
             let env = Envelope::from_new(NewJob::new("q", payload.clone()).cost(3));
             let back = Envelope::from_bytes(&env.to_bytes()).unwrap();
             assert_eq!(back, env);

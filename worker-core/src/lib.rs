@@ -46,8 +46,7 @@ pub mod testing;
 pub use async_trait::async_trait;
 pub use broker::memory::MemoryBroker;
 pub use broker::{
-    Broker, DeadLetter, Delivery, FetchPlan, FetchShare, Lease, LeaseToken, QueueDepth,
-    WorkerInfo,
+    Broker, DeadLetter, Delivery, FetchPlan, FetchShare, Lease, LeaseToken, QueueDepth, WorkerInfo,
 };
 pub use config::{Backoff, QueueSpec, Scheduling, WorkerConfig, WorkerConfigBuilder};
 pub use error::{BrokerError, ConfigError, JobError, Transience, WorkerError};
@@ -57,3 +56,8 @@ pub use lifecycle::{ShutdownHandle, State};
 pub use runtime::{RunReport, RunningWorker, Worker};
 pub use telemetry::scaling::ScalingDoc;
 pub use tokio_util::sync::CancellationToken;
+
+/// The README's code blocks, compiled and run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

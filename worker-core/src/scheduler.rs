@@ -72,7 +72,11 @@ impl Scheduler {
                 .enumerate()
                 .map(|(rank, &i)| {
                     let room = self.room(i, n);
-                    FetchShare::new(self.slots[i].name.clone(), if rank == 0 { room } else { 0 }, room)
+                    FetchShare::new(
+                        self.slots[i].name.clone(),
+                        if rank == 0 { room } else { 0 },
+                        room,
+                    )
                 })
                 .collect(),
             Scheduling::Weighted => self.weighted_shares(&eligible, n),
@@ -156,9 +160,10 @@ mod tests {
     ) -> HashMap<String, u64> {
         let mut started: HashMap<String, u64> = HashMap::new();
         for _ in 0..rounds {
-            let Some(plan) = sched.plan(n, Duration::from_secs(1)) else { break };
-            let available: Vec<u64> =
-                plan.shares.iter().map(|s| backlog[&s.queue]).collect();
+            let Some(plan) = sched.plan(n, Duration::from_secs(1)) else {
+                break;
+            };
+            let available: Vec<u64> = plan.shares.iter().map(|s| backlog[&s.queue]).collect();
             let counts = plan.allocate(&available);
             let mut got = Vec::new();
             for (s, c) in plan.shares.iter().zip(counts) {
@@ -175,7 +180,9 @@ mod tests {
     }
 
     fn queues(spec: &[(&str, u32)]) -> Vec<QueueSpec> {
-        spec.iter().map(|(n, w)| QueueSpec::new(*n).weight(*w)).collect()
+        spec.iter()
+            .map(|(n, w)| QueueSpec::new(*n).weight(*w))
+            .collect()
     }
 
     #[test]

@@ -343,7 +343,9 @@ impl Broker for MemoryBroker {
             for id in expired {
                 q.in_flight.remove(&id);
                 if let Some(stored) = q.jobs.get_mut(&id) {
-                    stored.envelope.record_failure("lease expired: the worker stopped beating");
+                    stored
+                        .envelope
+                        .record_failure("lease expired: the worker stopped beating");
                     stored.envelope.attempt += 1;
                     stored.ready_since = now;
                     q.pending.push_back(id);

@@ -357,7 +357,9 @@ pub fn validate_queue_name(name: &str) -> Result<(), BrokerError> {
     {
         return Err(BrokerError::InvalidQueueName {
             name: name.to_owned(),
-            reason: format!("it contains {c:?}; control characters, whitespace and {{ }} , : are not allowed"),
+            reason: format!(
+                "it contains {c:?}; control characters, whitespace and {{ }} , : are not allowed"
+            ),
         });
     }
     Ok(())
@@ -374,7 +376,12 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
     async fn ack(&self, lease: &Lease) -> Result<(), BrokerError> {
         (**self).ack(lease).await
     }
-    async fn retry_after(&self, lease: &Lease, delay: Duration, error: &str) -> Result<(), BrokerError> {
+    async fn retry_after(
+        &self,
+        lease: &Lease,
+        delay: Duration,
+        error: &str,
+    ) -> Result<(), BrokerError> {
         (**self).retry_after(lease, delay, error).await
     }
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), BrokerError> {
@@ -392,7 +399,11 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
         (**self).depth(queue).await
     }
-    async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
         (**self).dead_letters(queue, limit).await
     }
     async fn requeue_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError> {

@@ -14,7 +14,11 @@ const QUEUES: &str = "name[:weight][,name[:weight]...] with positive integer wei
 pub(super) fn from_lookup(
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<WorkerConfig, ConfigError> {
-    let get = |key: &str| lookup(key).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let get = |key: &str| {
+        lookup(key)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    };
     let mut c = WorkerConfig::default();
 
     if let Some(v) = get("WORKER_POOL") {
@@ -49,7 +53,9 @@ pub(super) fn from_lookup(
     };
     let duration = |key: &str| -> Result<Option<Duration>, ConfigError> {
         get(key)
-            .map(|v| humantime::parse_duration(&v).map_err(|_| ConfigError::invalid(key, v, DURATION)))
+            .map(|v| {
+                humantime::parse_duration(&v).map_err(|_| ConfigError::invalid(key, v, DURATION))
+            })
             .transpose()
     };
     if let Some(n) = positive("WORKER_CONCURRENCY")? {
@@ -75,8 +81,7 @@ pub(super) fn from_lookup(
     if let Some(d) = duration("WORKER_REAP_INTERVAL")? {
         c.reap_interval = d;
     } else {
-        // Reclaim a dead worker's jobs within about half a lease of their expiry.
-        c.reap_interval = (c.lease / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        c.reap_interval = super::default_reap_interval(c.lease);
     }
     c.job_timeout = duration("WORKER_JOB_TIMEOUT")?;
     let base = duration("WORKER_RETRY_BASE")?.unwrap_or(c.backoff.base);
@@ -87,7 +92,11 @@ pub(super) fn from_lookup(
             None
         } else {
             Some(SocketAddr::from_str(&v).map_err(|_| {
-                ConfigError::invalid("WORKER_HTTP_ADDR", v, "host:port such as 0.0.0.0:9090, or off")
+                ConfigError::invalid(
+                    "WORKER_HTTP_ADDR",
+                    v,
+                    "host:port such as 0.0.0.0:9090, or off",
+                )
             })?)
         };
     }
@@ -118,7 +127,13 @@ fn parse_queues(v: &str) -> Result<Vec<QueueSpec>, ConfigError> {
         .map(|item| {
             let item = item.trim();
             let (name, weight) = match item.split_once(':') {
-                Some((n, w)) => (n, u32::from_str(w.trim()).ok().filter(|w| *w > 0).ok_or_else(bad)?),
+                Some((n, w)) => (
+                    n,
+                    u32::from_str(w.trim())
+                        .ok()
+                        .filter(|w| *w > 0)
+                        .ok_or_else(bad)?,
+                ),
                 None => (item, 1),
             };
             if name.trim().is_empty() {
@@ -134,7 +149,10 @@ fn apply_queue_limits(queues: &mut [QueueSpec], v: &str) -> Result<(), ConfigErr
     let bad = || ConfigError::invalid("WORKER_QUEUE_LIMITS", v, FORM);
     for item in v.split(',') {
         let (name, limit) = item.trim().split_once(':').ok_or_else(bad)?;
-        let limit = u32::from_str(limit.trim()).ok().filter(|n| *n > 0).ok_or_else(bad)?;
+        let limit = u32::from_str(limit.trim())
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(bad)?;
         let q = queues
             .iter_mut()
             .find(|q| q.name == name.trim())
@@ -151,8 +169,10 @@ mod tests {
     use super::*;
 
     fn read(vars: &[(&str, &str)]) -> Result<WorkerConfig, ConfigError> {
-        let map: HashMap<String, String> =
-            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         from_lookup(|k| map.get(k).cloned())
     }
 
@@ -190,14 +210,23 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.pool, "gpu");
-        assert_eq!(c.queues, vec![QueueSpec::new("a").weight(3), QueueSpec::new("b").max_in_flight(2)]);
+        assert_eq!(
+            c.queues,
+            vec![
+                QueueSpec::new("a").weight(3),
+                QueueSpec::new("b").max_in_flight(2)
+            ]
+        );
         assert_eq!(c.scheduling, Scheduling::Priority);
         assert_eq!((c.concurrency, c.prefetch, c.budget), (16, 2, Some(4096)));
         assert_eq!(c.drain_timeout, Duration::from_secs(120));
         assert_eq!(c.lease, Duration::from_millis(500));
         assert_eq!(c.reap_interval, Duration::from_millis(250));
         assert_eq!(c.job_timeout, Some(Duration::from_secs(10)));
-        assert_eq!(c.backoff, Backoff::new(Duration::from_millis(10), Duration::from_secs(1)));
+        assert_eq!(
+            c.backoff,
+            Backoff::new(Duration::from_millis(10), Duration::from_secs(1))
+        );
         assert_eq!(c.http_addr, None);
     }
 
@@ -210,11 +239,17 @@ mod tests {
             ("WORKER_QUEUES", "a:x", QUEUES),
             ("WORKER_QUEUES", "a,,b", QUEUES),
             ("WORKER_SCHEDULING", "random", "weighted or priority"),
-            ("WORKER_HTTP_ADDR", "nowhere", "host:port such as 0.0.0.0:9090, or off"),
+            (
+                "WORKER_HTTP_ADDR",
+                "nowhere",
+                "host:port such as 0.0.0.0:9090, or off",
+            ),
         ];
         for (key, value, form) in cases {
             match read(&[(key, value)]) {
-                Err(ConfigError::Invalid { variable, expected, .. }) => {
+                Err(ConfigError::Invalid {
+                    variable, expected, ..
+                }) => {
                     assert_eq!(variable, key, "{key}={value}");
                     assert_eq!(expected, form, "{key}={value}");
                 }

@@ -76,7 +76,9 @@ impl Backoff {
 
     /// The largest delay after failed attempt `attempt`.
     pub fn ceiling(&self, attempt: u32) -> Duration {
-        let factor = 1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX);
+        let factor = 1u32
+            .checked_shl(attempt.saturating_sub(1))
+            .unwrap_or(u32::MAX);
         self.base.saturating_mul(factor).min(self.cap)
     }
 
@@ -175,6 +177,7 @@ impl WorkerConfig {
                 queues: Vec::new(),
                 ..Self::default()
             },
+            reap_interval_set: false,
         }
     }
 
@@ -264,6 +267,7 @@ impl WorkerConfig {
 #[derive(Clone, Debug)]
 pub struct WorkerConfigBuilder {
     config: WorkerConfig,
+    reap_interval_set: bool,
 }
 
 macro_rules! setters {
@@ -320,14 +324,22 @@ impl WorkerConfigBuilder {
         backoff: Backoff,
         /// HTTP listener address, `None` for none.
         http_addr: Option<SocketAddr>,
-        /// Reaper interval.
-        reap_interval: Duration,
         /// Longest idle wait between fetches.
         idle_wait: Duration,
     }
 
+    /// How often to reap expired leases (default: half the lease, 100 ms to 5 s).
+    pub fn reap_interval(mut self, every: Duration) -> Self {
+        self.config.reap_interval = every;
+        self.reap_interval_set = true;
+        self
+    }
+
     /// Validate and finish. With no queue added, the queue is `default`.
     pub fn build(mut self) -> Result<WorkerConfig, ConfigError> {
+        if !self.reap_interval_set {
+            self.config.reap_interval = default_reap_interval(self.config.lease);
+        }
         if self.config.queues.is_empty() {
             self.config.queues.push(QueueSpec::new("default"));
         }
@@ -346,6 +358,11 @@ impl From<String> for QueueSpec {
     fn from(name: String) -> Self {
         Self::new(name)
     }
+}
+
+/// Reclaim a dead worker's jobs within about half a lease of their expiry.
+pub(crate) fn default_reap_interval(lease: Duration) -> Duration {
+    (lease / 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
 }
 
 #[cfg(test)]
@@ -372,7 +389,11 @@ mod tests {
 
     #[test]
     fn builder_refuses_duplicate_and_bad_queues() {
-        assert!(WorkerConfig::builder().queue("a").queue("a").build().is_err());
+        assert!(WorkerConfig::builder()
+            .queue("a")
+            .queue("a")
+            .build()
+            .is_err());
         assert!(WorkerConfig::builder().queue("a b").build().is_err());
         assert!(WorkerConfig::builder().concurrency(0).build().is_err());
         let c = WorkerConfig::builder().build().unwrap();

@@ -15,7 +15,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// busy replica does not hoard work a new replica could start.
 pub(crate) async fn fetch_loop<H: Handler>(shared: Arc<Shared<H>>, tracker: TaskTracker) {
     let drain = shared.life.drain.clone();
-    let queues = shared.config.queue_names();
     let mut backoff = BACKOFF_START;
     loop {
         let first = tokio::select! {
@@ -54,9 +53,14 @@ pub(crate) async fn fetch_loop<H: Handler>(shared: Arc<Shared<H>>, tracker: Task
                 }
                 drop(held);
                 if empty {
+                    // Wait only on the queues this plan could take from: a queue at its
+                    // own limit may have work we cannot start, and waking for it would
+                    // spin. One of our jobs settling frees room, so it wakes us too.
+                    let open: Vec<String> = plan.shares.into_iter().map(|s| s.queue).collect();
                     tokio::select! {
                         _ = drain.cancelled() => return,
-                        _ = shared.broker.wait_for_work(&queues, shared.config.idle_wait) => {}
+                        _ = shared.job_done.notified() => {}
+                        _ = shared.broker.wait_for_work(&open, shared.config.idle_wait) => {}
                     }
                 }
             }

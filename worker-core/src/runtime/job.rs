@@ -47,6 +47,9 @@ pub(crate) async fn run<H: Handler>(
     shared.job_done.notify_one();
 }
 
+/// How long a cancelled handler may take to return by itself before it is aborted.
+const CANCEL_GRACE: Duration = Duration::from_millis(250);
+
 enum RunEnd<T> {
     Finished(Result<T, tokio::task::JoinError>),
     TimedOut(Duration),
@@ -115,7 +118,6 @@ async fn supervise<H: Handler>(shared: &Shared<H>, delivery: Delivery) -> Outcom
         Err(e) => {
             drop(permits);
             let reason = format!("undecodable payload: {e}");
-            tracing::warn!(%reason, "dead-lettering undecodable payload");
             return dead_letter(shared, &lease, &reason).await;
         }
     };
@@ -130,6 +132,7 @@ async fn supervise<H: Handler>(shared: &Shared<H>, delivery: Delivery) -> Outcom
             queue: envelope.queue.clone(),
             attempt: envelope.attempt,
             max_attempts,
+            cost: envelope.cost,
             enqueued_at: UNIX_EPOCH + Duration::from_millis(envelope.enqueued_at_ms),
             headers: Arc::new(envelope.headers.clone()),
             cancel: cancel.clone(),
@@ -146,9 +149,8 @@ async fn supervise<H: Handler>(shared: &Shared<H>, delivery: Delivery) -> Outcom
     let started = Instant::now();
 
     let handler = shared.handler.clone();
-    let task = tokio::spawn(
-        async move { handler.handle(job).await }.instrument(tracing::Span::current()),
-    );
+    let task =
+        tokio::spawn(async move { handler.handle(job).await }.instrument(tracing::Span::current()));
     let end = supervise_handler(shared, &lease, task, &cancel).await;
 
     metrics::histogram!(names::JOB_DURATION, &labels).record(started.elapsed().as_secs_f64());
@@ -158,10 +160,9 @@ async fn supervise<H: Handler>(shared: &Shared<H>, delivery: Delivery) -> Outcom
 
     // 5. settle
     match end {
-        RunEnd::Finished(Ok(Ok(()))) => settle(shared, &lease, Outcome::Ok, || {
-            shared.broker.ack(&lease)
-        })
-        .await,
+        RunEnd::Finished(Ok(Ok(()))) => {
+            settle(shared, &lease, Outcome::Ok, || shared.broker.ack(&lease)).await
+        }
         RunEnd::Finished(Ok(Err(JobError::Fatal { reason }))) => {
             dead_letter(shared, &lease, &reason).await
         }
@@ -210,12 +211,12 @@ async fn wait_to_start<H>(shared: &Shared<H>, lease: &Lease, cost: u32) -> Optio
     }
 }
 
-async fn supervise_handler<H, T>(
+async fn supervise_handler<H>(
     shared: &Shared<H>,
     lease: &Lease,
-    mut task: JoinHandle<T>,
+    mut task: JoinHandle<Result<(), JobError>>,
     cancel: &tokio_util::sync::CancellationToken,
-) -> RunEnd<T> {
+) -> RunEnd<Result<(), JobError>> {
     let mut tick = lease_ticker(shared.config.lease);
     let timeout = shared.config.job_timeout;
     let timed_out = async {
@@ -228,7 +229,14 @@ async fn supervise_handler<H, T>(
     let end = loop {
         tokio::select! {
             biased;
-            result = &mut task => return RunEnd::Finished(result),
+            result = &mut task => {
+                // A handler that gave up because the drain deadline cancelled it has not
+                // failed: release the job, attempt not counted. Finished work still counts.
+                if cancel.is_cancelled() && !matches!(result, Ok(Ok(()))) {
+                    return RunEnd::Cancelled;
+                }
+                return RunEnd::Finished(result);
+            }
             _ = cancel.cancelled() => break RunEnd::Cancelled,
             _ = &mut timed_out => break RunEnd::TimedOut(timeout.unwrap_or_default()),
             _ = tick.tick() => {
@@ -238,9 +246,12 @@ async fn supervise_handler<H, T>(
             }
         }
     };
-    // The outcome will not be recorded: tell the handler, then stop it at its next await.
+    // The outcome will not be recorded: tell the handler, give it a moment to return
+    // on its own (to clean up), then stop it at its next await.
     cancel.cancel();
-    task.abort();
+    if tokio::time::timeout(CANCEL_GRACE, &mut task).await.is_err() {
+        task.abort();
+    }
     end
 }
 
@@ -253,7 +264,10 @@ async fn fail<H>(
     after: Option<Duration>,
 ) -> Outcome {
     if envelope.attempt >= max_attempts {
-        let reason = format!("failed {} of {max_attempts} attempts; last error: {reason}", envelope.attempt);
+        let reason = format!(
+            "failed {} of {max_attempts} attempts; last error: {reason}",
+            envelope.attempt
+        );
         return dead_letter(shared, lease, &reason).await;
     }
     let delay = after.unwrap_or_else(|| shared.config.backoff.delay(envelope.attempt));
@@ -273,7 +287,10 @@ async fn dead_letter<H>(shared: &Shared<H>, lease: &Lease, reason: &str) -> Outc
 }
 
 async fn release<H>(shared: &Shared<H>, lease: &Lease) -> Outcome {
-    settle(shared, lease, Outcome::Released, || shared.broker.release(lease)).await
+    settle(shared, lease, Outcome::Released, || {
+        shared.broker.release(lease)
+    })
+    .await
 }
 
 /// Run a settling call, retrying transient failures with backoff until the lease would
@@ -317,4 +334,3 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         },
     }
 }
-

@@ -29,7 +29,9 @@ pub(crate) struct RunPermits {
 impl Limits {
     pub(crate) fn new(config: &WorkerConfig) -> Self {
         Self {
-            held: Arc::new(Semaphore::new((config.concurrency + config.prefetch) as usize)),
+            held: Arc::new(Semaphore::new(
+                (config.concurrency + config.prefetch) as usize,
+            )),
             run: Arc::new(Semaphore::new(config.concurrency as usize)),
             budget: config
                 .budget

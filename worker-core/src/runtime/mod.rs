@@ -218,7 +218,12 @@ impl<H: Handler> Worker<H> {
             limits: Limits::new(&self.config),
             job_done: Notify::new(),
             running: AtomicU32::new(0),
-            worker_id: format!("{}-{}-{:08x}", self.config.pool, std::process::id(), fastrand::u32(..)),
+            worker_id: format!(
+                "{}-{}-{:08x}",
+                self.config.pool,
+                std::process::id(),
+                fastrand::u32(..)
+            ),
             counts: Counts::default(),
             config: self.config,
             broker: self.broker,
@@ -289,7 +294,9 @@ impl RunningWorker {
 
     /// Wait until it has stopped.
     pub async fn join(self) -> Result<RunReport, WorkerError> {
-        self.join.await.map_err(|e| WorkerError::Crashed(e.to_string()))
+        self.join
+            .await
+            .map_err(|e| WorkerError::Crashed(e.to_string()))
     }
 }
 
@@ -325,7 +332,10 @@ async fn drive<H: Handler>(
             clean = false;
         }
     }
-    if tokio::time::timeout(RELEASE_GRACE, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(RELEASE_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::error!(
             left = tracker.len(),
             "releases did not finish in time; those jobs return when their leases expire"

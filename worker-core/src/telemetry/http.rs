@@ -87,7 +87,8 @@ async fn metrics(AxumState(s): AxumState<HttpState>) -> Response {
     match ScalingDoc::read(s.broker.as_ref(), &s.pool, s.capacity, &s.queues).await {
         Ok((_, depths)) => publish_depths(&s.pool, &depths),
         Err(e) => {
-            metrics::counter!(names::BROKER_ERRORS, names::OP => "depth").increment(1);
+            metrics::counter!(names::BROKER_ERRORS, names::POOL => s.pool.clone(), names::OP => "depth")
+                .increment(1);
             tracing::warn!(error = %e, "cannot read queue depth for /metrics");
         }
     }
@@ -126,7 +127,10 @@ pub(crate) fn publish_depths(pool: &str, depths: &[(String, QueueDepth)]) {
         ] {
             metrics::gauge!(names::QUEUE_DEPTH, &labels(state)).set(v as f64);
         }
-        let q = [(names::POOL, pool.to_owned()), (names::QUEUE, queue.clone())];
+        let q = [
+            (names::POOL, pool.to_owned()),
+            (names::QUEUE, queue.clone()),
+        ];
         metrics::gauge!(names::QUEUE_BACKLOG, &q).set(d.backlog() as f64);
         metrics::gauge!(names::QUEUE_OLDEST_AGE, &q)
             .set(d.oldest_pending_age.map_or(0.0, |a| a.as_secs_f64()));

@@ -57,7 +57,7 @@ pub enum Outcome {
     Retried,
     /// Dead-lettered.
     Dead,
-    /// Given back to pending, attempt not counted (drain, or a budget it could not get).
+    /// Given back to pending, attempt not counted: the worker is draining.
     Released,
     /// Its outcome could not be recorded: the lease was lost or the broker refused;
     /// the broker will redeliver it.

@@ -13,12 +13,16 @@ use crate::job::{JobId, NewJob};
 const LONG: Duration = Duration::from_secs(60);
 
 async fn put(b: &dyn Broker, queue: &str, n: usize) -> Vec<JobId> {
-    let jobs = (0..n).map(|i| NewJob::new(queue, format!("{{\"n\":{i}}}"))).collect();
+    let jobs = (0..n)
+        .map(|i| NewJob::new(queue, format!("{{\"n\":{i}}}")))
+        .collect();
     b.enqueue(jobs).await.expect("enqueue")
 }
 
 async fn take(b: &dyn Broker, queue: &str, n: u32, lease: Duration) -> Vec<crate::Delivery> {
-    b.fetch(&FetchPlan::single(queue, n, lease)).await.expect("fetch")
+    b.fetch(&FetchPlan::single(queue, n, lease))
+        .await
+        .expect("fetch")
 }
 
 fn is_lease_lost<T: std::fmt::Debug>(r: Result<T, BrokerError>) -> bool {
@@ -52,7 +56,11 @@ pub async fn fetch_is_fifo_and_bounded(b: &dyn Broker) {
     let ids = put(b, &q, 5).await;
     let first = take(b, &q, 3, LONG).await;
     let second = take(b, &q, 3, LONG).await;
-    let order: Vec<JobId> = first.iter().chain(&second).map(|d| d.envelope.id.clone()).collect();
+    let order: Vec<JobId> = first
+        .iter()
+        .chain(&second)
+        .map(|d| d.envelope.id.clone())
+        .collect();
     assert_eq!(order, ids);
     assert!(take(b, &q, 3, LONG).await.is_empty());
 }
@@ -63,12 +71,21 @@ pub async fn fetch_plan_keeps_shares_and_conserves_work(b: &dyn Broker) {
     let (qa, qb) = (unique("a"), unique("b"));
     put(b, &qa, 10).await;
     put(b, &qb, 10).await;
-    let count = |got: &[crate::Delivery], q: &str| got.iter().filter(|d| d.lease.queue == q).count();
-    let plan = FetchPlan::new(vec![FetchShare::new(&qa, 3, 8), FetchShare::new(&qb, 1, 8)], 4, LONG);
+    let count =
+        |got: &[crate::Delivery], q: &str| got.iter().filter(|d| d.lease.queue == q).count();
+    let plan = FetchPlan::new(
+        vec![FetchShare::new(&qa, 3, 8), FetchShare::new(&qb, 1, 8)],
+        4,
+        LONG,
+    );
     let got = b.fetch(&plan).await.unwrap();
     assert_eq!((count(&got, &qa), count(&got, &qb)), (3, 1));
     // A has 7 left: a plan wanting 9 from A (max 8) and none from B takes 7 + 2.
-    let plan = FetchPlan::new(vec![FetchShare::new(&qa, 9, 9), FetchShare::new(&qb, 0, 8)], 9, LONG);
+    let plan = FetchPlan::new(
+        vec![FetchShare::new(&qa, 9, 9), FetchShare::new(&qb, 0, 8)],
+        9,
+        LONG,
+    );
     let got = b.fetch(&plan).await.unwrap();
     assert_eq!((count(&got, &qa), count(&got, &qb)), (7, 2));
     // Per-queue max: B may give at most 1 although 7 remain and 4 are wanted.
@@ -95,7 +112,10 @@ pub async fn envelope_round_trips(b: &dyn Broker) {
     assert_eq!(env.attempt, 1);
     assert_eq!(env.cost, 42);
     assert_eq!(env.max_attempts, Some(7));
-    assert_eq!(env.headers.get("traceparent").map(String::as_str), Some("00-abc-def-01"));
+    assert_eq!(
+        env.headers.get("traceparent").map(String::as_str),
+        Some("00-abc-def-01")
+    );
     assert!(env.enqueued_at_ms > 0);
     assert_eq!(got[0].lease.job_id, env.id);
 }
@@ -103,21 +123,42 @@ pub async fn envelope_round_trips(b: &dyn Broker) {
 /// A batch with a duplicate id or an invalid member writes nothing.
 pub async fn batch_enqueue_is_all_or_nothing(b: &dyn Broker) {
     let q = unique("batch");
-    b.enqueue(vec![NewJob::new(&q, "x").id("dup")]).await.unwrap();
+    b.enqueue(vec![NewJob::new(&q, "x").id("dup")])
+        .await
+        .unwrap();
     let r = b
-        .enqueue(vec![NewJob::new(&q, "y").id("fresh"), NewJob::new(&q, "z").id("dup")])
+        .enqueue(vec![
+            NewJob::new(&q, "y").id("fresh"),
+            NewJob::new(&q, "z").id("dup"),
+        ])
         .await;
     assert!(matches!(r, Err(BrokerError::DuplicateJob { .. })), "{r:?}");
-    let r = b.enqueue(vec![NewJob::new(&q, "y"), NewJob::new("bad name", "z")]).await;
-    assert!(matches!(r, Err(BrokerError::InvalidQueueName { .. })), "{r:?}");
+    let r = b
+        .enqueue(vec![NewJob::new(&q, "y"), NewJob::new("bad name", "z")])
+        .await;
+    assert!(
+        matches!(r, Err(BrokerError::InvalidQueueName { .. })),
+        "{r:?}"
+    );
     assert_eq!(b.depth(&q).await.unwrap().pending, 1);
 }
 
 /// Names that would break keys or configuration are refused with the reason.
 pub async fn invalid_queue_names_are_refused(b: &dyn Broker) {
-    for name in ["", "has space", "tag{x}", "a,b", "a:b", "nl\n", &"x".repeat(201)] {
+    for name in [
+        "",
+        "has space",
+        "tag{x}",
+        "a,b",
+        "a:b",
+        "nl\n",
+        &"x".repeat(201),
+    ] {
         let r = b.enqueue(vec![NewJob::new(name, "x")]).await;
-        assert!(matches!(r, Err(BrokerError::InvalidQueueName { .. })), "{name:?}: {r:?}");
+        assert!(
+            matches!(r, Err(BrokerError::InvalidQueueName { .. })),
+            "{name:?}: {r:?}"
+        );
     }
     // Unusual but valid names work.
     let odd = unique("ünïcødé.queue/π-1");
@@ -182,7 +223,9 @@ pub async fn stale_token_is_refused_everywhere(b: &dyn Broker) {
     b.reap_expired(std::slice::from_ref(&q)).await.unwrap();
     let new = take(b, &q, 1, LONG).await.remove(0);
     assert!(is_lease_lost(b.ack(&old.lease).await));
-    assert!(is_lease_lost(b.retry_after(&old.lease, Duration::ZERO, "late").await));
+    assert!(is_lease_lost(
+        b.retry_after(&old.lease, Duration::ZERO, "late").await
+    ));
     assert!(is_lease_lost(b.dead_letter(&old.lease, "late").await));
     assert!(is_lease_lost(b.release(&old.lease).await));
     assert!(is_lease_lost(b.extend_lease(&old.lease, LONG).await));
@@ -198,10 +241,15 @@ pub async fn retry_after_delays_and_counts_the_attempt(b: &dyn Broker) {
     let q = unique("retry");
     put(b, &q, 1).await;
     let got = take(b, &q, 1, LONG).await.remove(0);
-    b.retry_after(&got.lease, Duration::from_millis(300), "boom").await.unwrap();
+    b.retry_after(&got.lease, Duration::from_millis(300), "boom")
+        .await
+        .unwrap();
     let d = b.depth(&q).await.unwrap();
     assert_eq!((d.pending, d.in_flight, d.delayed), (0, 0, 1));
-    assert!(take(b, &q, 1, LONG).await.is_empty(), "fetched before its delay");
+    assert!(
+        take(b, &q, 1, LONG).await.is_empty(),
+        "fetched before its delay"
+    );
     tokio::time::sleep(Duration::from_millis(350)).await;
     let d = b.depth(&q).await.unwrap();
     assert_eq!(d.delayed_due + d.pending, 1, "{d:?}");
@@ -218,7 +266,9 @@ pub async fn retry_without_delay_is_pending_at_once(b: &dyn Broker) {
     let q = unique("retry0");
     put(b, &q, 1).await;
     let got = take(b, &q, 1, LONG).await.remove(0);
-    b.retry_after(&got.lease, Duration::ZERO, "again").await.unwrap();
+    b.retry_after(&got.lease, Duration::ZERO, "again")
+        .await
+        .unwrap();
     let again = take(b, &q, 1, LONG).await;
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].envelope.attempt, 2);
@@ -243,14 +293,18 @@ pub async fn dead_letters_keep_reason_and_history(b: &dyn Broker) {
     let q = unique("dead");
     let ids = put(b, &q, 3).await;
     let got = take(b, &q, 1, LONG).await.remove(0);
-    b.retry_after(&got.lease, Duration::ZERO, "first failure").await.unwrap();
+    b.retry_after(&got.lease, Duration::ZERO, "first failure")
+        .await
+        .unwrap();
     let got = take(b, &q, 1, LONG).await.remove(0);
     assert_eq!(got.envelope.id, ids[1]);
     let got = {
         b.release(&got.lease).await.unwrap();
         let all = take(b, &q, 3, LONG).await;
         for d in &all {
-            b.dead_letter(&d.lease, &format!("poison {}", d.envelope.id)).await.unwrap();
+            b.dead_letter(&d.lease, &format!("poison {}", d.envelope.id))
+                .await
+                .unwrap();
         }
         all
     };
@@ -259,19 +313,37 @@ pub async fn dead_letters_keep_reason_and_history(b: &dyn Broker) {
     assert_eq!((d.pending, d.in_flight, d.dead), (0, 0, 3));
     let dead = b.dead_letters(&q, 10).await.unwrap();
     assert_eq!(dead.len(), 3);
-    let first = dead.iter().find(|d| d.envelope.id == ids[0]).expect("dead job 0");
+    let first = dead
+        .iter()
+        .find(|d| d.envelope.id == ids[0])
+        .expect("dead job 0");
     assert_eq!(first.reason, format!("poison {}", ids[0]));
     assert_eq!(first.envelope.attempt, 2);
-    let errors: Vec<&str> = first.envelope.history.iter().map(|h| h.error.as_str()).collect();
+    let errors: Vec<&str> = first
+        .envelope
+        .history
+        .iter()
+        .map(|h| h.error.as_str())
+        .collect();
     assert_eq!(errors, vec!["first failure", &format!("poison {}", ids[0])]);
     assert_eq!(b.dead_letters(&q, 2).await.unwrap().len(), 2);
 
-    assert_eq!(b.requeue_dead(&q, std::slice::from_ref(&ids[0])).await.unwrap(), 1);
+    assert_eq!(
+        b.requeue_dead(&q, std::slice::from_ref(&ids[0]))
+            .await
+            .unwrap(),
+        1
+    );
     let back = take(b, &q, 5, LONG).await;
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].envelope.id, ids[0]);
     assert_eq!(back[0].envelope.attempt, 1);
-    assert_eq!(b.purge_dead(&q, std::slice::from_ref(&ids[1])).await.unwrap(), 1);
+    assert_eq!(
+        b.purge_dead(&q, std::slice::from_ref(&ids[1]))
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(b.purge_dead(&q, &[]).await.unwrap(), 1);
     assert_eq!(b.depth(&q).await.unwrap().dead, 0);
 }
@@ -279,9 +351,11 @@ pub async fn dead_letters_keep_reason_and_history(b: &dyn Broker) {
 /// A job enqueued with a delay is not fetched before it is due.
 pub async fn delayed_enqueue_waits_for_its_time(b: &dyn Broker) {
     let q = unique("delayed");
-    b.enqueue(vec![NewJob::new(&q, "later").delay(Duration::from_millis(300))])
-        .await
-        .unwrap();
+    b.enqueue(vec![
+        NewJob::new(&q, "later").delay(Duration::from_millis(300))
+    ])
+    .await
+    .unwrap();
     let d = b.depth(&q).await.unwrap();
     assert_eq!((d.pending, d.delayed, d.delayed_due), (0, 1, 0));
     assert!(take(b, &q, 1, LONG).await.is_empty());
@@ -295,15 +369,23 @@ pub async fn delayed_enqueue_waits_for_its_time(b: &dyn Broker) {
 pub async fn depth_counts_every_state(b: &dyn Broker) {
     let q = unique("depth");
     put(b, &q, 6).await;
-    b.enqueue(vec![NewJob::new(&q, "d").delay(Duration::from_secs(60))]).await.unwrap();
+    b.enqueue(vec![NewJob::new(&q, "d").delay(Duration::from_secs(60))])
+        .await
+        .unwrap();
     let got = take(b, &q, 3, LONG).await;
     b.dead_letter(&got[0].lease, "x").await.unwrap();
     tokio::time::sleep(Duration::from_millis(30)).await;
     let d = b.depth(&q).await.unwrap();
-    assert_eq!((d.pending, d.in_flight, d.delayed, d.delayed_due, d.dead), (3, 2, 1, 0, 1));
+    assert_eq!(
+        (d.pending, d.in_flight, d.delayed, d.delayed_due, d.dead),
+        (3, 2, 1, 0, 1)
+    );
     assert_eq!(d.backlog(), 5);
     let age = d.oldest_pending_age.expect("pending jobs have an age");
-    assert!(age >= Duration::from_millis(20) && age < Duration::from_secs(30), "{age:?}");
+    assert!(
+        age >= Duration::from_millis(20) && age < Duration::from_secs(30),
+        "{age:?}"
+    );
     let empty = b.depth(&unique("none")).await.unwrap();
     assert_eq!(empty.backlog(), 0);
     assert_eq!(empty.oldest_pending_age, None);
@@ -317,7 +399,9 @@ pub async fn worker_registry_lives_by_ttl(b: &dyn Broker) {
     let w2 = WorkerInfo::new(unique("w2"), &pool, vec!["a".into()]);
     let other = WorkerInfo::new(unique("w3"), unique("other"), vec![]);
     b.register_worker(&w1, LONG).await.unwrap();
-    b.register_worker(&w2, Duration::from_millis(300)).await.unwrap();
+    b.register_worker(&w2, Duration::from_millis(300))
+        .await
+        .unwrap();
     b.register_worker(&other, LONG).await.unwrap();
     let ids = |ws: Vec<WorkerInfo>| ws.into_iter().map(|w| w.id).collect::<HashSet<_>>();
     assert_eq!(
@@ -363,6 +447,10 @@ pub async fn wait_for_work_wakes_on_enqueue(b: &dyn Broker) {
         put(b, &q, 1).await;
     };
     let ((), ()) = tokio::join!(waiter, producer);
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(take(b, &q, 1, LONG).await.len(), 1);
 }

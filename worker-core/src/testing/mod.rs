@@ -2,7 +2,7 @@
 //!
 //! A backend crate runs every case with one macro call in an integration test:
 //!
-//! ```ignore
+//! ```no_run
 //! async fn make() -> worker_core::MemoryBroker { worker_core::MemoryBroker::new() }
 //! worker_core::conformance_suite!(make());
 //! ```
@@ -11,6 +11,8 @@
 //! parallel against one shared server. Cases use real time with short leases, as a
 //! real backend's clock cannot be paused.
 
+// The cases are assertions: a broker error must fail the test loudly, with its text.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod cases;
 
 use std::future::Future;
@@ -76,4 +78,22 @@ macro_rules! conformance_suite {
             }
         )*
     };
+}
+
+/// A minimal HTTP/1.0 GET for tests: the status code and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await?;
+    let status = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    Ok((status, body))
 }

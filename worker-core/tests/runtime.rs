@@ -1,0 +1,957 @@
+//! The runtime's behaviour on the in-memory broker: fairness, limits, leases, retries,
+//! failures and drain. Time is tokio's paused clock unless a test serves HTTP.
+#![cfg(feature = "testing")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use worker_core::testing::{eventually, http_get};
+use worker_core::{
+    handler_fn, Backoff, Broker, BrokerError, DeadLetter, Delivery, FetchPlan, Job, JobError,
+    JobId, Lease, MemoryBroker, NewJob, QueueDepth, QueueSpec, RunReport, RunningWorker,
+    Scheduling, State, Worker, WorkerConfig, WorkerInfo,
+};
+
+fn config() -> worker_core::WorkerConfigBuilder {
+    WorkerConfig::builder().http_addr(None)
+}
+
+async fn put(b: &MemoryBroker, queue: &str, payloads: impl IntoIterator<Item = serde_json::Value>) {
+    let jobs = payloads
+        .into_iter()
+        .map(|p| NewJob::json(queue, &p).unwrap())
+        .collect();
+    b.enqueue(jobs).await.unwrap();
+}
+
+async fn settled(b: &impl Broker, queues: &[&str]) {
+    eventually(Duration::from_secs(600), "every job settled", || async {
+        let mut left = 0;
+        for q in queues {
+            let d = b.depth(q).await.unwrap();
+            left += d.backlog() + d.delayed;
+        }
+        left == 0
+    })
+    .await;
+}
+
+async fn stop(w: RunningWorker) -> RunReport {
+    w.shutdown_handle().drain();
+    w.join().await.unwrap()
+}
+
+/// Tracks jobs running at once.
+#[derive(Default)]
+struct Gauge {
+    now: AtomicU32,
+    max: AtomicU32,
+}
+
+impl Gauge {
+    fn enter(&self, n: u32) {
+        let now = self.now.fetch_add(n, Ordering::SeqCst) + n;
+        self.max.fetch_max(now, Ordering::SeqCst);
+    }
+    fn leave(&self, n: u32) {
+        self.now.fetch_sub(n, Ordering::SeqCst);
+    }
+    fn max(&self) -> u32 {
+        self.max.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn weighted_fairness_is_three_to_one_and_work_conserving() {
+    let broker = MemoryBroker::new();
+    let none = || std::iter::repeat_n(serde_json::json!(null), 3000);
+    put(&broker, "a", none()).await;
+    put(&broker, "b", none()).await;
+    let starts = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s = starts.clone();
+    let handler = handler_fn(move |job: Job<serde_json::Value>| {
+        s.lock().unwrap().push(job.ctx.queue().to_owned());
+        async { Ok::<_, JobError>(()) }
+    });
+    let cfg = config()
+        .queue(QueueSpec::new("a").weight(3))
+        .queue(QueueSpec::new("b").weight(1))
+        .concurrency(8)
+        .build()
+        .unwrap();
+    let w = Worker::new(broker.clone(), cfg, handler)
+        .spawn()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "4000 starts", || async {
+        starts.lock().unwrap().len() >= 4000
+    })
+    .await;
+    let first: Vec<String> = starts.lock().unwrap()[..4000].to_vec();
+    let a = first.iter().filter(|q| *q == "a").count() as f64;
+    let b = first.iter().filter(|q| *q == "b").count() as f64;
+    let ratio = a / b;
+    assert!((ratio - 3.0).abs() <= 0.15, "A:B = {a}:{b} = {ratio}");
+    // A runs dry after 3000; B then takes every slot until it is empty too.
+    settled(&broker, &["a", "b"]).await;
+    let all = starts.lock().unwrap().clone();
+    assert_eq!(all.len(), 6000);
+    let last_a = all.iter().rposition(|q| q == "a").unwrap();
+    assert!(
+        last_a < 6000 - 1,
+        "B must still have had work when A ran dry"
+    );
+    assert!(all[last_a + 1..].iter().all(|q| q == "b"));
+    stop(w).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_queue_gives_all_capacity_to_the_other() {
+    let broker = MemoryBroker::new();
+    put(
+        &broker,
+        "b",
+        std::iter::repeat_n(serde_json::json!(null), 200),
+    )
+    .await;
+    let gauge = Arc::new(Gauge::default());
+    let g = gauge.clone();
+    let handler = handler_fn(move |_job: Job<serde_json::Value>| {
+        let g = g.clone();
+        async move {
+            g.enter(1);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            g.leave(1);
+            Ok::<_, JobError>(())
+        }
+    });
+    let cfg = config()
+        .queue(QueueSpec::new("a").weight(100))
+        .queue(QueueSpec::new("b").weight(1))
+        .concurrency(4)
+        .build()
+        .unwrap();
+    let w = Worker::new(broker.clone(), cfg, handler)
+        .spawn()
+        .await
+        .unwrap();
+    settled(&broker, &["b"]).await;
+    assert_eq!(gauge.max(), 4, "B should use every permit while A is empty");
+    stop(w).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn strict_priority_drains_the_first_queue_first() {
+    let broker = MemoryBroker::new();
+    put(
+        &broker,
+        "lo",
+        std::iter::repeat_n(serde_json::json!(null), 50),
+    )
+    .await;
+    put(
+        &broker,
+        "hi",
+        std::iter::repeat_n(serde_json::json!(null), 50),
+    )
+    .await;
+    let starts = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s = starts.clone();
+    let handler = handler_fn(move |job: Job<serde_json::Value>| {
+        s.lock().unwrap().push(job.ctx.queue().to_owned());
+        async { Ok::<_, JobError>(()) }
+    });
+    let cfg = config()
+        .queue("hi")
+        .queue("lo")
+        .scheduling(Scheduling::Priority)
+        .concurrency(4)
+        .build()
+        .unwrap();
+    let w = Worker::new(broker.clone(), cfg, handler)
+        .spawn()
+        .await
+        .unwrap();
+    settled(&broker, &["hi", "lo"]).await;
+    let all = starts.lock().unwrap().clone();
+    assert!(all[..50].iter().all(|q| q == "hi"), "{all:?}");
+    stop(w).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrency_limit_is_reached_and_never_exceeded() {
+    let broker = MemoryBroker::new();
+    put(
+        &broker,
+        "default",
+        (0..300).map(|i| serde_json::json!(i % 17 + 1)),
+    )
+    .await;
+    let gauge = Arc::new(Gauge::default());
+    let g = gauge.clone();
+    let handler = handler_fn(move |job: Job<u64>| {
+        let g = g.clone();
+        async move {
+            g.enter(1);
+            tokio::time::sleep(Duration::from_millis(job.payload)).await;
+            g.leave(1);
+            Ok::<_, JobError>(())
+        }
+    });
+    let w = Worker::new(
+        broker.clone(),
+        config().concurrency(5).build().unwrap(),
+        handler,
+    )
+    .spawn()
+    .await
+    .unwrap();
+    settled(&broker, &["default"]).await;
+    assert_eq!(gauge.max(), 5);
+    assert_eq!(stop(w).await.ok, 300);
+}
+
+#[tokio::test(start_paused = true)]
+async fn weighted_budget_is_never_exceeded_and_oversize_jobs_die() {
+    let broker = MemoryBroker::new();
+    let jobs: Vec<NewJob> = (0..200u32)
+        .map(|i| {
+            NewJob::json("docs", &(i % 7 + 1))
+                .unwrap()
+                .cost(10 + (i * 37) % 51)
+        })
+        .chain([NewJob::json("docs", &1).unwrap().cost(101).id("huge")])
+        .collect();
+    broker.enqueue(jobs).await.unwrap();
+    let units = Arc::new(Gauge::default());
+    let jobs_running = Arc::new(Gauge::default());
+    let (u, j) = (units.clone(), jobs_running.clone());
+    let handler = handler_fn(move |job: Job<u64>| {
+        let (u, j) = (u.clone(), j.clone());
+        async move {
+            let cost = job.ctx.cost();
+            u.enter(cost);
+            j.enter(1);
+            tokio::time::sleep(Duration::from_millis(job.payload * 3)).await;
+            j.leave(1);
+            u.leave(cost);
+            Ok::<_, JobError>(())
+        }
+    });
+    let cfg = config()
+        .queue("docs")
+        .concurrency(8)
+        .budget(100)
+        .build()
+        .unwrap();
+    let w = Worker::new(broker.clone(), cfg, handler)
+        .spawn()
+        .await
+        .unwrap();
+    settled(&broker, &["docs"]).await;
+    assert!(
+        units.max() <= 100,
+        "budget exceeded: {} units running",
+        units.max()
+    );
+    assert!(
+        units.max() >= 60,
+        "the budget should be well used: {}",
+        units.max()
+    );
+    assert!(jobs_running.max() > 1, "jobs should share the budget");
+    let dead = broker.dead_letters("docs", 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].envelope.id.as_str(), "huge");
+    assert!(
+        dead[0]
+            .reason
+            .contains("exceeds the pool budget of 100 units"),
+        "{}",
+        dead[0].reason
+    );
+    let report = stop(w).await;
+    assert_eq!((report.ok, report.dead), (200, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_queue_limit_is_respected_while_others_use_the_rest() {
+    let broker = MemoryBroker::new();
+    put(
+        &broker,
+        "gpu",
+        std::iter::repeat_n(serde_json::json!(20), 60),
+    )
+    .await;
+    put(
+        &broker,
+        "cpu",
+        std::iter::repeat_n(serde_json::json!(20), 60),
+    )
+    .await;
+    let per_queue: Arc<HashMap<&'static str, Gauge>> = Arc::new(HashMap::from([
+        ("gpu", Gauge::default()),
+        ("cpu", Gauge::default()),
+    ]));
+    let p = per_queue.clone();
+    let handler = handler_fn(move |job: Job<u64>| {
+        let p = p.clone();
+        async move {
+            let g = &p[job.ctx.queue()];
+            g.enter(1);
+            tokio::time::sleep(Duration::from_millis(job.payload)).await;
+            g.leave(1);
+            Ok::<_, JobError>(())
+        }
+    });
+    let cfg = config()
+        .queue(QueueSpec::new("gpu").weight(10).max_in_flight(2))
+        .queue("cpu")
+        .concurrency(6)
+        .build()
+        .unwrap();
+    let w = Worker::new(broker.clone(), cfg, handler)
+        .spawn()
+        .await
+        .unwrap();
+    settled(&broker, &["gpu", "cpu"]).await;
+    assert_eq!(per_queue["gpu"].max(), 2);
+    assert!(
+        per_queue["cpu"].max() >= 4,
+        "cpu max {}",
+        per_queue["cpu"].max()
+    );
+    stop(w).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_longer_than_its_lease_is_not_redelivered() {
+    let broker = MemoryBroker::new();
+    put(&broker, "default", [serde_json::json!(5000)]).await;
+    let starts = Arc::new(AtomicU32::new(0));
+    let s = starts.clone();
+    let handler = handler_fn(move |job: Job<u64>| {
+        s.fetch_add(1, Ordering::SeqCst);
+        async move {
+            tokio::time::sleep(Duration::from_millis(job.payload)).await;
+            Ok::<_, JobError>(())
+        }
+    });
+    let cfg = config()
+        .lease(Duration::from_millis(300))
+        .reap_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    // Two workers: the second reaps the first's lease if it ever lapses.
+    let w1 = Worker::new(broker.clone(), cfg.clone(), handler)
+        .spawn()
+        .await
+        .unwrap();
+    let w2 = Worker::new(
+        broker.clone(),
+        cfg,
+        handler_fn(|_: Job<u64>| async { Ok::<_, JobError>(()) }),
+    )
+    .spawn()
+    .await
+    .unwrap();
+    settled(&broker, &["default"]).await;
+    assert_eq!(starts.load(Ordering::SeqCst), 1);
+    assert_eq!(stop(w1).await.ok, 1);
+    assert_eq!(stop(w2).await.ok, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_lease_is_redelivered_and_the_late_ack_refused() {
+    let broker = MemoryBroker::new();
+    put(&broker, "default", [serde_json::json!(1)]).await;
+    // A worker that took the job and died: it never extends, acks or releases.
+    let ghost = broker
+        .fetch(&FetchPlan::single("default", 1, Duration::from_millis(200)))
+        .await
+        .unwrap()
+        .remove(0);
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let a = attempts.clone();
+    let handler = handler_fn(move |job: Job<u64>| {
+        a.lock().unwrap().push(job.ctx.attempt());
+        async { Ok::<_, JobError>(()) }
+    });
+    let cfg = config()
+        .reap_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let w = Worker::new(broker.clone(), cfg, handler)
+        .spawn()
+        .await
+        .unwrap();
+    settled(&broker, &["default"]).await;
+    assert_eq!(*attempts.lock().unwrap(), vec![2]);
+    assert!(matches!(
+        broker.ack(&ghost.lease).await,
+        Err(BrokerError::LeaseLost { .. })
+    ));
+    assert_eq!(stop(w).await.ok, 1);
+}
+
+/// A broker whose lease extensions fail while `partitioned` is set, as when a worker
+/// loses its connection while its handler keeps running.
+#[derive(Clone)]
+struct Partitionable {
+    inner: MemoryBroker,
+    partitioned: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Broker for Partitionable {
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, BrokerError> {
+        self.inner.enqueue(jobs).await
+    }
+    async fn fetch(&self, plan: &FetchPlan) -> Result<Vec<Delivery>, BrokerError> {
+        self.inner.fetch(plan).await
+    }
+    async fn ack(&self, lease: &Lease) -> Result<(), BrokerError> {
+        self.inner.ack(lease).await
+    }
+    async fn retry_after(&self, l: &Lease, d: Duration, e: &str) -> Result<(), BrokerError> {
+        self.inner.retry_after(l, d, e).await
+    }
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), BrokerError> {
+        self.inner.dead_letter(lease, reason).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
+        self.inner.release(lease).await
+    }
+    async fn extend_lease(&self, lease: &Lease, d: Duration) -> Result<(), BrokerError> {
+        if self.partitioned.load(Ordering::SeqCst) {
+            return Err(BrokerError::Unavailable {
+                message: "partitioned".into(),
+                source: None,
+            });
+        }
+        self.inner.extend_lease(lease, d).await
+    }
+    async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError> {
+        self.inner.reap_expired(queues).await
+    }
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        self.inner.depth(queue).await
+    }
+    async fn dead_letters(&self, q: &str, n: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        self.inner.dead_letters(q, n).await
+    }
+    async fn requeue_dead(&self, q: &str, ids: &[JobId]) -> Result<u64, BrokerError> {
+        self.inner.requeue_dead(q, ids).await
+    }
+    async fn purge_dead(&self, q: &str, ids: &[JobId]) -> Result<u64, BrokerError> {
+        self.inner.purge_dead(q, ids).await
+    }
+    async fn register_worker(&self, w: &WorkerInfo, ttl: Duration) -> Result<(), BrokerError> {
+        self.inner.register_worker(w, ttl).await
+    }
+    async fn list_workers(&self, pool: Option<&str>) -> Result<Vec<WorkerInfo>, BrokerError> {
+        self.inner.list_workers(pool).await
+    }
+    async fn deregister_worker(&self, id: &str) -> Result<(), BrokerError> {
+        self.inner.deregister_worker(id).await
+    }
+    async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
+        self.inner.wait_for_work(queues, timeout).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_lost_its_lease_is_cancelled_and_cannot_ack() {
+    let memory = MemoryBroker::new();
+    put(&memory, "default", [serde_json::json!(null)]).await;
+    let flaky = Partitionable {
+        inner: memory.clone(),
+        partitioned: Arc::new(AtomicBool::new(false)),
+    };
+    let started = Arc::new(tokio::sync::Notify::new());
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let (st, ca) = (started.clone(), cancelled.clone());
+    let slow = handler_fn(move |job: Job<serde_json::Value>| {
+        let (st, ca) = (st.clone(), ca.clone());
+        async move {
+            st.notify_one();
+            job.ctx.cancellation().cancelled().await;
+            ca.store(true, Ordering::SeqCst);
+            Ok::<_, JobError>(())
+        }
+    });
+    let lease = Duration::from_millis(300);
+    // Concurrency 1: the busy first worker cannot fetch the reclaimed job itself.
+    let cfg = config()
+        .lease(lease)
+        .concurrency(1)
+        .reap_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let w1 = Worker::new(flaky.clone(), cfg, slow).spawn().await.unwrap();
+    started.notified().await;
+    // The partition outlasts the lease; the job is reclaimed and run elsewhere.
+    flaky.partitioned.store(true, Ordering::SeqCst);
+    tokio::time::sleep(lease * 2).await;
+    assert_eq!(memory.reap_expired(&["default".into()]).await.unwrap(), 1);
+    let second_attempt = Arc::new(Mutex::new(None));
+    let sa = second_attempt.clone();
+    let w2_cfg = config()
+        .lease(Duration::from_secs(30))
+        .reap_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let w2 = Worker::new(
+        memory.clone(),
+        w2_cfg,
+        handler_fn(move |job: Job<serde_json::Value>| {
+            *sa.lock().unwrap() = Some(job.ctx.attempt());
+            async { Ok::<_, JobError>(()) }
+        }),
+    )
+    .spawn()
+    .await
+    .unwrap();
+    settled(&memory, &["default"]).await;
+    assert_eq!(*second_attempt.lock().unwrap(), Some(2));
+    // The partition heals: the first worker's next extension is refused, its handler
+    // is cancelled, and its outcome is not recorded.
+    flaky.partitioned.store(false, Ordering::SeqCst);
+    eventually(Duration::from_secs(5), "w1 handler cancelled", || async {
+        cancelled.load(Ordering::SeqCst)
+    })
+    .await;
+    let r1 = stop(w1).await;
+    assert_eq!((r1.ok, r1.failed), (0, 1));
+    assert_eq!(stop(w2).await.ok, 1);
+    assert_eq!(
+        memory.depth("default").await.unwrap(),
+        QueueDepth::default()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_back_off_within_bounds_then_dead_letter_with_the_last_error() {
+    let broker = MemoryBroker::new();
+    put(&broker, "default", [serde_json::json!(null)]).await;
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    let s = starts.clone();
+    let handler = handler_fn(move |job: Job<serde_json::Value>| {
+        s.lock()
+            .unwrap()
+            .push((job.ctx.attempt(), tokio::time::Instant::now()));
+        let attempt = job.ctx.attempt();
+        async move { Err::<(), _>(JobError::retry(format!("failure {attempt}"))) }
+    });
+    let backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(250));
+    let cfg = config().max_attempts(4).backoff(backoff).build().unwrap();
+    let w = Worker::new(broker.clone(), cfg, handler)
+        .spawn()
+        .await
+        .unwrap();
+    settled(&broker, &["default"]).await;
+    let starts = starts.lock().unwrap().clone();
+    assert_eq!(
+        starts.iter().map(|s| s.0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    for pair in starts.windows(2) {
+        let gap = pair[1].1 - pair[0].1;
+        // Full jitter: anywhere in [0, ceiling]; a few ms of scheduling slack.
+        assert!(
+            gap <= backoff.ceiling(pair[0].0) + Duration::from_millis(5),
+            "{gap:?}"
+        );
+    }
+    let dead = broker.dead_letters("default", 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].reason,
+        "failed 4 of 4 attempts; last error: failure 4"
+    );
+    assert_eq!(dead[0].envelope.history.len(), 4);
+    let r = stop(w).await;
+    assert_eq!((r.retried, r.dead), (3, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_uses_the_exact_delay() {
+    let broker = MemoryBroker::new();
+    put(&broker, "default", [serde_json::json!(null)]).await;
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    let s = starts.clone();
+    let handler = handler_fn(move |job: Job<serde_json::Value>| {
+        s.lock().unwrap().push(tokio::time::Instant::now());
+        let first = job.ctx.attempt() == 1;
+        async move {
+            if first {
+                Err(JobError::retry_after(
+                    "rate limited",
+                    Duration::from_secs(7),
+                ))
+            } else {
+                Ok(())
+            }
+        }
+    });
+    let w = Worker::new(broker.clone(), config().build().unwrap(), handler)
+        .spawn()
+        .await
+        .unwrap();
+    settled(&broker, &["default"]).await;
+    let s = starts.lock().unwrap().clone();
+    let gap = s[1] - s[0];
+    assert!(
+        gap >= Duration::from_secs(7) && gap < Duration::from_millis(7100),
+        "{gap:?}"
+    );
+    stop(w).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn fatal_panic_undecodable_and_timeout_are_dead_lettered_and_the_worker_carries_on() {
+    let broker = MemoryBroker::new();
+    broker
+        .enqueue(vec![
+            NewJob::json("default", &"fatal").unwrap().id("fatal"),
+            NewJob::json("default", &"panic").unwrap().id("panic"),
+            NewJob::new("default", "{not json").id("garbage"),
+            NewJob::json("default", &"slow").unwrap().id("slow"),
+            NewJob::json("default", &"fine").unwrap().id("fine"),
+        ])
+        .await
+        .unwrap();
+    let handler = handler_fn(|job: Job<String>| async move {
+        match job.payload.as_str() {
+            "fatal" => Err(JobError::fatal("bad input")),
+            "panic" => panic!("boom"),
+            "slow" => {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    });
+    let cfg = config()
+        .max_attempts(1)
+        .job_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let w = Worker::new(broker.clone(), cfg, handler)
+        .spawn()
+        .await
+        .unwrap();
+    settled(&broker, &["default"]).await;
+    let dead: HashMap<String, String> = broker
+        .dead_letters("default", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.envelope.id.to_string(), d.reason))
+        .collect();
+    assert_eq!(dead["fatal"], "bad input");
+    assert_eq!(
+        dead["panic"],
+        "failed 1 of 1 attempts; last error: handler panicked: boom"
+    );
+    assert!(
+        dead["garbage"].starts_with("undecodable payload: "),
+        "{}",
+        dead["garbage"]
+    );
+    assert_eq!(
+        dead["slow"],
+        "failed 1 of 1 attempts; last error: timed out after 100ms"
+    );
+    assert!(!dead.contains_key("fine"));
+    let r = stop(w).await;
+    assert_eq!((r.ok, r.dead), (1, 4));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_is_a_retryable_failure() {
+    let broker = MemoryBroker::new();
+    put(&broker, "default", [serde_json::json!(null)]).await;
+    let handler = handler_fn(|job: Job<serde_json::Value>| async move {
+        assert!(job.ctx.attempt() > 1, "first attempt panics");
+        Ok::<_, JobError>(())
+    });
+    let cfg = config().backoff(Backoff::new(
+        Duration::from_millis(10),
+        Duration::from_millis(10),
+    ));
+    let w = Worker::new(broker.clone(), cfg.build().unwrap(), handler)
+        .spawn()
+        .await
+        .unwrap();
+    settled(&broker, &["default"]).await;
+    let r = stop(w).await;
+    assert_eq!((r.retried, r.ok), (1, 1));
+}
+
+/// Long jobs that finish when told to.
+fn gated(
+    started: Arc<AtomicU32>,
+    gate: Arc<tokio::sync::Semaphore>,
+) -> impl worker_core::Handler<Payload = serde_json::Value> {
+    handler_fn(move |_job: Job<serde_json::Value>| {
+        let (started, gate) = (started.clone(), gate.clone());
+        async move {
+            started.fetch_add(1, Ordering::SeqCst);
+            let _ = gate.acquire().await.map(|p| p.forget());
+            Ok::<_, JobError>(())
+        }
+    })
+}
+
+/// A worker running `jobs` long jobs that finish only when `Gated::gate` gets permits;
+/// returns once `running` of them have started.
+struct Gated {
+    broker: MemoryBroker,
+    started: Arc<AtomicU32>,
+    gate: Arc<tokio::sync::Semaphore>,
+    worker: RunningWorker,
+}
+
+async fn start_gated(jobs: usize, running: u32, cfg: worker_core::WorkerConfigBuilder) -> Gated {
+    let broker = MemoryBroker::new();
+    put(
+        &broker,
+        "default",
+        std::iter::repeat_n(serde_json::json!(null), jobs),
+    )
+    .await;
+    let (started, gate) = (
+        Arc::new(AtomicU32::new(0)),
+        Arc::new(tokio::sync::Semaphore::new(0)),
+    );
+    let handler = gated(started.clone(), gate.clone());
+    let worker = Worker::new(broker.clone(), cfg.build().unwrap(), handler)
+        .spawn()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "jobs started", || async {
+        started.load(Ordering::SeqCst) == running
+    })
+    .await;
+    Gated {
+        broker,
+        started,
+        gate,
+        worker,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_stops_fetching_and_lets_running_jobs_finish() {
+    let g = start_gated(5, 2, config().concurrency(2)).await;
+    g.worker.shutdown_handle().drain();
+    eventually(Duration::from_secs(5), "draining", || async {
+        g.worker.state() == State::Draining
+    })
+    .await;
+    g.gate.add_permits(10);
+    let r = g.worker.join().await.unwrap();
+    let started = g.started.load(Ordering::SeqCst);
+    assert_eq!(started, 2, "no job may start after the drain began");
+    assert_eq!((r.ok, r.released, r.clean_drain), (2, 0, true));
+    let d = g.broker.depth("default").await.unwrap();
+    assert_eq!((d.pending, d.in_flight), (3, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn jobs_outlasting_the_drain_timeout_are_released_with_their_attempt() {
+    let cfg = config()
+        .concurrency(2)
+        .drain_timeout(Duration::from_secs(2));
+    let g = start_gated(3, 2, cfg).await;
+    let began = tokio::time::Instant::now();
+    g.worker.shutdown_handle().drain();
+    let r = g.worker.join().await.unwrap();
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!((r.ok, r.released, r.clean_drain), (0, 2, false));
+    let left = g
+        .broker
+        .fetch(&FetchPlan::single("default", 10, Duration::from_secs(9)))
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 3);
+    assert!(left.iter().all(|d| d.envelope.attempt == 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn force_releases_at_once() {
+    let cfg = config()
+        .concurrency(2)
+        .drain_timeout(Duration::from_secs(3600));
+    let g = start_gated(2, 2, cfg).await;
+    let began = tokio::time::Instant::now();
+    g.worker.shutdown_handle().drain();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    g.worker.shutdown_handle().force();
+    let r = g.worker.join().await.unwrap();
+    assert!(began.elapsed() < Duration::from_secs(2));
+    assert_eq!(r.released, 2);
+    assert_eq!(g.broker.depth("default").await.unwrap().pending, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn prefetched_jobs_are_released_as_soon_as_the_drain_begins() {
+    let broker = MemoryBroker::new();
+    put(
+        &broker,
+        "default",
+        std::iter::repeat_n(serde_json::json!(null), 3),
+    )
+    .await;
+    let (started, gate) = (
+        Arc::new(AtomicU32::new(0)),
+        Arc::new(tokio::sync::Semaphore::new(0)),
+    );
+    let cfg = config().concurrency(1).prefetch(2).build().unwrap();
+    let w = Worker::new(broker.clone(), cfg, gated(started.clone(), gate.clone()))
+        .spawn()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "held three", || async {
+        broker.depth("default").await.unwrap().in_flight == 3
+    })
+    .await;
+    assert_eq!(started.load(Ordering::SeqCst), 1);
+    w.shutdown_handle().drain();
+    eventually(
+        Duration::from_secs(5),
+        "two released while one runs",
+        || async {
+            let d = broker.depth("default").await.unwrap();
+            d.pending == 2 && d.in_flight == 1
+        },
+    )
+    .await;
+    gate.add_permits(1);
+    let r = w.join().await.unwrap();
+    assert_eq!((r.ok, r.released), (1, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_and_metrics_equal_the_true_state_while_jobs_run() {
+    let broker = MemoryBroker::new();
+    let pool = worker_core::testing::unique("pool");
+    put(
+        &broker,
+        "work",
+        std::iter::repeat_n(serde_json::json!(null), 10),
+    )
+    .await;
+    broker
+        .enqueue(vec![
+            NewJob::new("work", "null").delay(Duration::from_secs(3600)),
+            NewJob::new("work", "null").delay(Duration::from_secs(3600)),
+        ])
+        .await
+        .unwrap();
+    put(&broker, "other", [serde_json::json!(null)]).await;
+    let ghost = broker
+        .fetch(&FetchPlan::single("other", 1, Duration::from_secs(60)))
+        .await
+        .unwrap();
+    broker.dead_letter(&ghost[0].lease, "poison").await.unwrap();
+    let (started, gate) = (
+        Arc::new(AtomicU32::new(0)),
+        Arc::new(tokio::sync::Semaphore::new(0)),
+    );
+    let cfg = WorkerConfig::builder()
+        .pool(&pool)
+        .queue("work")
+        .queue("other")
+        .concurrency(3)
+        .http_addr(Some("127.0.0.1:0".parse().unwrap()))
+        .build()
+        .unwrap();
+    let w = Worker::new(broker.clone(), cfg, gated(started.clone(), gate.clone()))
+        .spawn()
+        .await
+        .unwrap();
+    let addr = w.http_addr().unwrap();
+    eventually(Duration::from_secs(5), "three running", || async {
+        started.load(Ordering::SeqCst) == 3
+    })
+    .await;
+
+    let (status, body) = http_get(addr, "/scaling").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["pool"], pool.as_str());
+    assert_eq!(doc["backlog"], 10);
+    assert_eq!(doc["capacity_per_replica"], 3);
+    assert_eq!(doc["desired_replicas"], 4);
+    let work = &doc["queues"]["work"];
+    assert_eq!(
+        (work["pending"].as_u64(), work["in_flight"].as_u64()),
+        (Some(7), Some(3))
+    );
+    assert_eq!(
+        (work["delayed"].as_u64(), work["delayed_due"].as_u64()),
+        (Some(2), Some(0))
+    );
+    assert_eq!(doc["queues"]["other"]["dead"], 1);
+    let truth = broker.depth("work").await.unwrap();
+    assert_eq!((truth.pending, truth.in_flight), (7, 3));
+
+    let (status, metrics) = http_get(addr, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    let line = |name: &str, labels: &str| {
+        let prefix = format!("{name}{{{labels}}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+    };
+    let q = format!("pool=\"{pool}\",queue=\"work\"");
+    assert_eq!(
+        line("worker_queue_depth", &format!("{q},state=\"pending\"")).as_deref(),
+        Some("7"),
+        "{metrics}"
+    );
+    assert_eq!(
+        line("worker_queue_depth", &format!("{q},state=\"in_flight\"")).as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        line("worker_queue_depth", &format!("{q},state=\"delayed\"")).as_deref(),
+        Some("2")
+    );
+    assert_eq!(line("worker_queue_backlog", &q).as_deref(), Some("10"));
+    assert_eq!(
+        line("worker_in_flight", &format!("pool=\"{pool}\"")).as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        (
+            http_get(addr, "/readyz").await.unwrap().0,
+            http_get(addr, "/livez").await.unwrap().0
+        ),
+        (200, 200)
+    );
+
+    gate.add_permits(100);
+    eventually(Duration::from_secs(10), "work done", || async {
+        broker.depth("work").await.unwrap().backlog() == 0
+    })
+    .await;
+    let doc: serde_json::Value =
+        serde_json::from_str(&http_get(addr, "/scaling").await.unwrap().1).unwrap();
+    assert_eq!(
+        (doc["backlog"].as_u64(), doc["desired_replicas"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let r = stop(w).await;
+    assert_eq!(r.ok, 10);
+}
