@@ -70,8 +70,12 @@ impl Lifecycle {
         self.connected.store(ok, Ordering::Relaxed);
     }
 
+    /// Ready only while running, connected, and not asked to drain (the token is
+    /// checked directly so `/readyz` fails the moment a signal arrives).
     pub(crate) fn is_ready(&self) -> bool {
-        self.state() == State::Running && self.connected.load(Ordering::Relaxed)
+        self.state() == State::Running
+            && !self.drain.is_cancelled()
+            && self.connected.load(Ordering::Relaxed)
     }
 }
 

@@ -750,10 +750,15 @@ async fn start_gated(jobs: usize, running: u32, cfg: worker_core::WorkerConfigBu
 async fn drain_stops_fetching_and_lets_running_jobs_finish() {
     let g = start_gated(5, 2, config().concurrency(2)).await;
     g.worker.shutdown_handle().drain();
-    eventually(Duration::from_secs(5), "draining", || async {
-        g.worker.state() == State::Draining
-    })
-    .await;
+    // Fetching stops within 100 ms of the request (on tokio's clock, so load cannot skew it).
+    let draining = async {
+        while g.worker.state() != State::Draining {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_millis(100), draining)
+        .await
+        .expect("the fetch loop must stop within 100 ms of the drain");
     g.gate.add_permits(10);
     let r = g.worker.join().await.unwrap();
     let started = g.started.load(Ordering::SeqCst);

@@ -61,9 +61,9 @@ async fn readyz(AxumState(s): AxumState<HttpState>) -> Response {
     }
     let why = match s.life.state() {
         State::Starting => "starting",
-        State::Draining => "draining",
+        State::Running if !s.life.drain.is_cancelled() => "broker unreachable",
+        State::Running | State::Draining => "draining",
         State::Stopped => "stopped",
-        State::Running => "broker unreachable",
     };
     (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
 }
