@@ -4,15 +4,17 @@
 //! `{"sleep_ms": u64, "outcome": "ok"|"retry"|"fatal"|"panic", "cost": u32, "queue": "name"}`
 //! (every field optional). Configured entirely from the environment (`WORKER_*`).
 //!
-//! With no broker URL set it runs on the embedded in-memory broker, seeded from
-//! `DEMO_JOBS` (a JSON array of such payloads; `queue` picks the queue, default the
-//! first of `WORKER_QUEUES`, and `cost` is the job's budget cost).
+//! With `REDIS_URL` set it consumes the Redis queues (key prefix `REDIS_PREFIX`,
+//! default `wp`); otherwise it runs on the embedded in-memory broker. Either way it
+//! first enqueues `DEMO_JOBS` if given (a JSON array of such payloads; `queue` picks
+//! the queue, default the first of `WORKER_QUEUES`, and `cost` is the job's budget cost).
 //!
 //! It prints one JSON line per event on stdout — `start` and `end` per job, and
 //! `stopped` with the run report and the jobs left in the broker — so system tests
 //! can follow it; logs go to stderr.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -152,13 +154,29 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    for var in ["REDIS_URL", "AMQP_URL"] {
-        if std::env::var_os(var).is_some() {
-            tracing::error!("{var} is set, but this build has no backend for it; unset it to use the in-memory broker");
-            return ExitCode::from(2);
-        }
+    if std::env::var_os("AMQP_URL").is_some() {
+        tracing::error!("AMQP_URL is set, but this build has no AMQP backend; unset it");
+        return ExitCode::from(2);
     }
-    let broker = MemoryBroker::new();
+    let memory = MemoryBroker::new();
+    let broker: Arc<dyn Broker> = match std::env::var("REDIS_URL") {
+        Ok(url) => {
+            let prefix = std::env::var("REDIS_PREFIX").unwrap_or_else(|_| "wp".into());
+            match worker_redis::RedisConfig::new(url)
+                .prefix(prefix)
+                .connect()
+                .await
+            {
+                Ok(redis) => Arc::new(redis),
+                Err(e) => {
+                    tracing::error!("REDIS_URL: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Err(_) => Arc::new(memory.clone()),
+    };
+    let in_memory = std::env::var_os("REDIS_URL").is_none();
     let jobs = match seed_jobs(&config) {
         Ok(jobs) => jobs,
         Err(e) => {
@@ -174,11 +192,16 @@ async fn main() -> ExitCode {
         }
         tracing::info!(jobs = n, "seeded the in-memory broker from DEMO_JOBS");
     }
-    let worker = Worker::new(broker.clone(), config.clone(), Demo);
+    let worker = Worker::with_shared_broker(broker, config.clone(), Demo);
     match worker.run_until_signal().await {
         Ok(report) => {
-            event(json!({"event": "stopped", "report": report_json(&report),
-                         "queues": leftovers(&broker, &config).await}));
+            // The in-memory broker dies with the process: report what it still held.
+            let queues = if in_memory {
+                leftovers(&memory, &config).await
+            } else {
+                serde_json::Value::Null
+            };
+            event(json!({"event": "stopped", "report": report_json(&report), "queues": queues}));
             ExitCode::SUCCESS
         }
         Err(e) => {

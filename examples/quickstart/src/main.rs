@@ -1,8 +1,10 @@
 //! Run with: `cargo run -p quickstart`
 //!
-//! Enqueues a few jobs into the embedded in-memory broker, runs a worker on them,
-//! prints each outcome, and exits 0 once every job is settled.
+//! Enqueues a few jobs, runs a worker on them, prints each outcome, and exits 0 once
+//! every job is settled. Uses Redis when `REDIS_URL` is set, else the embedded
+//! in-memory broker.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use worker_core::{handler_fn, Broker, Job, JobError, MemoryBroker, NewJob, Worker, WorkerConfig};
@@ -23,7 +25,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    let broker = MemoryBroker::new();
+    let broker: Arc<dyn Broker> = match std::env::var("REDIS_URL") {
+        Ok(url) => Arc::new(worker_redis::RedisBroker::connect(&url).await?),
+        Err(_) => Arc::new(MemoryBroker::new()),
+    };
     let mut jobs = Vec::new();
     for (name, flaky) in [("Ada", 0), ("Grace", 1), ("Linus", 0), ("Barbara", 2)] {
         jobs.push(NewJob::json(
@@ -55,7 +60,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(name = %job.payload.name, attempt = job.ctx.attempt(), "hello");
         Ok(())
     });
-    let worker = Worker::new(broker.clone(), config, handler).spawn().await?;
+    let worker = Worker::with_shared_broker(broker.clone(), config, handler)
+        .spawn()
+        .await?;
 
     while broker.depth("greetings").await?.backlog() + broker.depth("greetings").await?.delayed > 0
     {

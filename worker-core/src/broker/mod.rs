@@ -195,6 +195,17 @@ pub struct DeadLetter {
     pub died_at_ms: u64,
 }
 
+impl DeadLetter {
+    /// A dead letter of `envelope`, dead for `reason` at `died_at_ms`.
+    pub fn new(envelope: Envelope, reason: impl Into<String>, died_at_ms: u64) -> Self {
+        Self {
+            envelope,
+            reason: reason.into(),
+            died_at_ms,
+        }
+    }
+}
+
 /// A live worker as the registry knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

@@ -1,0 +1,527 @@
+//! [`RedisBroker`]: the `Broker` contract on Redis.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use redis::{FromRedisValue, Script, ScriptInvocation};
+use worker_core::broker::validate_queue_name;
+use worker_core::job::{AttemptRecord, MAX_HISTORY};
+use worker_core::{
+    Broker, BrokerError, DeadLetter, Delivery, Envelope, FetchPlan, JobId, Lease, LeaseToken,
+    NewJob, QueueDepth, WorkerInfo,
+};
+
+use crate::error::{from_pool, from_redis, redact};
+use crate::scripts;
+use crate::wait::Waiter;
+
+/// Most expired leases one reap call reclaims per queue (the next call takes the rest).
+const REAP_BATCH: u32 = 1000;
+
+/// How to reach Redis and lay out keys.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
+    pub url: String,
+    /// Key prefix, so several deployments can share one Redis.
+    pub prefix: String,
+    /// Largest payload accepted by `enqueue`, in bytes.
+    pub max_payload: usize,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// How long to wait for a connection before the call fails as transient.
+    pub connect_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults for `url`: prefix `wp`, 16 MiB payloads, 16 connections, 5 s timeouts.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "wp".into(),
+            max_payload: 16 << 20,
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Use this key prefix.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Refuse payloads over `bytes`.
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// Pool size.
+    pub fn pool_size(mut self, n: usize) -> Self {
+        self.pool_size = n.max(1);
+        self
+    }
+
+    /// Build the broker. Connections are made on first use, so a Redis that is down at
+    /// start is retried by the worker with backoff; only a malformed URL fails here.
+    pub async fn connect(self) -> Result<RedisBroker, BrokerError> {
+        validate_queue_name(&self.prefix).map_err(|e| {
+            BrokerError::Protocol(format!("invalid key prefix {:?}: {e}", self.prefix))
+        })?;
+        let bad_url = |e: &dyn std::fmt::Display| {
+            BrokerError::Protocol(format!("invalid Redis URL {}: {e}", redact(&self.url)))
+        };
+        let mut cfg = deadpool_redis::Config::from_url(self.url.clone());
+        let mut pool = PoolConfig::new(self.pool_size);
+        pool.timeouts = Timeouts {
+            wait: Some(self.connect_timeout),
+            create: Some(self.connect_timeout),
+            recycle: Some(self.connect_timeout),
+        };
+        cfg.pool = Some(pool);
+        let pool = cfg
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| bad_url(&e))?;
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| bad_url(&e))?;
+        tracing::debug!(url = %redact(&self.url), prefix = %self.prefix, "redis broker configured");
+        Ok(RedisBroker {
+            pool,
+            prefix: self.prefix,
+            max_payload: self.max_payload,
+            waiter: Waiter::new(client),
+        })
+    }
+}
+
+/// The Redis backend. Cheap to share behind an `Arc`; all calls go through a pool.
+pub struct RedisBroker {
+    pool: Pool,
+    prefix: String,
+    max_payload: usize,
+    waiter: Waiter,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+const QUEUE_KEYS: [&str; 11] = [
+    "pending",
+    "inflight",
+    "tokens",
+    "jobs",
+    "delayed",
+    "attempts",
+    "history",
+    "due",
+    "dead",
+    "dead_env",
+    "dead_reason",
+];
+
+impl RedisBroker {
+    /// Connect with the defaults of [`RedisConfig::new`].
+    pub async fn connect(url: &str) -> Result<Self, BrokerError> {
+        RedisConfig::new(url).connect().await
+    }
+
+    /// The key prefix in use.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn tag(&self, queue: &str) -> String {
+        format!("{{{}:{queue}}}", self.prefix)
+    }
+
+    pub(crate) fn channel(&self, queue: &str) -> String {
+        format!("{}:notify", self.tag(queue))
+    }
+
+    async fn call<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        script: &Script,
+        keys: &[String],
+        args: impl FnOnce(&mut ScriptInvocation<'_>),
+    ) -> Result<T, BrokerError> {
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(k);
+        }
+        args(&mut inv);
+        let mut conn = self.pool.get().await.map_err(from_pool)?;
+        inv.invoke_async(&mut conn)
+            .await
+            .map_err(|e| from_redis(op, e))
+    }
+
+    async fn queue_call<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        script: &Script,
+        queue: &str,
+        args: impl FnOnce(&mut ScriptInvocation<'_>),
+    ) -> Result<T, BrokerError> {
+        let tag = self.tag(queue);
+        let keys: Vec<String> = QUEUE_KEYS.iter().map(|k| format!("{tag}:{k}")).collect();
+        self.call(op, script, &keys, args).await
+    }
+
+    /// A settling call: `1` means done, `0` means the token no longer owns the job.
+    async fn fenced(
+        &self,
+        op: &'static str,
+        script: &Script,
+        lease: &Lease,
+        extra: impl FnOnce(&mut ScriptInvocation<'_>),
+    ) -> Result<(), BrokerError> {
+        let done: i64 = self
+            .queue_call(op, script, &lease.queue, |inv| {
+                inv.arg(lease.job_id.as_str())
+                    .arg(lease.token.0.to_string());
+                extra(inv);
+            })
+            .await?;
+        if done == 1 {
+            Ok(())
+        } else {
+            Err(BrokerError::LeaseLost {
+                job_id: lease.job_id.clone(),
+            })
+        }
+    }
+
+    async fn fetch_queue(
+        &self,
+        queue: &str,
+        n: u32,
+        lease: Duration,
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let tokens: Vec<String> = (0..n).map(|_| LeaseToken::random().0.to_string()).collect();
+        let rows: Vec<Vec<u8>> = self
+            .queue_call("fetch", &scripts::FETCH, queue, |inv| {
+                inv.arg(n).arg(lease.as_millis() as u64);
+                for t in &tokens {
+                    inv.arg(t);
+                }
+            })
+            .await?;
+        rows.chunks_exact(6)
+            .map(|r| {
+                let mut env = decode_envelope(&r[1])?;
+                env.attempt = parse_num(&r[2])? as u32;
+                env.history = decode_history(&r[3])?;
+                env.due_at_ms = parse_num(&r[4])?;
+                let token = LeaseToken(parse_num(&r[5])?);
+                Ok(Delivery::new(env, token))
+            })
+            .collect()
+    }
+}
+
+fn text(raw: &[u8]) -> Result<&str, BrokerError> {
+    std::str::from_utf8(raw).map_err(|_| BrokerError::Protocol("non-UTF-8 field from redis".into()))
+}
+
+fn parse_num(raw: &[u8]) -> Result<u64, BrokerError> {
+    let t = text(raw)?;
+    // Lua may hand back integral floats such as "3.0" or "1.7e12"; accept both forms.
+    t.parse::<u64>()
+        .or_else(|_| t.parse::<f64>().map(|f| f as u64))
+        .map_err(|_| BrokerError::Protocol(format!("expected a number from redis, got {t:?}")))
+}
+
+fn decode_envelope(raw: &[u8]) -> Result<Envelope, BrokerError> {
+    Envelope::from_bytes(raw)
+        .map_err(|e| BrokerError::Protocol(format!("stored envelope is corrupt: {e}")))
+}
+
+fn decode_history(raw: &[u8]) -> Result<Vec<AttemptRecord>, BrokerError> {
+    if raw.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut h: Vec<AttemptRecord> = serde_json::from_slice(raw)
+        .map_err(|e| BrokerError::Protocol(format!("stored history is corrupt: {e}")))?;
+    if h.len() > MAX_HISTORY {
+        h.drain(..h.len() - MAX_HISTORY);
+    }
+    Ok(h)
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, BrokerError> {
+        for job in &jobs {
+            validate_queue_name(&job.queue)?;
+            if job.payload.len() > self.max_payload {
+                return Err(BrokerError::PayloadTooLarge {
+                    size: job.payload.len(),
+                    limit: self.max_payload,
+                });
+            }
+        }
+        let mut ids = Vec::with_capacity(jobs.len());
+        let mut by_queue: BTreeMap<String, Vec<(JobId, Vec<u8>, u64)>> = BTreeMap::new();
+        for job in jobs {
+            let env = Envelope::from_new(job);
+            let delay = env.due_at_ms.saturating_sub(env.enqueued_at_ms);
+            ids.push(env.id.clone());
+            by_queue.entry(env.queue.clone()).or_default().push((
+                env.id.clone(),
+                env.to_bytes(),
+                delay,
+            ));
+        }
+        for (queue, batch) in by_queue {
+            let channel = self.channel(&queue);
+            let reply: Vec<Vec<u8>> = self
+                .queue_call("enqueue", &scripts::ENQUEUE, &queue, |inv| {
+                    inv.arg(&channel);
+                    for (id, env, delay) in &batch {
+                        inv.arg(id.as_str()).arg(env.as_slice()).arg(*delay);
+                    }
+                })
+                .await?;
+            if reply.first().map(Vec::as_slice) == Some(b"1") {
+                let id = reply
+                    .get(1)
+                    .map(|r| String::from_utf8_lossy(r).into_owned())
+                    .unwrap_or_default();
+                return Err(BrokerError::DuplicateJob { job_id: id.into() });
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn fetch(&self, plan: &FetchPlan) -> Result<Vec<Delivery>, BrokerError> {
+        // One script per queue keeps every call on one cluster slot. The first pass
+        // takes each share; the second tops up from queues that had more.
+        let mut out = Vec::new();
+        let mut taken = vec![0u32; plan.shares.len()];
+        let mut short = false;
+        for (i, share) in plan.shares.iter().enumerate() {
+            let got = self
+                .fetch_queue(&share.queue, share.share, plan.lease)
+                .await?;
+            taken[i] = got.len() as u32;
+            short |= taken[i] < share.share;
+            out.extend(got);
+        }
+        for (i, share) in plan.shares.iter().enumerate() {
+            let left = plan.total.saturating_sub(out.len() as u32);
+            if left == 0 || !short {
+                break;
+            }
+            let room = share.max.saturating_sub(taken[i]).min(left);
+            // A queue that could not fill its own share has nothing more to give.
+            if room == 0 || taken[i] < share.share {
+                continue;
+            }
+            out.extend(self.fetch_queue(&share.queue, room, plan.lease).await?);
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, lease: &Lease) -> Result<(), BrokerError> {
+        self.fenced("ack", &scripts::ACK, lease, |_| {}).await
+    }
+
+    async fn retry_after(
+        &self,
+        lease: &Lease,
+        delay: Duration,
+        error: &str,
+    ) -> Result<(), BrokerError> {
+        let channel = self.channel(&lease.queue);
+        self.fenced("retry", &scripts::RETRY, lease, |inv| {
+            inv.arg(delay.as_millis() as u64).arg(error).arg(&channel);
+        })
+        .await
+    }
+
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), BrokerError> {
+        self.fenced("dead_letter", &scripts::DEAD, lease, |inv| {
+            inv.arg(reason);
+        })
+        .await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
+        let channel = self.channel(&lease.queue);
+        self.fenced("release", &scripts::RELEASE, lease, |inv| {
+            inv.arg(&channel);
+        })
+        .await
+    }
+
+    async fn extend_lease(&self, lease: &Lease, lease_for: Duration) -> Result<(), BrokerError> {
+        self.fenced("extend_lease", &scripts::EXTEND, lease, |inv| {
+            inv.arg(lease_for.as_millis() as u64);
+        })
+        .await
+    }
+
+    async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError> {
+        let mut total = 0;
+        for q in queues {
+            let channel = self.channel(q);
+            let n: u64 = self
+                .queue_call("reap", &scripts::REAP, q, |inv| {
+                    inv.arg(REAP_BATCH).arg(&channel);
+                })
+                .await?;
+            total += n;
+        }
+        Ok(total)
+    }
+
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        let v: Vec<i64> = self
+            .queue_call("depth", &scripts::DEPTH, queue, |_| {})
+            .await?;
+        let [pending, in_flight, delayed, delayed_due, dead, age, ..] = v[..] else {
+            return Err(BrokerError::Protocol(format!(
+                "depth script returned {v:?}"
+            )));
+        };
+        let mut d = QueueDepth::default();
+        d.pending = pending as u64;
+        d.in_flight = in_flight as u64;
+        d.delayed = delayed as u64;
+        d.delayed_due = delayed_due as u64;
+        d.dead = dead as u64;
+        d.oldest_pending_age = (age >= 0).then(|| Duration::from_millis(age as u64));
+        Ok(d)
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<Vec<u8>> = self
+            .queue_call("dead_letters", &scripts::DEAD_LIST, queue, |inv| {
+                inv.arg(limit.min(i64::MAX as usize) as u64);
+            })
+            .await?;
+        rows.chunks_exact(6)
+            .map(|r| {
+                let mut env = decode_envelope(&r[1])?;
+                env.attempt = parse_num(&r[3])? as u32;
+                env.history = decode_history(&r[4])?;
+                Ok(DeadLetter::new(env, text(&r[2])?, parse_num(&r[5])?))
+            })
+            .collect()
+    }
+
+    async fn requeue_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError> {
+        let channel = self.channel(queue);
+        self.queue_call("requeue_dead", &scripts::DEAD_REQUEUE, queue, |inv| {
+            inv.arg(&channel);
+            for id in ids {
+                inv.arg(id.as_str());
+            }
+        })
+        .await
+    }
+
+    async fn purge_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError> {
+        self.queue_call("purge_dead", &scripts::DEAD_PURGE, queue, |inv| {
+            for id in ids {
+                inv.arg(id.as_str());
+            }
+        })
+        .await
+    }
+
+    async fn register_worker(&self, info: &WorkerInfo, ttl: Duration) -> Result<(), BrokerError> {
+        let mut info = info.clone();
+        info.last_beat_ms = worker_core::job::now_ms();
+        let json = serde_json::to_string(&info)
+            .map_err(|e| BrokerError::Protocol(format!("cannot encode worker info: {e}")))?;
+        let _: i64 = self
+            .call(
+                "register_worker",
+                &scripts::REGISTRY,
+                &self.registry_keys(),
+                |inv| {
+                    inv.arg("beat")
+                        .arg(&info.id)
+                        .arg(json)
+                        .arg(ttl.as_millis() as u64);
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn list_workers(&self, pool: Option<&str>) -> Result<Vec<WorkerInfo>, BrokerError> {
+        let rows: Vec<Vec<u8>> = self
+            .call(
+                "list_workers",
+                &scripts::REGISTRY,
+                &self.registry_keys(),
+                |inv| {
+                    inv.arg("list");
+                },
+            )
+            .await?;
+        let mut out: Vec<WorkerInfo> = rows
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<WorkerInfo>(r).ok())
+            .filter(|w| pool.is_none_or(|p| w.pool == p))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn deregister_worker(&self, worker_id: &str) -> Result<(), BrokerError> {
+        let _: i64 = self
+            .call(
+                "deregister_worker",
+                &scripts::REGISTRY,
+                &self.registry_keys(),
+                |inv| {
+                    inv.arg("leave").arg(worker_id);
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
+        self.waiter.wait(self, queues, timeout).await;
+    }
+}
+
+impl RedisBroker {
+    fn registry_keys(&self) -> Vec<String> {
+        let tag = format!("{{{}:workers}}", self.prefix);
+        vec![format!("{tag}:index"), format!("{tag}:info")]
+    }
+
+    /// Time until the first delayed job of `queue` is due, if any.
+    pub(crate) async fn next_due(&self, queue: &str) -> Result<Option<Duration>, BrokerError> {
+        let v: Vec<i64> = self
+            .queue_call("depth", &scripts::DEPTH, queue, |_| {})
+            .await?;
+        Ok(v.get(6)
+            .filter(|d| **d >= 0)
+            .map(|d| Duration::from_millis(*d as u64)))
+    }
+}

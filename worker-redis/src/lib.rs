@@ -1,0 +1,36 @@
+//! # worker-redis
+//!
+//! A Redis backend for `worker-core`: [`RedisBroker`] implements the whole `Broker`
+//! contract. Every state change is one atomic Lua script, fenced by the delivery's
+//! lease token and timed by the Redis server's clock. Every key of a queue carries one
+//! hash tag (`{prefix:queue}`), so a queue lives on one Redis Cluster slot. Idle
+//! workers wait on pub/sub notifications rather than polling.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use worker_core::{Broker, NewJob};
+//! use worker_redis::RedisBroker;
+//!
+//! let broker = RedisBroker::connect("redis://127.0.0.1:6379").await?;
+//! broker.enqueue(vec![NewJob::json("emails", &"hello")?]).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Data model
+//!
+//! For queue `q` under prefix `p` (all keys tagged `{p:q}`): `pending` LIST of ids,
+//! `inflight` ZSET id → lease deadline, `tokens` HASH id → lease token, `jobs` HASH
+//! id → envelope, `delayed` ZSET id → due time, `attempts`, `history` and `due` HASHes,
+//! `dead` ZSET id → time of death with `dead_env` and `dead_reason` HASHes. Wake-ups
+//! go to the pub/sub channel `{p:q}:notify`. The worker registry lives under `{p:workers}`.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod broker;
+mod error;
+mod scripts;
+mod wait;
+
+pub use broker::{RedisBroker, RedisConfig};
+pub use error::redact;
