@@ -1,11 +1,14 @@
 //! [`RedisBroker`]: the `Broker` contract on Redis.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::{Pool, PoolConfig, Runtime, Timeouts};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, Script, ScriptInvocation};
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
 use worker_core::broker::validate_queue_name;
 use worker_core::job::{AttemptRecord, MAX_HISTORY};
 use worker_core::{
@@ -13,7 +16,7 @@ use worker_core::{
     NewJob, QueueDepth, WorkerInfo,
 };
 
-use crate::error::{from_pool, from_redis, redact};
+use crate::error::{from_redis, redact};
 use crate::scripts;
 use crate::wait::Waiter;
 
@@ -30,21 +33,21 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Largest payload accepted by `enqueue`, in bytes.
     pub max_payload: usize,
-    /// Connections in the pool.
-    pub pool_size: usize,
-    /// How long to wait for a connection before the call fails as transient.
+    /// How long connecting may take before the call fails as transient.
     pub connect_timeout: Duration,
+    /// How long a reply may take before the call fails as transient.
+    pub response_timeout: Duration,
 }
 
 impl RedisConfig {
-    /// Defaults for `url`: prefix `wp`, 16 MiB payloads, 16 connections, 5 s timeouts.
+    /// Defaults for `url`: prefix `wp`, 16 MiB payloads, 5 s to connect, 10 s to reply.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             prefix: "wp".into(),
             max_payload: 16 << 20,
-            pool_size: 16,
             connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(10),
         }
     }
 
@@ -60,48 +63,47 @@ impl RedisConfig {
         self
     }
 
-    /// Pool size.
-    pub fn pool_size(mut self, n: usize) -> Self {
-        self.pool_size = n.max(1);
-        self
-    }
-
     /// Build the broker. Connections are made on first use, so a Redis that is down at
     /// start is retried by the worker with backoff; only a malformed URL fails here.
     pub async fn connect(self) -> Result<RedisBroker, BrokerError> {
         validate_queue_name(&self.prefix).map_err(|e| {
             BrokerError::Protocol(format!("invalid key prefix {:?}: {e}", self.prefix))
         })?;
-        let bad_url = |e: &dyn std::fmt::Display| {
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| {
             BrokerError::Protocol(format!("invalid Redis URL {}: {e}", redact(&self.url)))
-        };
-        let mut cfg = deadpool_redis::Config::from_url(self.url.clone());
-        let mut pool = PoolConfig::new(self.pool_size);
-        pool.timeouts = Timeouts {
-            wait: Some(self.connect_timeout),
-            create: Some(self.connect_timeout),
-            recycle: Some(self.connect_timeout),
-        };
-        cfg.pool = Some(pool);
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| bad_url(&e))?;
-        let client = redis::Client::open(self.url.as_str()).map_err(|e| bad_url(&e))?;
+        })?;
         tracing::debug!(url = %redact(&self.url), prefix = %self.prefix, "redis broker configured");
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout))
+            // Fail a call fast while the server is down; the runtime backs off itself.
+            .set_number_of_retries(1);
         Ok(RedisBroker {
-            pool,
+            client: client.clone(),
+            manager_config,
+            conn: OnceCell::new(),
             prefix: self.prefix,
             max_payload: self.max_payload,
+            next_due: Mutex::new(HashMap::new()),
             waiter: Waiter::new(client),
         })
     }
 }
 
-/// The Redis backend. Cheap to share behind an `Arc`; all calls go through a pool.
+/// The Redis backend. Cheap to share behind an `Arc`.
+///
+/// All calls share one multiplexed connection that reconnects by itself: concurrent
+/// calls from many tasks are pipelined on one socket, and no call pays a health-check
+/// round trip (as a pool's check-out does). It is opened on first use, so a server
+/// that is down when the worker starts is a transient error the runtime backs off on.
 pub struct RedisBroker {
-    pool: Pool,
+    client: redis::Client,
+    manager_config: ConnectionManagerConfig,
+    conn: OnceCell<ConnectionManager>,
     prefix: String,
     max_payload: usize,
+    /// When each queue's first delayed job falls due, as the last empty fetch saw it.
+    next_due: Mutex<HashMap<String, Instant>>,
     waiter: Waiter,
 }
 
@@ -138,6 +140,16 @@ impl RedisBroker {
         &self.prefix
     }
 
+    async fn connection(&self) -> Result<ConnectionManager, BrokerError> {
+        self.conn
+            .get_or_try_init(|| {
+                ConnectionManager::new_with_config(self.client.clone(), self.manager_config.clone())
+            })
+            .await
+            .cloned()
+            .map_err(|e| from_redis("connect", e))
+    }
+
     fn tag(&self, queue: &str) -> String {
         format!("{{{}:{queue}}}", self.prefix)
     }
@@ -158,7 +170,7 @@ impl RedisBroker {
             inv.key(k);
         }
         args(&mut inv);
-        let mut conn = self.pool.get().await.map_err(from_pool)?;
+        let mut conn = self.connection().await?;
         inv.invoke_async(&mut conn)
             .await
             .map_err(|e| from_redis(op, e))
@@ -218,6 +230,22 @@ impl RedisBroker {
                 }
             })
             .await?;
+        // The reply ends with the time until the first delayed job is due (-1: none).
+        let Some((due, rows)) = rows.split_last() else {
+            return Err(BrokerError::Protocol("empty fetch reply".into()));
+        };
+        let due = text(due)?.parse::<i64>().unwrap_or(-1);
+        {
+            let mut next = self.next_due.lock().unwrap_or_else(|p| p.into_inner());
+            if due >= 0 {
+                next.insert(
+                    queue.to_owned(),
+                    Instant::now() + Duration::from_millis(due as u64),
+                );
+            } else {
+                next.remove(queue);
+            }
+        }
         rows.chunks_exact(6)
             .map(|r| {
                 let mut env = decode_envelope(&r[1])?;
@@ -515,13 +543,12 @@ impl RedisBroker {
         vec![format!("{tag}:index"), format!("{tag}:info")]
     }
 
-    /// Time until the first delayed job of `queue` is due, if any.
-    pub(crate) async fn next_due(&self, queue: &str) -> Result<Option<Duration>, BrokerError> {
-        let v: Vec<i64> = self
-            .queue_call("depth", &scripts::DEPTH, queue, |_| {})
-            .await?;
-        Ok(v.get(6)
-            .filter(|d| **d >= 0)
-            .map(|d| Duration::from_millis(*d as u64)))
+    /// Time until the first delayed job of `queue` is due, as the last fetch saw it.
+    /// A retry scheduled since then by another worker is not seen here; the idle
+    /// wait's own timeout bounds how late it starts.
+    pub(crate) fn next_due(&self, queue: &str) -> Option<Duration> {
+        let next = self.next_due.lock().unwrap_or_else(|p| p.into_inner());
+        next.get(queue)
+            .map(|at| at.saturating_duration_since(Instant::now()))
     }
 }

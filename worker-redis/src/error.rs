@@ -24,11 +24,6 @@ pub(crate) fn from_redis(op: &str, e: RedisError) -> BrokerError {
     }
 }
 
-/// A pool that could not hand out a connection: the server is unreachable or slow.
-pub(crate) fn from_pool(e: deadpool_redis::PoolError) -> BrokerError {
-    BrokerError::unavailable("redis connection", e)
-}
-
 /// `url` with any password replaced, for logs and errors.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {

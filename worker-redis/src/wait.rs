@@ -78,12 +78,10 @@ impl Waiter {
         if noticed {
             return;
         }
-        let mut limit = timeout;
-        for q in queues {
-            if let Ok(Some(due)) = broker.next_due(q).await {
-                limit = limit.min(due);
-            }
-        }
+        let limit = queues
+            .iter()
+            .filter_map(|q| broker.next_due(q))
+            .fold(timeout, Duration::min);
         match tokio::time::timeout(limit, sub.stream.next()).await {
             Ok(Some(_)) | Err(_) => {}
             Ok(None) => *guard = None,

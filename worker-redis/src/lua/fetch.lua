@@ -1,6 +1,7 @@
 -- ARGV[1]: how many; ARGV[2]: lease (ms); ARGV[3..]: one fresh token per job
 -- Returns: flat list of sextuples: id, envelope, attempt, history JSON ('' if none),
---          ready-since (ms), token
+--          ready-since (ms), token; then one last item: ms until the first delayed job
+--          is due, or -1 when none is (so an idle worker knows when to look again)
 -- Invariant: a fetched job is in `inflight` with its token; due delayed jobs are
 -- promoted first (at most 1000 per call, so a huge backlog cannot stall the server).
 local now = now_ms()
@@ -33,5 +34,11 @@ while taken < n do
       out[#out + 1] = token
     end
   end
+end
+local first = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+if first[2] then
+  out[#out + 1] = tostring(math.max(0, tonumber(first[2]) - now))
+else
+  out[#out + 1] = '-1'
 end
 return out
