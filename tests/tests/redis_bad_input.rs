@@ -1,0 +1,93 @@
+//! Bad input against Redis: an oversize payload is refused with nothing written, and a
+//! real worker on a queue with an odd name dead-letters an undecodable payload with its
+//! reason and carries on with the next job.
+
+use std::time::Duration;
+
+use serde_json::json;
+use system_tests::DemoWorker;
+use worker_core::testing::unique;
+use worker_core::{Broker, BrokerError, NewJob};
+use worker_redis::RedisConfig;
+
+const URL: &str = "redis://127.0.0.1:6379";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_payload_is_refused_and_nothing_of_its_batch_is_written() {
+    let prefix = unique("size");
+    let b = RedisConfig::new(URL)
+        .prefix(&prefix)
+        .max_payload(64)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = b
+        .enqueue(vec![
+            NewJob::new("q", "small"),
+            NewJob::new("q", vec![b'x'; 65]),
+        ])
+        .await;
+    match r {
+        Err(BrokerError::PayloadTooLarge { size, limit }) => assert_eq!((size, limit), (65, 64)),
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    let e = BrokerError::PayloadTooLarge {
+        size: 65,
+        limit: 64,
+    };
+    assert_eq!(
+        e.to_string(),
+        "payload of 65 bytes exceeds the limit of 64 bytes"
+    );
+    let d = b.depth("q").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(d.pending + d.delayed, 0, "nothing half-written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dead_letters_an_undecodable_payload_and_carries_on() {
+    let prefix = unique("bad");
+    let queue = "ünïcødé.q/π-1";
+    let b = RedisConfig::new(URL)
+        .prefix(&prefix)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ids = b
+        .enqueue(vec![
+            NewJob::new(queue, vec![0xff, 0xfe, 0x00]).id("garbage"),
+            NewJob::json(queue, &json!({"sleep_ms": 1}))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .id("fine"),
+        ])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ids.len(), 2);
+    let mut w = DemoWorker::start(&[
+        ("REDIS_URL", URL),
+        ("REDIS_PREFIX", &prefix),
+        ("WORKER_QUEUES", queue),
+    ]);
+    w.wait_for(Duration::from_secs(20), "the good job ran", |e| {
+        e.iter().any(|e| e["event"] == "end" && e["id"] == "fine")
+    })
+    .await;
+    let dead = b
+        .dead_letters(queue, 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].envelope.id.as_str(), "garbage");
+    assert_eq!(dead[0].envelope.payload.as_ref(), &[0xff, 0xfe, 0x00]);
+    assert!(
+        dead[0].reason.starts_with("undecodable payload: "),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(
+        w.count("start"),
+        1,
+        "the handler never saw the undecodable payload"
+    );
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
+}
