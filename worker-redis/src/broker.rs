@@ -37,6 +37,9 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// How long a reply may take before the call fails as transient.
     pub response_timeout: Duration,
+    /// PEM certificate(s) of the authority that signed the server's certificate, for
+    /// `rediss://` URLs; the system's trust store when `None`.
+    pub ca_cert: Option<Vec<u8>>,
 }
 
 impl RedisConfig {
@@ -48,7 +51,14 @@ impl RedisConfig {
             max_payload: 16 << 20,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(10),
+            ca_cert: None,
         }
+    }
+
+    /// Trust this PEM certificate authority for `rediss://` (e.g. a private CA).
+    pub fn ca_cert_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_cert = Some(pem.into());
+        self
     }
 
     /// Use this key prefix.
@@ -69,9 +79,33 @@ impl RedisConfig {
         validate_queue_name(&self.prefix).map_err(|e| {
             BrokerError::Protocol(format!("invalid key prefix {:?}: {e}", self.prefix))
         })?;
-        let client = redis::Client::open(self.url.as_str()).map_err(|e| {
-            BrokerError::Protocol(format!("invalid Redis URL {}: {e}", redact(&self.url)))
-        })?;
+        let invalid = |e: redis::RedisError| {
+            // Never echo the URL itself: it may carry a password.
+            BrokerError::Protocol(format!(
+                "invalid Redis URL {}: {:?}",
+                redact(&self.url),
+                e.kind()
+            ))
+        };
+        let client = match &self.ca_cert {
+            Some(pem) => {
+                install_crypto_provider();
+                redis::Client::build_with_tls(
+                    self.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem.clone()),
+                    },
+                )
+            }
+            None => {
+                if self.url.starts_with("rediss://") {
+                    install_crypto_provider();
+                }
+                redis::Client::open(self.url.as_str())
+            }
+        }
+        .map_err(invalid)?;
         tracing::debug!(url = %redact(&self.url), prefix = %self.prefix, "redis broker configured");
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
@@ -88,6 +122,12 @@ impl RedisConfig {
             waiter: Waiter::new(client),
         })
     }
+}
+
+/// rustls needs one process-wide cryptography provider; install ring's unless the
+/// application installed one already.
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// The Redis backend. Cheap to share behind an `Arc`.

@@ -1,0 +1,159 @@
+//! `rediss://` against a TLS Redis the test starts itself, with a certificate authority
+//! and server certificate the test makes with `openssl`, and an ACL user whose password
+//! comes from the URL and never shows in errors.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use system_tests::{free_addr, RedisServer};
+use worker_core::testing::cases;
+use worker_redis::RedisConfig;
+
+const PASSWORD: &str = "s3cret-Pa55";
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("openssl: {e}"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA, and a server certificate for localhost / 127.0.0.1 signed by it.
+fn make_certificates(dir: &Path) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=worker-pools test CA",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_with_a_private_ca_and_an_acl_user_from_the_url() {
+    let certs = RedisServer::scratch_dir(free_addr().port());
+    make_certificates(&certs);
+    let file = |name: &str| certs.join(name).to_string_lossy().into_owned();
+    let args = vec![
+        "--tls-cert-file".into(),
+        file("server.crt"),
+        "--tls-key-file".into(),
+        file("server.key"),
+        "--tls-ca-cert-file".into(),
+        file("ca.crt"),
+        "--tls-auth-clients".into(),
+        "no".into(),
+        "--user".into(),
+        "worker".into(),
+        "on".into(),
+        format!(">{PASSWORD}"),
+        "~*".into(),
+        "&*".into(),
+        "+@all".into(),
+        "--user".into(),
+        "default".into(),
+        "off".into(),
+    ];
+    let server = RedisServer::start_with(&args, true);
+    let ca = std::fs::read(certs.join("ca.crt")).unwrap_or_else(|e| panic!("{e}"));
+    let url = format!("rediss://worker:{PASSWORD}@localhost:{}", server.port);
+
+    let b = RedisConfig::new(&url)
+        .ca_cert_pem(ca.clone())
+        .prefix("tls")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    cases::enqueue_fetch_ack(&b).await;
+    cases::stale_token_is_refused_everywhere(&b).await;
+    cases::wait_for_work_wakes_on_enqueue(&b).await;
+
+    // A wrong password, and a server whose CA is not trusted: clear errors, no secret.
+    let wrong = format!("rediss://worker:not-{PASSWORD}@localhost:{}", server.port);
+    let b = RedisConfig::new(&wrong)
+        .ca_cert_pem(ca)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = tokio::time::timeout(Duration::from_secs(20), worker_core::Broker::depth(&b, "q"))
+        .await
+        .unwrap_or_else(|_| panic!("no answer"))
+        .expect_err("a wrong password must fail");
+    let text = format!("{err} {err:?}");
+    assert!(text.contains("authentication failed"), "{text}");
+    assert!(!text.contains(PASSWORD), "{text}");
+    let untrusted = RedisConfig::new(&url)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        worker_core::Broker::depth(&untrusted, "q"),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no answer"))
+    .expect_err("an untrusted certificate must fail");
+    let text = format!("{err} {err:?}");
+    assert!(text.contains("UnknownIssuer"), "{text}");
+    assert!(!text.contains(PASSWORD), "{text}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&certs);
+}
