@@ -40,6 +40,8 @@ pub struct RedisConfig {
     /// PEM certificate(s) of the authority that signed the server's certificate, for
     /// `rediss://` URLs; the system's trust store when `None`.
     pub ca_cert: Option<Vec<u8>>,
+    /// Seed nodes of a Redis Cluster; empty for a single server at `url`.
+    pub cluster_nodes: Vec<String>,
 }
 
 impl RedisConfig {
@@ -52,7 +54,17 @@ impl RedisConfig {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(10),
             ca_cert: None,
+            cluster_nodes: Vec::new(),
         }
+    }
+
+    /// A Redis Cluster reached through these seed node URLs. Each queue's keys share
+    /// one hash tag, so every script touches a single slot.
+    pub fn cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Self {
+        let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
+        let mut config = Self::new(nodes.first().cloned().unwrap_or_default());
+        config.cluster_nodes = nodes;
+        config
     }
 
     /// Trust this PEM certificate authority for `rediss://` (e.g. a private CA).
@@ -112,8 +124,21 @@ impl RedisConfig {
             .set_response_timeout(Some(self.response_timeout))
             // Fail a call fast while the server is down; the runtime backs off itself.
             .set_number_of_retries(1);
+        let cluster = if self.cluster_nodes.is_empty() {
+            None
+        } else {
+            Some(
+                redis::cluster::ClusterClient::builder(self.cluster_nodes.clone())
+                    .connection_timeout(self.connect_timeout)
+                    .response_timeout(self.response_timeout)
+                    .retries(2)
+                    .build()
+                    .map_err(invalid)?,
+            )
+        };
         Ok(RedisBroker {
             client: client.clone(),
+            cluster,
             manager_config,
             conn: OnceCell::new(),
             prefix: self.prefix,
@@ -122,6 +147,14 @@ impl RedisConfig {
             waiter: Waiter::new(client),
         })
     }
+}
+
+/// One shared connection: a self-reconnecting multiplexed connection to a single
+/// server, or redis-rs's cluster connection, which routes each script by its keys' slot.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
 }
 
 /// rustls needs one process-wide cryptography provider; install ring's unless the
@@ -138,8 +171,9 @@ fn install_crypto_provider() {
 /// that is down when the worker starts is a transient error the runtime backs off on.
 pub struct RedisBroker {
     client: redis::Client,
+    cluster: Option<redis::cluster::ClusterClient>,
     manager_config: ConnectionManagerConfig,
-    conn: OnceCell<ConnectionManager>,
+    conn: OnceCell<Conn>,
     prefix: String,
     max_payload: usize,
     /// When each queue's first delayed job falls due, as the last empty fetch saw it.
@@ -180,10 +214,18 @@ impl RedisBroker {
         &self.prefix
     }
 
-    async fn connection(&self) -> Result<ConnectionManager, BrokerError> {
+    async fn connection(&self) -> Result<Conn, BrokerError> {
         self.conn
-            .get_or_try_init(|| {
-                ConnectionManager::new_with_config(self.client.clone(), self.manager_config.clone())
+            .get_or_try_init(|| async {
+                match &self.cluster {
+                    Some(cluster) => cluster.get_async_connection().await.map(Conn::Cluster),
+                    None => ConnectionManager::new_with_config(
+                        self.client.clone(),
+                        self.manager_config.clone(),
+                    )
+                    .await
+                    .map(Conn::Single),
+                }
             })
             .await
             .cloned()
@@ -210,10 +252,11 @@ impl RedisBroker {
             inv.key(k);
         }
         args(&mut inv);
-        let mut conn = self.connection().await?;
-        inv.invoke_async(&mut conn)
-            .await
-            .map_err(|e| from_redis(op, e))
+        let result = match self.connection().await? {
+            Conn::Single(mut c) => inv.invoke_async(&mut c).await,
+            Conn::Cluster(mut c) => inv.invoke_async(&mut c).await,
+        };
+        result.map_err(|e| from_redis(op, e))
     }
 
     async fn queue_call<T: FromRedisValue>(

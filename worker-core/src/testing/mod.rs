@@ -42,12 +42,20 @@ where
     }
 }
 
-/// Generate one `#[tokio::test]` per conformance case. `$make` is an expression whose
-/// value is a future resolving to a fresh broker; it is evaluated once per case.
+/// Run every conformance case against one broker, all at once (each case names its
+/// own queues). For a backend whose server a test must own for the whole run, such as
+/// a cluster it starts and stops; otherwise prefer [`conformance_suite!`](crate::conformance_suite), which gives
+/// each case its own test.
+pub async fn run_all(b: &dyn crate::Broker) {
+    crate::__conformance_cases!(__conformance_join, b);
+}
+
+/// The one list of conformance cases; hands it to `$crate::$callback!(args; cases)`.
+#[doc(hidden)]
 #[macro_export]
-macro_rules! conformance_suite {
-    ($make:expr) => {
-        $crate::conformance_suite!(@cases $make;
+macro_rules! __conformance_cases {
+    ($callback:ident, $($args:tt)*) => {
+        $crate::$callback! {$($args)*;
             enqueue_fetch_ack,
             fetch_is_fifo_and_bounded,
             fetch_plan_keeps_shares_and_conserves_work,
@@ -67,7 +75,29 @@ macro_rules! conformance_suite {
             worker_registry_lives_by_ttl,
             settled_job_cannot_be_settled_again,
             wait_for_work_wakes_on_enqueue
-        );
+        }
+    };
+}
+
+/// Runs the listed cases concurrently against one broker (see [`run_all`]).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_join {
+    ($b:expr; $($case:ident),* $(,)?) => {
+        ::futures::future::join_all(::std::vec![
+            $(::std::boxed::Box::pin($crate::testing::cases::$case($b))
+                as ::futures::future::BoxFuture<'_, ()>),*
+        ])
+        .await
+    };
+}
+
+/// Generate one `#[tokio::test]` per conformance case. `$make` is an expression whose
+/// value is a future resolving to a fresh broker; it is evaluated once per case.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        $crate::__conformance_cases!(conformance_suite, @cases $make);
     };
     (@cases $make:expr; $($case:ident),* $(,)?) => {
         $(
