@@ -150,6 +150,8 @@ async fn a_drained_worker_s_jobs_go_to_another_worker_at_once_with_attempt_uncha
 async fn scaling_equals_what_the_test_counts_while_a_pool_runs() {
     let (prefix, queue) = (unique("depth"), "jobs");
     let b = broker(&prefix).await;
+    // One job that dies at once, ten that run for long, one delayed for an hour.
+    enqueue(&b, queue, json!({"outcome": "fatal"}), 1).await;
     enqueue(&b, queue, json!({"sleep_ms": 600_000}), 10).await;
     b.enqueue(vec![
         NewJob::new(queue, "null").delay(Duration::from_secs(3600))
@@ -161,19 +163,33 @@ async fn scaling_equals_what_the_test_counts_while_a_pool_runs() {
         queue,
         &[("WORKER_CONCURRENCY", "3"), ("WORKER_DRAIN_TIMEOUT", "1s")],
     );
-    w.wait_for(Duration::from_secs(20), "three started", |e| {
-        e.iter().filter(|e| e["event"] == "start").count() == 3
+    w.wait_for(
+        Duration::from_secs(20),
+        "fatal job ended, three long ones started",
+        |e| {
+            e.iter().filter(|e| e["event"] == "start").count() == 4
+                && e.iter().any(|e| e["event"] == "end")
+        },
+    )
+    .await;
+    // Counted by the test itself from the worker's events: one ended (dead), the
+    // others that started are running.
+    let running = (w.count("start") - w.count("end")) as u64;
+    let dead = w.count("end") as u64;
+    worker_core::testing::eventually(Duration::from_secs(5), "/scaling agrees", || async {
+        let (status, body) = w.get("/scaling").await;
+        let doc: Value = serde_json::from_str(&body).unwrap_or_default();
+        let q = &doc["queues"][queue];
+        status == 200
+            && q["in_flight"].as_u64() == Some(running)
+            && q["pending"].as_u64() == Some(11 - running - dead)
+            && q["delayed"].as_u64() == Some(1)
+            && q["dead"].as_u64() == Some(dead)
+            && doc["backlog"].as_u64() == Some(10)
+            && doc["desired_replicas"].as_u64() == Some(4)
     })
     .await;
-    let (status, body) = w.get("/scaling").await;
-    assert_eq!(status, 200, "{body}");
-    let doc: Value = serde_json::from_str(&body).unwrap_or_default();
-    let started = w.count("start") as u64;
-    assert_eq!(doc["queues"][queue]["in_flight"].as_u64(), Some(started));
-    assert_eq!(doc["queues"][queue]["pending"].as_u64(), Some(10 - started));
-    assert_eq!(doc["queues"][queue]["delayed"].as_u64(), Some(1));
-    assert_eq!(doc["backlog"].as_u64(), Some(10));
-    assert_eq!(doc["desired_replicas"].as_u64(), Some(4));
+    assert_eq!((running, dead), (3, 1));
     w.signal("TERM");
     assert_eq!(w.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
 }
