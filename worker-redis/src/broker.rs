@@ -313,20 +313,35 @@ impl RedisBroker {
                 }
             })
             .await?;
-        // The reply ends with the time until the first delayed job is due (-1: none).
-        let Some((due, rows)) = rows.split_last() else {
-            return Err(BrokerError::Protocol("empty fetch reply".into()));
-        };
-        let due = text(due)?.parse::<i64>().unwrap_or(-1);
+        self.parse_fetched(rows, &[queue])
+    }
+
+    /// Deliveries from a fetch reply: sextuples, then one "ms until the first delayed
+    /// job is due" per queue (-1: none), which is remembered for the idle wait.
+    fn parse_fetched(
+        &self,
+        mut rows: Vec<Vec<u8>>,
+        queues: &[&str],
+    ) -> Result<Vec<Delivery>, BrokerError> {
+        if rows.len() < queues.len() || !(rows.len() - queues.len()).is_multiple_of(6) {
+            return Err(BrokerError::Protocol(format!(
+                "malformed fetch reply of {} items",
+                rows.len()
+            )));
+        }
+        let dues = rows.split_off(rows.len() - queues.len());
         {
             let mut next = self.next_due.lock().unwrap_or_else(|p| p.into_inner());
-            if due >= 0 {
-                next.insert(
-                    queue.to_owned(),
-                    Instant::now() + Duration::from_millis(due as u64),
-                );
-            } else {
-                next.remove(queue);
+            for (queue, due) in queues.iter().zip(&dues) {
+                let due = text(due)?.parse::<i64>().unwrap_or(-1);
+                if due >= 0 {
+                    next.insert(
+                        (*queue).to_owned(),
+                        Instant::now() + Duration::from_millis(due as u64),
+                    );
+                } else {
+                    next.remove(*queue);
+                }
             }
         }
         rows.chunks_exact(6)
@@ -339,6 +354,39 @@ impl RedisBroker {
                 Ok(Delivery::new(env, token))
             })
             .collect()
+    }
+
+    /// A whole plan in one round trip (single server only).
+    async fn fetch_multi(&self, plan: &FetchPlan) -> Result<Vec<Delivery>, BrokerError> {
+        let keys: Vec<String> = plan
+            .shares
+            .iter()
+            .flat_map(|s| {
+                let tag = self.tag(&s.queue);
+                QUEUE_KEYS.iter().map(move |k| format!("{tag}:{k}"))
+            })
+            .collect();
+        let tokens: Vec<String> = (0..plan.total)
+            .map(|_| LeaseToken::random().0.to_string())
+            .collect();
+        let rows: Vec<Vec<u8>> = self
+            .call("fetch", &scripts::FETCH_MULTI, &keys, |inv| {
+                inv.arg(plan.total)
+                    .arg(plan.lease.as_millis() as u64)
+                    .arg(plan.shares.len());
+                for s in &plan.shares {
+                    inv.arg(s.share);
+                }
+                for s in &plan.shares {
+                    inv.arg(s.max);
+                }
+                for t in &tokens {
+                    inv.arg(t);
+                }
+            })
+            .await?;
+        let queues: Vec<&str> = plan.shares.iter().map(|s| s.queue.as_str()).collect();
+        self.parse_fetched(rows, &queues)
     }
 }
 
@@ -417,6 +465,12 @@ impl Broker for RedisBroker {
     }
 
     async fn fetch(&self, plan: &FetchPlan) -> Result<Vec<Delivery>, BrokerError> {
+        if plan.total == 0 || plan.shares.is_empty() {
+            return Ok(Vec::new());
+        }
+        if self.cluster.is_none() && plan.shares.len() > 1 {
+            return self.fetch_multi(plan).await;
+        }
         // One script per queue keeps every call on one cluster slot. The first pass
         // takes each share; the second tops up from queues that had more.
         let mut out = Vec::new();
