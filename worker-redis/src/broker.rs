@@ -295,6 +295,7 @@ impl RedisBroker {
         }
     }
 
+    /// Up to `n` jobs from one queue: a one-queue plan (the cluster path).
     async fn fetch_queue(
         &self,
         queue: &str,
@@ -304,16 +305,7 @@ impl RedisBroker {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let tokens: Vec<String> = (0..n).map(|_| LeaseToken::random().0.to_string()).collect();
-        let rows: Vec<Vec<u8>> = self
-            .queue_call("fetch", &scripts::FETCH, queue, |inv| {
-                inv.arg(n).arg(lease.as_millis() as u64);
-                for t in &tokens {
-                    inv.arg(t);
-                }
-            })
-            .await?;
-        self.parse_fetched(rows, &[queue])
+        self.fetch_plan(&FetchPlan::single(queue, n, lease)).await
     }
 
     /// Deliveries from a fetch reply: sextuples, then one "ms until the first delayed
@@ -356,8 +348,9 @@ impl RedisBroker {
             .collect()
     }
 
-    /// A whole plan in one round trip (single server only).
-    async fn fetch_multi(&self, plan: &FetchPlan) -> Result<Vec<Delivery>, BrokerError> {
+    /// A whole plan in one round trip; all its queues must be on one server (always
+    /// true without a cluster, and for one-queue plans).
+    async fn fetch_plan(&self, plan: &FetchPlan) -> Result<Vec<Delivery>, BrokerError> {
         let keys: Vec<String> = plan
             .shares
             .iter()
@@ -370,7 +363,7 @@ impl RedisBroker {
             .map(|_| LeaseToken::random().0.to_string())
             .collect();
         let rows: Vec<Vec<u8>> = self
-            .call("fetch", &scripts::FETCH_MULTI, &keys, |inv| {
+            .call("fetch", &scripts::FETCH, &keys, |inv| {
                 inv.arg(plan.total)
                     .arg(plan.lease.as_millis() as u64)
                     .arg(plan.shares.len());
@@ -468,8 +461,8 @@ impl Broker for RedisBroker {
         if plan.total == 0 || plan.shares.is_empty() {
             return Ok(Vec::new());
         }
-        if self.cluster.is_none() && plan.shares.len() > 1 {
-            return self.fetch_multi(plan).await;
+        if self.cluster.is_none() {
+            return self.fetch_plan(plan).await;
         }
         // One script per queue keeps every call on one cluster slot. The first pass
         // takes each share; the second tops up from queues that had more.

@@ -23,7 +23,6 @@ macro_rules! scripts {
 scripts! {
     ENQUEUE = "enqueue.lua",
     FETCH = "fetch.lua",
-    FETCH_MULTI = "fetch_multi.lua",
     ACK = "ack.lua",
     RETRY = "retry.lua",
     DEAD = "dead.lua",

@@ -1,16 +1,10 @@
--- Returns: {pending, in_flight, delayed, delayed_due, dead, oldest pending age (ms, -1 if none),
---           ms until the next delayed job is due (-1 if none)}
+-- Returns: {pending, in_flight, delayed, delayed_due, dead, oldest pending age (ms, -1 if none)}
 local now = now_ms()
 local head = redis.call('LINDEX', KEYS[1], 0)
 local age = -1
 if head then
   local since = tonumber(redis.call('HGET', KEYS[8], head) or now)
   age = math.max(0, now - since)
-end
-local next_due = -1
-local first = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
-if first[2] then
-  next_due = math.max(0, tonumber(first[2]) - now)
 end
 return {
   redis.call('LLEN', KEYS[1]),
@@ -19,5 +13,4 @@ return {
   redis.call('ZCOUNT', KEYS[5], '-inf', now),
   redis.call('ZCARD', KEYS[9]),
   age,
-  next_due,
 }
