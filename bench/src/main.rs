@@ -1,22 +1,46 @@
-//! Run with: `cargo run --release -p bench -- idle-latency`
+//! Benchmarks of the worker runtime, each against the raw broker loop in the same run.
 //!
-//! Benchmarks of the worker runtime. Each scenario prints a table and a final
-//! machine-readable JSON line.
+//! ```sh
+//! cargo build --release -p bench
+//! target/release/bench all --backend memory,redis      # every scenario, ~10 min
+//! target/release/bench all --backend redis --quick     # a smoke run, under a minute
+//! target/release/bench throughput --backend redis --concurrency 16 --jobs 50000
+//! ```
 //!
-//! * `idle-latency`: an idle pool on Redis; jobs enqueued one at a time at a fixed
-//!   interval; the time from the start of each enqueue call to the start of its
-//!   handler (p50 / p90 / p99 / max).
+//! Scenarios (each prints a table, then one JSON line):
+//!
+//! * `throughput` — N jobs enqueued first, drained by concurrency C (in P processes);
+//!   jobs/s from the first start to the last ack, beside the raw loop's.
+//! * `latency` — open loop at fractions of the maximum rate; scheduled-arrival to
+//!   start and to ack, p50 / p99 / p99.9 / max, beside the raw loop's.
+//! * `idle` — a worker process with nothing to do: CPU and broker commands per second.
+//! * `memory` — peak RSS of a worker process at C jobs in flight.
+//! * `drain-time` — SIGTERM with C jobs in flight: exit time after the last one ends.
+//!
+//! The raw loop is what a careful engineer writes by hand without a framework:
+//! see [`backend::Raw`].
 
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+mod backend;
+mod child;
+mod clock;
+mod latency;
+mod report;
+mod resources;
+mod throughput;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use hdrhistogram::Histogram;
-use worker_core::{handler_fn, Broker, Job, JobError, NewJob, Worker, WorkerConfig};
-use worker_redis::RedisConfig;
+
+use backend::{Kind, Urls};
+
+/// Any error, boxed: a benchmark reports it and exits non-zero.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+/// This crate's result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Parser)]
-#[command(about = "Benchmarks of the worker runtime")]
+#[command(about = "Benchmarks of the worker runtime against the raw broker loop")]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
@@ -24,103 +48,219 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// Enqueue-to-start latency on an idle Redis pool.
-    IdleLatency {
-        /// Redis URL.
-        #[arg(long, default_value = "redis://127.0.0.1:6379")]
-        redis: String,
-        /// Jobs to send.
-        #[arg(long, default_value_t = 500)]
-        jobs: u64,
-        /// Pause between two jobs, in milliseconds (long enough for the pool to go idle).
-        #[arg(long, default_value_t = 20)]
-        interval_ms: u64,
+    /// Every scenario on every named backend, and the throughput chart.
+    All {
+        /// Backends (comma-separated).
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Kind::Memory, Kind::Redis])]
+        backend: Vec<Kind>,
+        #[command(flatten)]
+        urls: Urls,
+        /// Small sizes and one run each: a smoke run in under a minute.
+        #[arg(long)]
+        quick: bool,
+        /// Where to draw the throughput chart (not drawn in quick mode).
+        #[arg(long, default_value = "bench/throughput.png")]
+        chart: PathBuf,
+    },
+    /// Drain throughput against the raw loop.
+    Throughput {
+        /// Backend.
+        #[arg(long, value_enum)]
+        backend: Kind,
+        #[command(flatten)]
+        urls: Urls,
+        #[command(flatten)]
+        drain: throughput::DrainArgs,
+        /// Also draw the chart here.
+        #[arg(long)]
+        chart: Option<PathBuf>,
+    },
+    /// Open-loop latency against the raw loop.
+    Latency {
+        /// Backend.
+        #[arg(long, value_enum)]
+        backend: Kind,
+        #[command(flatten)]
+        urls: Urls,
+        #[command(flatten)]
+        args: latency::LatencyArgs,
+    },
+    /// CPU and broker commands of an idle worker process.
+    Idle {
+        /// Backend.
+        #[arg(long, value_enum)]
+        backend: Kind,
+        #[command(flatten)]
+        urls: Urls,
+        /// Seconds to watch.
+        #[arg(long, default_value_t = 30.0)]
+        seconds: f64,
         /// Worker concurrency.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 16)]
         concurrency: u32,
     },
-}
-
-static ORIGIN: OnceLock<Instant> = OnceLock::new();
-
-fn since_origin() -> u64 {
-    ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    /// Peak RSS of a worker process under load.
+    Memory {
+        /// Backend.
+        #[arg(long, value_enum)]
+        backend: Kind,
+        #[command(flatten)]
+        urls: Urls,
+        /// Jobs in flight at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: u32,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 1024)]
+        payload: usize,
+        /// Jobs to run.
+        #[arg(long, default_value_t = 2560)]
+        jobs: u64,
+    },
+    /// Exit time after SIGTERM with jobs in flight.
+    DrainTime {
+        /// Backend.
+        #[arg(long, value_enum)]
+        backend: Kind,
+        #[command(flatten)]
+        urls: Urls,
+        /// Jobs in flight.
+        #[arg(long, default_value_t = 16)]
+        concurrency: u32,
+        /// Each job's length, ms.
+        #[arg(long, default_value_t = 500)]
+        sleep_ms: u64,
+        /// Runs (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
+    /// A framework worker process (used by the scenarios).
+    #[command(hide = true)]
+    Worker(child::WorkerArgs),
+    /// A raw-loop consumer process (used by the scenarios).
+    #[command(hide = true)]
+    RawWorker(child::RawArgs),
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    match Cli::parse().scenario {
-        Scenario::IdleLatency {
-            redis,
-            jobs,
-            interval_ms,
-            concurrency,
-        } => idle_latency(&redis, jobs, interval_ms, concurrency).await,
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse().scenario).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
-async fn idle_latency(
-    url: &str,
-    jobs: u64,
-    interval_ms: u64,
-    concurrency: u32,
-) -> Result<(), Box<dyn std::error::Error>> {
-    let prefix = format!("bench-{}", std::process::id());
-    let broker = Arc::new(RedisConfig::new(url).prefix(&prefix).connect().await?);
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
-    let h = hist.clone();
-    let handler = handler_fn(move |job: Job<u64>| {
-        let latency = since_origin().saturating_sub(job.payload);
-        if let Ok(mut h) = h.lock() {
-            let _ = h.record(latency);
+async fn run(scenario: Scenario) -> Result<()> {
+    match scenario {
+        Scenario::All {
+            backend,
+            urls,
+            quick,
+            chart,
+        } => all(&backend, &urls, quick, &chart).await,
+        Scenario::Throughput {
+            backend,
+            urls,
+            drain,
+            chart,
+        } => {
+            let points = throughput::run(backend, &urls, &drain).await?;
+            if let Some(path) = chart {
+                report::chart(&points, &path)?;
+            }
+            Ok(())
         }
-        async { Ok::<_, JobError>(()) }
-    });
-    let config = WorkerConfig::builder()
-        .pool("bench")
-        .queue("latency")
-        .concurrency(concurrency)
-        .http_addr(None)
-        .build()?;
-    let worker = Worker::with_shared_broker(broker.clone(), config, handler)
-        .spawn()
+        Scenario::Latency {
+            backend,
+            urls,
+            args,
+        } => latency::run(backend, &urls, &args).await.map(drop),
+        Scenario::Idle {
+            backend,
+            urls,
+            seconds,
+            concurrency,
+        } => resources::idle(backend, &urls, seconds, concurrency)
+            .await
+            .map(drop),
+        Scenario::Memory {
+            backend,
+            urls,
+            concurrency,
+            payload,
+            jobs,
+        } => resources::memory(backend, &urls, concurrency, payload, jobs)
+            .await
+            .map(drop),
+        Scenario::DrainTime {
+            backend,
+            urls,
+            concurrency,
+            sleep_ms,
+            runs,
+        } => resources::drain_time(backend, &urls, concurrency, sleep_ms, runs)
+            .await
+            .map(drop),
+        Scenario::Worker(args) => child::run_worker(args).await,
+        Scenario::RawWorker(args) => child::run_raw_worker(args).await,
+    }
+}
+
+/// Every scenario, backend after backend.
+async fn all(backends: &[Kind], urls: &Urls, quick: bool, chart: &std::path::Path) -> Result<()> {
+    let drain = throughput::DrainArgs {
+        jobs: if quick { 2_000 } else { 20_000 },
+        concurrency: if quick {
+            vec![1, 16]
+        } else {
+            vec![1, 4, 16, 64]
+        },
+        processes: 1,
+        payload: 100,
+        sleep_ms: 0,
+        runs: if quick { 1 } else { 3 },
+        only: None,
+    };
+    let mut points = Vec::new();
+    for &kind in backends {
+        println!("\n=== {} ===", kind.name());
+        let mine = throughput::run(kind, urls, &drain).await?;
+        let max_rate = mine
+            .iter()
+            .find(|p| p.concurrency == 16)
+            .map(|p| p.framework);
+        points.extend(mine);
+        let lat = latency::LatencyArgs {
+            concurrency: 16,
+            fractions: if quick {
+                vec![0.5]
+            } else {
+                vec![0.25, 0.5, 0.9]
+            },
+            max_rate,
+            seconds: if quick { 1.0 } else { 10.0 },
+            payload: 100,
+        };
+        latency::run(kind, urls, &lat).await?;
+        resources::idle(kind, urls, if quick { 3.0 } else { 30.0 }, 16).await?;
+        resources::memory(kind, urls, 256, 1024, if quick { 512 } else { 2560 }).await?;
+        if !quick {
+            resources::memory(kind, urls, 256, 1 << 20, 512).await?;
+        }
+        resources::drain_time(
+            kind,
+            urls,
+            16,
+            if quick { 200 } else { 500 },
+            if quick { 1 } else { 3 },
+        )
         .await?;
-    // Let the worker subscribe and go idle before the first job.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for _ in 0..jobs {
-        tokio::time::sleep(Duration::from_millis(interval_ms)).await;
-        let sent = since_origin();
-        broker
-            .enqueue(vec![NewJob::json("latency", &sent)?])
-            .await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while hist.lock().map(|h| h.len()).unwrap_or(0) < jobs && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    if !quick {
+        report::chart(&points, chart)?;
+        println!("chart: {}", chart.display());
     }
-    worker.shutdown_handle().drain();
-    worker.join().await?;
-    let h = hist.lock().map_err(|_| "histogram lock poisoned")?.clone();
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e6;
-    println!(
-        "idle-latency on {url}: {} jobs, one every {interval_ms} ms, concurrency {concurrency}",
-        h.len()
-    );
-    println!(
-        "{:>10} {:>10} {:>10} {:>10}",
-        "p50 ms", "p90 ms", "p99 ms", "max ms"
-    );
-    println!(
-        "{:>10.3} {:>10.3} {:>10.3} {:>10.3}",
-        ms(0.5),
-        ms(0.9),
-        ms(0.99),
-        h.max() as f64 / 1e6
-    );
-    println!(
-        "{}",
-        serde_json::json!({"scenario": "idle-latency", "backend": "redis", "jobs": h.len(),
-            "p50_ms": ms(0.5), "p90_ms": ms(0.9), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1e6})
-    );
     Ok(())
 }

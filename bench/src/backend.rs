@@ -1,0 +1,446 @@
+//! The brokers under test, the framework's view of them (through [`Probe`], which
+//! timestamps every ack), and the raw loop a careful engineer would write by hand
+//! with no framework: the ceiling every framework figure is compared against.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use clap::ValueEnum;
+use tokio::sync::{Notify, Semaphore};
+use worker_core::{
+    Broker, BrokerError, DeadLetter, Delivery, FetchPlan, JobId, Lease, MemoryBroker, NewJob,
+    QueueDepth, WorkerInfo,
+};
+use worker_redis::RedisConfig;
+
+use crate::clock::{now_ns, unix_ns};
+use crate::Result;
+
+/// Which broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    /// The embedded in-memory broker (in-process only).
+    Memory,
+    /// Redis.
+    Redis,
+}
+
+impl Kind {
+    /// Lower-case name, as on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Memory => "memory",
+            Kind::Redis => "redis",
+        }
+    }
+}
+
+/// Where the brokers are.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Urls {
+    /// Redis URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+}
+
+/// A run's own namespace on a shared broker, so runs never see each other's jobs.
+pub fn namespace(tag: &str) -> String {
+    format!("bench-{}-{tag}-{}", std::process::id(), fastrand::u32(..))
+}
+
+/// The framework's broker for `kind`. `prefix` isolates the run (Redis key prefix).
+pub async fn connect(kind: Kind, urls: &Urls, prefix: &str) -> Result<Arc<dyn Broker>> {
+    Ok(match kind {
+        Kind::Memory => Arc::new(MemoryBroker::new()),
+        Kind::Redis => Arc::new(
+            RedisConfig::new(&urls.redis_url)
+                .prefix(prefix)
+                .connect()
+                .await?,
+        ),
+    })
+}
+
+/// Enqueue `n` jobs to `queue`, ids `0..n`, each payload a JSON string of `bytes`
+/// bytes, in batches of 500.
+pub async fn fill(broker: &dyn Broker, queue: &str, n: u64, bytes: usize) -> Result<()> {
+    let payload = json_payload(bytes);
+    let mut i = 0;
+    while i < n {
+        let end = (i + 500).min(n);
+        let batch = (i..end)
+            .map(|id| NewJob::new(queue, payload.clone()).id(id.to_string()))
+            .collect();
+        broker.enqueue(batch).await?;
+        i = end;
+    }
+    Ok(())
+}
+
+/// A JSON string of exactly `bytes` bytes (at least 2: the quotes).
+pub fn json_payload(bytes: usize) -> bytes::Bytes {
+    let mut v = vec![b'x'; bytes.max(2)];
+    v[0] = b'"';
+    let last = v.len() - 1;
+    v[last] = b'"';
+    v.into()
+}
+
+/// A broker wrapper that counts and timestamps successful acks, so a run ends at
+/// the last ack, as the broker saw it, not at the last handler return.
+pub struct Probe {
+    inner: Arc<dyn Broker>,
+    acked: AtomicU64,
+    last_ack_ns: AtomicU64,
+    last_ack_unix_ns: AtomicU64,
+    /// Per job index (the job id parsed as a number): when its ack returned (`now_ns`).
+    ack_at: Vec<AtomicU64>,
+    target: u64,
+    reached: Notify,
+}
+
+impl Probe {
+    /// Wrap `inner`; [`Probe::reached`] fires once `target` acks have returned.
+    /// `per_job` sizes the per-job ack record (0 for none).
+    pub fn new(inner: Arc<dyn Broker>, target: u64, per_job: usize) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            acked: AtomicU64::new(0),
+            last_ack_ns: AtomicU64::new(0),
+            last_ack_unix_ns: AtomicU64::new(0),
+            ack_at: (0..per_job).map(|_| AtomicU64::new(0)).collect(),
+            target,
+            reached: Notify::new(),
+        })
+    }
+
+    /// Acks so far.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    /// Monotonic time of the last ack.
+    pub fn last_ack_ns(&self) -> u64 {
+        self.last_ack_ns.load(Ordering::Acquire)
+    }
+
+    /// Wall-clock time of the last ack.
+    pub fn last_ack_unix_ns(&self) -> u64 {
+        self.last_ack_unix_ns.load(Ordering::Acquire)
+    }
+
+    /// When job `index`'s ack returned (0 if it has not).
+    pub fn ack_at(&self, index: usize) -> u64 {
+        self.ack_at
+            .get(index)
+            .map_or(0, |a| a.load(Ordering::Acquire))
+    }
+
+    /// Wait until the target number of acks is reached or `timeout` passes.
+    pub async fn wait(&self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.reached.notified();
+            if self.acked() >= self.target {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(format!(
+                    "only {} of {} jobs were acked within {timeout:?}",
+                    self.acked(),
+                    self.target
+                )
+                .into());
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for Probe {
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, BrokerError> {
+        self.inner.enqueue(jobs).await
+    }
+    async fn fetch(&self, plan: &FetchPlan) -> Result<Vec<Delivery>, BrokerError> {
+        self.inner.fetch(plan).await
+    }
+    async fn ack(&self, lease: &Lease) -> Result<(), BrokerError> {
+        self.inner.ack(lease).await?;
+        let t = now_ns();
+        self.last_ack_ns.fetch_max(t, Ordering::AcqRel);
+        self.last_ack_unix_ns.fetch_max(unix_ns(), Ordering::AcqRel);
+        if let Some(slot) = lease
+            .job_id
+            .as_str()
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| self.ack_at.get(i))
+        {
+            slot.store(t, Ordering::Release);
+        }
+        if self.acked.fetch_add(1, Ordering::AcqRel) + 1 >= self.target {
+            self.reached.notify_waiters();
+        }
+        Ok(())
+    }
+    async fn retry_after(
+        &self,
+        lease: &Lease,
+        delay: Duration,
+        error: &str,
+    ) -> Result<(), BrokerError> {
+        self.inner.retry_after(lease, delay, error).await
+    }
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), BrokerError> {
+        self.inner.dead_letter(lease, reason).await
+    }
+    async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
+        self.inner.release(lease).await
+    }
+    async fn extend_lease(&self, lease: &Lease, lease_for: Duration) -> Result<(), BrokerError> {
+        self.inner.extend_lease(lease, lease_for).await
+    }
+    async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError> {
+        self.inner.reap_expired(queues).await
+    }
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        self.inner.depth(queue).await
+    }
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        self.inner.dead_letters(queue, limit).await
+    }
+    async fn requeue_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError> {
+        self.inner.requeue_dead(queue, ids).await
+    }
+    async fn purge_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError> {
+        self.inner.purge_dead(queue, ids).await
+    }
+    async fn register_worker(&self, info: &WorkerInfo, ttl: Duration) -> Result<(), BrokerError> {
+        self.inner.register_worker(info, ttl).await
+    }
+    async fn list_workers(&self, pool: Option<&str>) -> Result<Vec<WorkerInfo>, BrokerError> {
+        self.inner.list_workers(pool).await
+    }
+    async fn deregister_worker(&self, worker_id: &str) -> Result<(), BrokerError> {
+        self.inner.deregister_worker(worker_id).await
+    }
+    async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
+        self.inner.wait_for_work(queues, timeout).await
+    }
+}
+
+/// One item taken by a raw consumer: its bytes, and what the ack needs.
+pub struct RawItem {
+    /// The payload as pushed.
+    pub data: Vec<u8>,
+    key: u64,
+}
+
+/// The hand-written reliable queue, with no framework.
+///
+/// * Redis: `LPUSH` to a list; a consumer moves the oldest item into a processing
+///   list with `LMOVE` (`BLMOVE` on its own connection when it must wait) and acks
+///   with `LREM` — the reliable-queue pattern, one round trip per step.
+/// * Memory: a mutex-guarded deque with a semaphore counting its items, and a
+///   processing map, so a taken item is held until acked as the framework holds it.
+#[derive(Clone)]
+pub enum Raw {
+    /// In-process.
+    Memory(Arc<RawMemory>),
+    /// Redis lists `src` and `processing` on one multiplexed connection.
+    Redis(Arc<RawRedis>),
+}
+
+/// The Redis raw queue's connection and lists.
+pub struct RawRedis {
+    /// For consumers that need their own connection.
+    client: redis::Client,
+    /// Shared, pipelined connection.
+    conn: redis::aio::MultiplexedConnection,
+    /// The work list.
+    src: String,
+    /// The processing list.
+    processing: String,
+}
+
+/// State of the in-memory raw queue.
+pub struct RawMemory {
+    items: Mutex<VecDeque<Vec<u8>>>,
+    ready: Semaphore,
+    processing: Mutex<HashMap<u64, Vec<u8>>>,
+    next: AtomicU64,
+}
+
+impl Default for RawMemory {
+    fn default() -> Self {
+        Self {
+            items: Mutex::default(),
+            ready: Semaphore::new(0),
+            processing: Mutex::default(),
+            next: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Raw {
+    /// A fresh raw queue for `kind` named after `name`.
+    pub async fn new(kind: Kind, urls: &Urls, name: &str) -> Result<Self> {
+        Ok(match kind {
+            Kind::Memory => Raw::Memory(Arc::default()),
+            Kind::Redis => {
+                let client = redis::Client::open(urls.redis_url.as_str())?;
+                let conn = client.get_multiplexed_async_connection().await?;
+                Raw::Redis(Arc::new(RawRedis {
+                    client,
+                    conn,
+                    src: format!("{name}:src"),
+                    processing: format!("{name}:processing"),
+                }))
+            }
+        })
+    }
+
+    /// Push items (in batches of 500 per command).
+    pub async fn push(&self, items: Vec<Vec<u8>>) -> Result<()> {
+        match self {
+            Raw::Memory(m) => {
+                let n = items.len();
+                m.items.lock().map_err(|_| "poisoned")?.extend(items);
+                m.ready.add_permits(n);
+            }
+            Raw::Redis(r) => {
+                let (mut conn, src) = (r.conn.clone(), &r.src);
+                for chunk in items.chunks(500) {
+                    let _: () = redis::cmd("LPUSH")
+                        .arg(src)
+                        .arg(chunk)
+                        .query_async(&mut conn)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A consumer handle: `blocking` ones wait for work (and get their own
+    /// connection on Redis, since a blocking command holds a connection).
+    pub async fn consumer(&self, blocking: bool) -> Result<RawConsumer> {
+        let own = match self {
+            Raw::Redis(r) if blocking => {
+                let mut own = r.client.get_multiplexed_async_connection().await?;
+                // BLMOVE waits up to 1 s; the default response timeout is shorter.
+                own.set_response_timeout(Duration::from_secs(5));
+                Some(own)
+            }
+            _ => None,
+        };
+        Ok(RawConsumer {
+            raw: self.clone(),
+            own,
+            blocking,
+        })
+    }
+}
+
+/// One consumer of a [`Raw`] queue.
+pub struct RawConsumer {
+    raw: Raw,
+    own: Option<redis::aio::MultiplexedConnection>,
+    blocking: bool,
+}
+
+impl RawConsumer {
+    /// Take the oldest item; `None` when empty (non-blocking) or after waiting 1 s.
+    pub async fn pop(&mut self) -> Result<Option<RawItem>> {
+        match &self.raw {
+            Raw::Memory(m) => {
+                let permit = if self.blocking {
+                    match tokio::time::timeout(Duration::from_secs(1), m.ready.acquire()).await {
+                        Ok(p) => p?,
+                        Err(_) => return Ok(None),
+                    }
+                } else {
+                    match m.ready.try_acquire() {
+                        Ok(p) => p,
+                        Err(_) => return Ok(None),
+                    }
+                };
+                permit.forget();
+                let Some(data) = m.items.lock().map_err(|_| "poisoned")?.pop_front() else {
+                    return Ok(None);
+                };
+                let key = m.next.fetch_add(1, Ordering::Relaxed);
+                m.processing
+                    .lock()
+                    .map_err(|_| "poisoned")?
+                    .insert(key, data.clone());
+                Ok(Some(RawItem { data, key }))
+            }
+            Raw::Redis(r) => {
+                let RawRedis {
+                    conn,
+                    src,
+                    processing,
+                    ..
+                } = r.as_ref();
+                let data: Option<Vec<u8>> = match &mut self.own {
+                    Some(own) => {
+                        redis::cmd("BLMOVE")
+                            .arg(src)
+                            .arg(processing)
+                            .arg("RIGHT")
+                            .arg("LEFT")
+                            .arg(1.0)
+                            .query_async(own)
+                            .await?
+                    }
+                    None => {
+                        redis::cmd("LMOVE")
+                            .arg(src)
+                            .arg(processing)
+                            .arg("RIGHT")
+                            .arg("LEFT")
+                            .query_async(&mut conn.clone())
+                            .await?
+                    }
+                };
+                Ok(data.map(|data| RawItem { data, key: 0 }))
+            }
+        }
+    }
+
+    /// Acknowledge an item: remove it from processing.
+    pub async fn ack(&mut self, item: &RawItem) -> Result<()> {
+        match &self.raw {
+            Raw::Memory(m) => {
+                m.processing
+                    .lock()
+                    .map_err(|_| "poisoned")?
+                    .remove(&item.key);
+            }
+            Raw::Redis(r) => {
+                let RawRedis {
+                    conn, processing, ..
+                } = r.as_ref();
+                let mut c = match &self.own {
+                    Some(own) => own.clone(),
+                    None => conn.clone(),
+                };
+                let _: i64 = redis::cmd("LREM")
+                    .arg(processing)
+                    .arg(1)
+                    .arg(&item.data)
+                    .query_async(&mut c)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
