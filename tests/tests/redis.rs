@@ -81,8 +81,12 @@ async fn a_killed_worker_s_job_completes_elsewhere_with_its_attempt_raised() {
         )
         .await;
     assert_eq!(starts(&second), vec![(ids[0].clone(), 2)]);
-    let d = b.depth(queue).await.unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((d.pending, d.in_flight, d.delayed, d.dead), (0, 0, 0, 0));
+    // The end event comes as the handler returns; the ack follows it.
+    worker_core::testing::eventually(Duration::from_secs(5), "the job is acked", || async {
+        let d = b.depth(queue).await.unwrap_or_else(|e| panic!("{e}"));
+        (d.pending, d.in_flight, d.delayed, d.dead) == (0, 0, 0, 0)
+    })
+    .await;
     second.signal("TERM");
     assert_eq!(
         second.wait_exit(Duration::from_secs(10)).await.code(),

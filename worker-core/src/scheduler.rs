@@ -24,6 +24,9 @@ struct Slot {
     pass: u64,
     limit: Option<u32>,
     in_flight: u32,
+    /// Jobs that plans still on the wire may bring (their shares' maxima), so that
+    /// fetches running side by side never take more than a queue's limit together.
+    reserved: u32,
     /// The last fetch gave this queue fewer jobs than its share: it has no work.
     dry: bool,
 }
@@ -47,6 +50,7 @@ impl Scheduler {
                     pass: 0,
                     limit: q.max_in_flight,
                     in_flight: 0,
+                    reserved: 0,
                     dry: false,
                 })
                 .collect(),
@@ -55,7 +59,8 @@ impl Scheduler {
 
     fn room(&self, i: usize, n: u32) -> u32 {
         let s = &self.slots[i];
-        s.limit.map_or(n, |l| l.saturating_sub(s.in_flight).min(n))
+        s.limit
+            .map_or(n, |l| l.saturating_sub(s.in_flight + s.reserved).min(n))
     }
 
     /// A plan for `n` jobs, or `None` when every queue is at its own limit.
@@ -81,6 +86,11 @@ impl Scheduler {
                 .collect(),
             Scheduling::Weighted => self.weighted_shares(&eligible, n),
         };
+        for share in &shares {
+            if let Some(slot) = self.slots.iter_mut().find(|s| s.name == share.queue) {
+                slot.reserved += share.max;
+            }
+        }
         Some(FetchPlan::new(shares, n, lease))
     }
 
@@ -124,16 +134,27 @@ impl Scheduler {
             .collect()
     }
 
-    /// Account what a fetch of `plan` returned: `got` jobs per queue name.
+    /// Account what a fetch of `plan` returned: `got` jobs per queue name (nothing
+    /// when the fetch failed). Every plan must be accounted exactly once.
     pub(crate) fn fetched(&mut self, plan: &FetchPlan, got: &[&str]) {
         for share in &plan.shares {
             let Some(slot) = self.slots.iter_mut().find(|s| s.name == share.queue) else {
                 continue;
             };
             let count = got.iter().filter(|q| **q == share.queue).count() as u32;
+            slot.reserved = slot.reserved.saturating_sub(share.max);
             slot.pass += slot.stride * u64::from(count);
             slot.in_flight += count;
             slot.dry = count < share.share || (share.share == 0 && count == 0 && slot.dry);
+        }
+    }
+
+    /// A fetch of `plan` failed: give back what it had reserved, change nothing else.
+    pub(crate) fn abandoned(&mut self, plan: &FetchPlan) {
+        for share in &plan.shares {
+            if let Some(slot) = self.slots.iter_mut().find(|s| s.name == share.queue) {
+                slot.reserved = slot.reserved.saturating_sub(share.max);
+            }
         }
     }
 
@@ -227,5 +248,21 @@ mod tests {
         assert!(s.plan(8, Duration::from_secs(1)).is_none());
         s.finished("a");
         assert_eq!(s.plan(8, Duration::from_secs(1)).unwrap().shares[0].max, 1);
+    }
+
+    #[test]
+    fn plans_on_the_wire_together_never_exceed_a_queue_limit() {
+        let specs = vec![QueueSpec::new("a").max_in_flight(3), QueueSpec::new("b")];
+        let mut s = Scheduler::new(&specs, Scheduling::Weighted);
+        let first = s.plan(2, Duration::from_secs(1)).unwrap();
+        let second = s.plan(4, Duration::from_secs(1)).unwrap();
+        let max_of =
+            |p: &FetchPlan, q: &str| p.shares.iter().find(|s| s.queue == q).map_or(0, |s| s.max);
+        assert!(max_of(&first, "a") + max_of(&second, "a") <= 3);
+        // A failed fetch gives its room back; a returned one keeps only what it got.
+        s.abandoned(&first);
+        s.fetched(&second, &["a"]);
+        let third = s.plan(8, Duration::from_secs(1)).unwrap();
+        assert_eq!(max_of(&third, "a"), 2);
     }
 }

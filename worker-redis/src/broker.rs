@@ -1,7 +1,7 @@
 //! [`RedisBroker`]: the `Broker` contract on Redis.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,6 +16,7 @@ use worker_core::{
     NewJob, QueueDepth, WorkerInfo,
 };
 
+use crate::acks::AckBatches;
 use crate::error::{from_redis, redact};
 use crate::scripts;
 use crate::wait::Waiter;
@@ -145,6 +146,7 @@ impl RedisConfig {
             max_payload: self.max_payload,
             next_due: Mutex::new(HashMap::new()),
             waiter: Waiter::new(client),
+            acks: Arc::default(),
         })
     }
 }
@@ -152,7 +154,7 @@ impl RedisConfig {
 /// One shared connection: a self-reconnecting multiplexed connection to a single
 /// server, or redis-rs's cluster connection, which routes each script by its keys' slot.
 #[derive(Clone)]
-enum Conn {
+pub(crate) enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
 }
@@ -179,6 +181,7 @@ pub struct RedisBroker {
     /// When each queue's first delayed job falls due, as the last empty fetch saw it.
     next_due: Mutex<HashMap<String, Instant>>,
     waiter: Waiter,
+    acks: Arc<AckBatches>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -259,6 +262,11 @@ impl RedisBroker {
         result.map_err(|e| from_redis(op, e))
     }
 
+    fn queue_keys(&self, queue: &str) -> Vec<String> {
+        let tag = self.tag(queue);
+        QUEUE_KEYS.iter().map(|k| format!("{tag}:{k}")).collect()
+    }
+
     async fn queue_call<T: FromRedisValue>(
         &self,
         op: &'static str,
@@ -266,9 +274,7 @@ impl RedisBroker {
         queue: &str,
         args: impl FnOnce(&mut ScriptInvocation<'_>),
     ) -> Result<T, BrokerError> {
-        let tag = self.tag(queue);
-        let keys: Vec<String> = QUEUE_KEYS.iter().map(|k| format!("{tag}:{k}")).collect();
-        self.call(op, script, &keys, args).await
+        self.call(op, script, &self.queue_keys(queue), args).await
     }
 
     /// A settling call: `1` means done, `0` means the token no longer owns the job.
@@ -493,7 +499,29 @@ impl Broker for RedisBroker {
     }
 
     async fn ack(&self, lease: &Lease) -> Result<(), BrokerError> {
-        self.fenced("ack", &scripts::ACK, lease, |_| {}).await
+        let (acked, start) = self
+            .acks
+            .push(&lease.queue, lease.job_id.clone(), lease.token);
+        if start {
+            match self.connection().await {
+                Ok(conn) => {
+                    let keys = self.queue_keys(&lease.queue);
+                    tokio::spawn(self.acks.clone().flush(lease.queue.clone(), conn, keys));
+                }
+                Err(e) => self.acks.fail_all(&lease.queue, &e),
+            }
+        }
+        match acked.await {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(BrokerError::LeaseLost {
+                job_id: lease.job_id.clone(),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(BrokerError::Unavailable {
+                message: "redis ack: the batch carrying this ack was dropped".into(),
+                source: None,
+            }),
+        }
     }
 
     async fn retry_after(

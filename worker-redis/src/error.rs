@@ -24,6 +24,25 @@ pub(crate) fn from_redis(op: &str, e: RedisError) -> BrokerError {
     }
 }
 
+/// A copy of `e` for each of several callers that shared one failed call: the same
+/// message and the same transience (the source itself cannot be shared).
+pub(crate) fn for_each_waiter(e: &BrokerError) -> BrokerError {
+    match e {
+        BrokerError::Protocol(m) => BrokerError::Protocol(m.clone()),
+        e if e.is_transient() => {
+            let message = match std::error::Error::source(e) {
+                Some(source) => format!("{e}: {source}"),
+                None => e.to_string(),
+            };
+            BrokerError::Unavailable {
+                message,
+                source: None,
+            }
+        }
+        e => BrokerError::Protocol(e.to_string()),
+    }
+}
+
 /// `url` with any password replaced, for logs and errors.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {

@@ -9,6 +9,8 @@
 //!    task: lease extended every lease/3, the per-job timeout, the drain deadline;
 //! 5. **settle** — ack, retry with backoff, dead-letter or release, fenced by the lease
 //!    token; transient broker errors are retried until the lease would have expired.
+//!    The job's fetch permit is already back by then (it returns with the handler), so
+//!    the next fetch travels while this call does.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -40,10 +42,9 @@ pub(crate) async fn run<H: Handler>(
         queue = %queue,
         attempt = delivery.envelope.attempt,
     );
-    let outcome = supervise(&shared, delivery).instrument(span).await;
+    let outcome = supervise(&shared, delivery, held).instrument(span).await;
     shared.record(&queue, outcome);
     shared.sched().finished(&queue);
-    drop(held);
     shared.job_done.notify_one();
 }
 
@@ -82,7 +83,13 @@ async fn extend<H>(shared: &Shared<H>, lease: &Lease) -> Result<(), BrokerError>
     }
 }
 
-async fn supervise<H: Handler>(shared: &Shared<H>, delivery: Delivery) -> Outcome {
+/// `held` is the job's fetch permit: given back as soon as the handler has returned,
+/// so the next fetch overlaps this job's settling call instead of waiting for it.
+async fn supervise<H: Handler>(
+    shared: &Shared<H>,
+    delivery: Delivery,
+    held: OwnedSemaphorePermit,
+) -> Outcome {
     let Delivery { envelope, lease } = delivery;
     let max_attempts = envelope.max_attempts.unwrap_or(shared.config.max_attempts);
 
@@ -156,6 +163,7 @@ async fn supervise<H: Handler>(shared: &Shared<H>, delivery: Delivery) -> Outcom
     metrics::histogram!(names::JOB_DURATION, &labels).record(started.elapsed().as_secs_f64());
     shared.running.fetch_sub(1, Ordering::Relaxed);
     drop(permits);
+    drop(held);
     shared.publish_load();
 
     // 5. settle

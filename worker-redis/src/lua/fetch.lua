@@ -15,39 +15,66 @@ local function key(q, i)
 end
 local out, taken, got = {}, 0, {}
 
+-- Take up to n ids from the head of queue q: a fixed handful of commands per slice,
+-- whatever the slice's size.
 local function take(q, n)
   local c = 0
   while c < n do
-    local ids = redis.call('LPOP', key(q, 1), n - c)
+    local ids = redis.call('LPOP', key(q, 1), math.min(n - c, SLICE))
     if not ids then
       break
     end
-    for _, id in ipairs(ids) do
-      local env = redis.call('HGET', key(q, 4), id)
-      if env then
-        c = c + 1
-        taken = taken + 1
-        local token = ARGV[3 + 2 * k + taken]
-        redis.call('ZADD', key(q, 2), now + lease, id)
-        redis.call('HSET', key(q, 3), id, token)
-        out[#out + 1] = id
-        out[#out + 1] = env
-        out[#out + 1] = redis.call('HGET', key(q, 6), id) or '1'
-        out[#out + 1] = redis.call('HGET', key(q, 7), id) or ''
-        out[#out + 1] = redis.call('HGET', key(q, 8), id) or '0'
-        out[#out + 1] = token
+    local envs = redis.call('HMGET', key(q, 4), unpack(ids))
+    local live = {}
+    for i, id in ipairs(ids) do
+      if envs[i] then
+        live[#live + 1] = id
       end
+    end
+    if #live > 0 then
+      local attempts = redis.call('HMGET', key(q, 6), unpack(live))
+      local history = redis.call('HMGET', key(q, 7), unpack(live))
+      local due = redis.call('HMGET', key(q, 8), unpack(live))
+      local deadlines, tokens = {}, {}
+      -- Formatted once: Lua turns each number argument into text, which is costly.
+      local deadline = tostring(now + lease)
+      local j = 0
+      for i, id in ipairs(ids) do
+        if envs[i] then
+          j = j + 1
+          taken = taken + 1
+          local token = ARGV[3 + 2 * k + taken]
+          deadlines[#deadlines + 1] = deadline
+          deadlines[#deadlines + 1] = id
+          tokens[#tokens + 1] = id
+          tokens[#tokens + 1] = token
+          out[#out + 1] = id
+          out[#out + 1] = envs[i]
+          out[#out + 1] = attempts[j] or '1'
+          out[#out + 1] = history[j] or ''
+          out[#out + 1] = due[j] or '0'
+          out[#out + 1] = token
+        end
+      end
+      redis.call('ZADD', key(q, 2), unpack(deadlines))
+      redis.call('HSET', key(q, 3), unpack(tokens))
+      c = c + #live
     end
   end
   return c
 end
 
+-- The earliest delayed job of each queue (promoted ones are looked up again at the end).
+local firsts = {}
 for q = 1, k do
-  local due = redis.call('ZRANGEBYSCORE', key(q, 5), '-inf', now, 'LIMIT', 0, 1000)
-  for _, id in ipairs(due) do
-    redis.call('ZREM', key(q, 5), id)
-    redis.call('RPUSH', key(q, 1), id)
+  local first = redis.call('ZRANGE', key(q, 5), 0, 0, 'WITHSCORES')
+  if first[2] and tonumber(first[2]) <= now then
+    local due = redis.call('ZRANGEBYSCORE', key(q, 5), '-inf', now, 'LIMIT', 0, 1000)
+    redis.call('ZREM', key(q, 5), unpack(due))
+    redis.call('RPUSH', key(q, 1), unpack(due))
+    first = redis.call('ZRANGE', key(q, 5), 0, 0, 'WITHSCORES')
   end
+  firsts[q] = first[2]
   got[q] = take(q, math.min(tonumber(ARGV[3 + q]), total - taken))
 end
 for q = 1, k do
@@ -62,9 +89,8 @@ for q = 1, k do
   end
 end
 for q = 1, k do
-  local first = redis.call('ZRANGE', key(q, 5), 0, 0, 'WITHSCORES')
-  if first[2] then
-    out[#out + 1] = tostring(math.max(0, tonumber(first[2]) - now))
+  if firsts[q] then
+    out[#out + 1] = tostring(math.max(0, tonumber(firsts[q]) - now))
   else
     out[#out + 1] = '-1'
   end

@@ -36,3 +36,26 @@ local function append_history(id, attempt, err, now)
   end
   redis.call('HSET', KEYS[7], id, h)
 end
+
+-- Commands taking many arguments are sent in slices, so a large batch never
+-- exceeds what one Lua call may unpack.
+local SLICE = 1000
+
+-- `cmd key list...`, in slices (SLICE is even, so pairs stay whole).
+local function chunked(cmd, key, list)
+  for i = 1, #list, SLICE do
+    redis.call(cmd, key, unpack(list, i, math.min(i + SLICE - 1, #list)))
+  end
+end
+
+-- HMGET of every field of `fields`, in slices; false for a missing field.
+local function hmget_all(key, fields)
+  local out = {}
+  for i = 1, #fields, SLICE do
+    local part = redis.call('HMGET', key, unpack(fields, i, math.min(i + SLICE - 1, #fields)))
+    for _, v in ipairs(part) do
+      out[#out + 1] = v
+    end
+  end
+  return out
+end
