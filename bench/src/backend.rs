@@ -65,12 +65,13 @@ pub async fn connect(kind: Kind, urls: &Urls, prefix: &str) -> Result<Arc<dyn Br
 }
 
 /// Enqueue `n` jobs to `queue`, ids `0..n`, each payload a JSON string of `bytes`
-/// bytes, in batches of 500.
+/// bytes, in batches of up to 500 jobs and about 4 MiB.
 pub async fn fill(broker: &dyn Broker, queue: &str, n: u64, bytes: usize) -> Result<()> {
     let payload = json_payload(bytes);
+    let batch = ((4 << 20) / bytes.max(1)).clamp(1, 500) as u64;
     let mut i = 0;
     while i < n {
-        let end = (i + 500).min(n);
+        let end = (i + batch).min(n);
         let batch = (i..end)
             .map(|id| NewJob::new(queue, payload.clone()).id(id.to_string()))
             .collect();
@@ -296,7 +297,9 @@ impl Raw {
             Kind::Memory => Raw::Memory(Arc::default()),
             Kind::Redis => {
                 let client = redis::Client::open(urls.redis_url.as_str())?;
-                let conn = client.get_multiplexed_async_connection().await?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                // Large payloads at high concurrency queue many MiB on one connection.
+                conn.set_response_timeout(Duration::from_secs(60));
                 Raw::Redis(Arc::new(RawRedis {
                     client,
                     conn,
@@ -317,7 +320,9 @@ impl Raw {
             }
             Raw::Redis(r) => {
                 let (mut conn, src) = (r.conn.clone(), &r.src);
-                for chunk in items.chunks(500) {
+                // Up to 500 items and about 4 MiB per command.
+                let per = ((4 << 20) / items.first().map_or(1, Vec::len).max(1)).clamp(1, 500);
+                for chunk in items.chunks(per) {
                     let _: () = redis::cmd("LPUSH")
                         .arg(src)
                         .arg(chunk)

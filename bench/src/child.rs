@@ -37,6 +37,9 @@ pub struct WorkerArgs {
     /// Concurrency.
     #[arg(long)]
     pub concurrency: u32,
+    /// Prefetch.
+    #[arg(long, default_value_t = 0)]
+    pub prefetch: u32,
     /// Handler sleep, ms.
     #[arg(long, default_value_t = 0)]
     pub sleep_ms: u64,
@@ -57,17 +60,41 @@ pub struct WorkerArgs {
     pub drain_timeout_ms: u64,
 }
 
+/// The shape of a framework worker under test.
+#[derive(Clone, Copy, Debug)]
+pub struct Pool {
+    /// Jobs running at once.
+    pub concurrency: u32,
+    /// Jobs fetched ahead of free permits (`WORKER_PREFETCH`).
+    pub prefetch: u32,
+    /// Handler sleep, ms (0: a no-op handler).
+    pub sleep_ms: u64,
+    /// Drain timeout.
+    pub drain_timeout: Duration,
+}
+
+impl Pool {
+    /// A no-op pool of `concurrency`, no prefetch, a 30 s drain timeout.
+    pub fn new(concurrency: u32) -> Self {
+        Self {
+            concurrency,
+            prefetch: 0,
+            sleep_ms: 0,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// A framework worker with a no-op (or sleeping) handler that calls `on_start` with
 /// each job's id as it starts and `on_end` as it returns.
 pub fn framework_worker(
     broker: Arc<dyn Broker>,
     queue: &str,
-    concurrency: u32,
-    sleep_ms: u64,
-    drain_timeout: Duration,
+    pool: Pool,
     on_start: impl Fn(&str) + Send + Sync + 'static,
     on_end: impl Fn(&str) + Send + Sync + Clone + 'static,
 ) -> Result<Worker<impl Handler>> {
+    let sleep_ms = pool.sleep_ms;
     let handler = handler_fn(move |job: Job<IgnoredAny>| {
         on_start(job.id().as_str());
         let id = job.id().as_str().to_owned();
@@ -83,8 +110,9 @@ pub fn framework_worker(
     let config = WorkerConfig::builder()
         .pool("bench")
         .queue(queue)
-        .concurrency(concurrency)
-        .drain_timeout(drain_timeout)
+        .concurrency(pool.concurrency)
+        .prefetch(pool.prefetch)
+        .drain_timeout(pool.drain_timeout)
         .http_addr(Some(([127, 0, 0, 1], 0).into()))
         .build()?;
     Ok(Worker::with_shared_broker(broker, config, handler))
@@ -108,9 +136,12 @@ pub async fn run_worker(args: WorkerArgs) -> Result<()> {
     let worker = framework_worker(
         probe.clone(),
         &args.queue,
-        args.concurrency,
-        args.sleep_ms,
-        Duration::from_millis(args.drain_timeout_ms),
+        Pool {
+            concurrency: args.concurrency,
+            prefetch: args.prefetch,
+            sleep_ms: args.sleep_ms,
+            drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        },
         move |id| {
             let t = unix_ns();
             let _ = fs.compare_exchange(0, t, Ordering::AcqRel, Ordering::Acquire);

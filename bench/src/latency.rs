@@ -13,10 +13,10 @@ use serde_json::json;
 use worker_core::{Broker, NewJob};
 
 use crate::backend::{connect, json_payload, namespace, Kind, Probe, Raw, Urls};
-use crate::child::framework_worker;
+use crate::child::{framework_worker, Pool};
 use crate::clock::now_ns;
 use crate::report::{Percentiles, Table};
-use crate::throughput::{self, DrainArgs};
+use crate::throughput::{self, DrainArgs, Side};
 use crate::Result;
 
 /// The open-loop scenario's shape.
@@ -37,6 +37,9 @@ pub struct LatencyArgs {
     /// Payload bytes.
     #[arg(long, default_value_t = 100)]
     pub payload: usize,
+    /// Run only one side (for profiling one of them); the other reads 0.
+    #[arg(long, value_enum)]
+    pub only: Option<Side>,
 }
 
 /// Latencies at one arrival rate.
@@ -71,6 +74,7 @@ pub async fn run(kind: Kind, urls: &Urls, args: &LatencyArgs) -> Result<Vec<Late
                 processes: 1,
                 payload: args.payload,
                 sleep_ms: 0,
+                prefetch: 0,
                 runs: 1,
                 only: None,
             };
@@ -81,8 +85,14 @@ pub async fn run(kind: Kind, urls: &Urls, args: &LatencyArgs) -> Result<Vec<Late
     for &fraction in &args.fractions {
         let rate = max * fraction;
         let jobs = ((rate * args.seconds) as u64).max(1);
-        let (start, ack) = framework(kind, urls, args, rate, jobs).await?;
-        let (raw_start, raw_ack) = raw(kind, urls, args, rate, jobs).await?;
+        let (start, ack) = match args.only {
+            Some(Side::Raw) => (Percentiles::default(), Percentiles::default()),
+            _ => framework(kind, urls, args, rate, jobs).await?,
+        };
+        let (raw_start, raw_ack) = match args.only {
+            Some(Side::Framework) => (Percentiles::default(), Percentiles::default()),
+            _ => raw(kind, urls, args, rate, jobs).await?,
+        };
         points.push(LatencyPoint {
             backend: kind.name(),
             fraction,
@@ -171,16 +181,21 @@ async fn framework(
 ) -> Result<(Percentiles, Percentiles)> {
     let prefix = namespace("latency");
     let queue = "latency";
-    let probe = Probe::new(connect(kind, urls, &prefix).await?, jobs, jobs as usize);
+    let inner = connect(kind, urls, &prefix).await?;
+    // A producer is another service with its own connection (the in-memory broker
+    // can only be shared).
+    let producer: Arc<dyn Broker> = match kind {
+        Kind::Memory => inner.clone(),
+        _ => connect(kind, urls, &prefix).await?,
+    };
+    let probe = Probe::new(inner, jobs, jobs as usize);
     let starts = Arc::new(Mutex::new(histogram()?));
     let t0 = Arc::new(AtomicU64::new(0));
     let (s, t) = (starts.clone(), t0.clone());
     let worker = framework_worker(
         probe.clone(),
         queue,
-        args.concurrency,
-        0,
-        Duration::from_secs(30),
+        Pool::new(args.concurrency),
         move |id| {
             let now = now_ns();
             if let (Ok(i), Ok(mut h)) = (id.parse::<u64>(), s.lock()) {
@@ -195,7 +210,7 @@ async fn framework(
     // Let the pool go idle and subscribe first.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let payload = json_payload(args.payload);
-    let broker = probe.clone();
+    let broker = producer;
     let failed = Arc::new(AtomicBool::new(false));
     let f = failed.clone();
     let start = produce(rate, jobs, &t0, move |i| {

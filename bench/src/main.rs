@@ -143,6 +143,15 @@ enum Scenario {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // The runtime's own warnings (RUST_LOG to see more), on stderr: stdout carries
+    // the tables and the JSON lines.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match run(Cli::parse().scenario).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -220,6 +229,7 @@ async fn all(backends: &[Kind], urls: &Urls, quick: bool, chart: &std::path::Pat
         processes: 1,
         payload: 100,
         sleep_ms: 0,
+        prefetch: 0,
         runs: if quick { 1 } else { 3 },
         only: None,
     };
@@ -242,6 +252,7 @@ async fn all(backends: &[Kind], urls: &Urls, quick: bool, chart: &std::path::Pat
             max_rate,
             seconds: if quick { 1.0 } else { 10.0 },
             payload: 100,
+            only: None,
         };
         latency::run(kind, urls, &lat).await?;
         resources::idle(kind, urls, if quick { 3.0 } else { 30.0 }, 16).await?;

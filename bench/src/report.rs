@@ -20,7 +20,7 @@ pub fn median(v: &[f64]) -> f64 {
 }
 
 /// p50 / p99 / p99.9 / max of a nanosecond histogram, in ms.
-#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct Percentiles {
     /// Median.
     pub p50_ms: f64,

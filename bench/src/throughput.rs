@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::backend::{connect, fill, namespace, Kind, Probe, Raw, Urls};
-use crate::child::{framework_worker, raw_drain_consumers, report, Child};
+use crate::child::{framework_worker, raw_drain_consumers, report, Child, Pool};
 use crate::clock::now_ns;
 use crate::report::{median, Table};
 use crate::Result;
@@ -32,6 +32,9 @@ pub struct DrainArgs {
     /// Handler sleep, ms (0: a no-op handler).
     #[arg(long, default_value_t = 0)]
     pub sleep_ms: u64,
+    /// Framework prefetch: jobs fetched ahead of free permits (`WORKER_PREFETCH`).
+    #[arg(long, default_value_t = 0)]
+    pub prefetch: u32,
     /// Runs per figure (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub runs: u32,
@@ -121,14 +124,15 @@ pub async fn run(kind: Kind, urls: &Urls, args: &DrainArgs) -> Result<Vec<Point>
         ]);
     }
     println!(
-        "drain throughput: {} jobs of {} B, handler sleep {} ms, median of {} runs",
-        args.jobs, args.payload, args.sleep_ms, args.runs
+        "drain throughput: {} jobs of {} B, handler sleep {} ms, prefetch {}, median of {} runs",
+        args.jobs, args.payload, args.sleep_ms, args.prefetch, args.runs
     );
     table.print();
     println!(
         "{}",
         json!({"scenario": "throughput", "backend": kind.name(), "jobs": args.jobs,
-            "payload": args.payload, "sleep_ms": args.sleep_ms, "points": points})
+            "payload": args.payload, "sleep_ms": args.sleep_ms, "prefetch": args.prefetch,
+            "points": points})
     );
     Ok(points)
 }
@@ -155,9 +159,11 @@ pub async fn framework(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Res
     let worker = framework_worker(
         probe.clone(),
         queue,
-        c,
-        args.sleep_ms,
-        Duration::from_secs(30),
+        Pool {
+            prefetch: args.prefetch,
+            sleep_ms: args.sleep_ms,
+            ..Pool::new(c)
+        },
         move |_| {
             let _ = f.compare_exchange(0, now_ns(), Ordering::AcqRel, Ordering::Acquire);
         },
@@ -200,6 +206,8 @@ async fn framework_processes(
             c.to_string(),
             "--sleep-ms".into(),
             args.sleep_ms.to_string(),
+            "--prefetch".into(),
+            args.prefetch.to_string(),
         ])?);
     }
     // The workers do not know when the others are done: watch the queue empty.
