@@ -192,18 +192,14 @@ impl std::fmt::Debug for RedisBroker {
     }
 }
 
-const QUEUE_KEYS: [&str; 11] = [
+/// A queue's keys, in the order every script takes them (see `lua/prelude.lua`).
+const QUEUE_KEYS: [&str; 6] = [
     "pending",
     "inflight",
-    "tokens",
     "jobs",
     "delayed",
-    "attempts",
-    "history",
-    "due",
     "dead",
-    "dead_env",
-    "dead_reason",
+    "dead_jobs",
 ];
 
 impl RedisBroker {

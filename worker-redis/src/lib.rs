@@ -19,10 +19,13 @@
 //! ## Data model
 //!
 //! For queue `q` under prefix `p` (all keys tagged `{p:q}`): `pending` LIST of ids,
-//! `inflight` ZSET id → lease deadline, `tokens` HASH id → lease token, `jobs` HASH
-//! id → envelope, `delayed` ZSET id → due time, `attempts`, `history` and `due` HASHes,
-//! `dead` ZSET id → time of death with `dead_env` and `dead_reason` HASHes. Wake-ups
-//! go to the pub/sub channel `{p:q}:notify`. The worker registry lives under `{p:workers}`.
+//! `inflight` ZSET id → lease deadline, `jobs` HASH with three fields a job
+//! (`e:<id>` the envelope, `m:<id>` "attempt|due|lease token", `h:<id>` the attempt
+//! history), `delayed` ZSET id → due time, `dead` ZSET id → time of death, and
+//! `dead_jobs` HASH with a dead job's fields and `r:<id>` its reason. Keeping a job's
+//! state in one hash keeps every step to a few commands per batch: a fetch is six
+//! commands and an ack three, however many jobs they carry. Wake-ups go to the
+//! pub/sub channel `{p:q}:notify`. The worker registry lives under `{p:workers}`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -6,14 +6,19 @@ if not owned(ARGV[1], ARGV[2]) then
 end
 local id = ARGV[1]
 local now = now_ms()
-drop_lease(id)
-append_history(id, attempt_of(id), ARGV[3], now)
-local env = redis.call('HGET', KEYS[4], id)
-redis.call('HDEL', KEYS[4], id)
-redis.call('HDEL', KEYS[8], id)
-if env then
-  redis.call('HSET', KEYS[10], id, env)
+redis.call('ZREM', KEYS[2], id)
+local attempt, due = meta_of(id)
+append_history(id, attempt, ARGV[3], now)
+set_meta(id, attempt, due, '')
+local vals = redis.call('HMGET', KEYS[3], e(id), m(id), h(id))
+redis.call('HDEL', KEYS[3], e(id), m(id), h(id))
+local fields = {r(id), ARGV[3]}
+for i, f in ipairs({e(id), m(id), h(id)}) do
+  if vals[i] then
+    fields[#fields + 1] = f
+    fields[#fields + 1] = vals[i]
+  end
 end
-redis.call('HSET', KEYS[11], id, ARGV[3])
-redis.call('ZADD', KEYS[9], now, id)
+redis.call('HSET', KEYS[6], unpack(fields))
+redis.call('ZADD', KEYS[5], now, id)
 return 1

@@ -4,18 +4,18 @@ local ids = {}
 if #ARGV > 1 then
   for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
 else
-  ids = redis.call('ZRANGE', KEYS[9], 0, -1)
+  ids = redis.call('ZRANGE', KEYS[5], 0, -1)
 end
-local now = now_ms()
+local now = tostring(now_ms())
 local moved = 0
 for _, id in ipairs(ids) do
-  local env = redis.call('HGET', KEYS[10], id)
-  if redis.call('ZREM', KEYS[9], id) == 1 and env then
-    redis.call('HSET', KEYS[4], id, env)
-    redis.call('HDEL', KEYS[10], id)
-    redis.call('HDEL', KEYS[11], id)
-    redis.call('HSET', KEYS[6], id, 1)
-    redis.call('HSET', KEYS[8], id, now)
+  local vals = redis.call('HMGET', KEYS[6], e(id), h(id))
+  if redis.call('ZREM', KEYS[5], id) == 1 and vals[1] then
+    redis.call('HDEL', KEYS[6], e(id), r(id), m(id), h(id))
+    redis.call('HSET', KEYS[3], e(id), vals[1], m(id), '1|' .. now .. '|')
+    if vals[2] then
+      redis.call('HSET', KEYS[3], h(id), vals[2])
+    end
     redis.call('RPUSH', KEYS[1], id)
     moved = moved + 1
   end

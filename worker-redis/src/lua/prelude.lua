@@ -1,51 +1,76 @@
--- Shared by every queue script. KEYS are always the queue's keys in this order
--- (all share one hash tag, so a queue lives on one cluster slot):
---   1 pending LIST of ids          2 inflight ZSET id -> lease deadline (ms)
---   3 tokens HASH id -> lease token 4 jobs HASH id -> envelope (immutable JSON)
---   5 delayed ZSET id -> due (ms)   6 attempts HASH id -> attempt number
---   7 history HASH id -> JSON array 8 due HASH id -> ms it became (or becomes) ready
---   9 dead ZSET id -> died at (ms)  10 dead_env HASH id -> envelope
---   11 dead_reason HASH id -> reason
+-- Shared by every queue script. KEYS are always the queue's keys in this order (all
+-- share one hash tag, so a queue lives on one cluster slot):
+--   1 pending LIST of ids            2 inflight ZSET id -> lease deadline (ms)
+--   3 jobs HASH, three fields a job: 'e:'..id -> envelope (immutable JSON),
+--     'm:'..id -> 'attempt|due|token' (due: ms it became or becomes ready; token empty
+--     when not leased), 'h:'..id -> history (JSON array, absent before a failure)
+--   4 delayed ZSET id -> due (ms)    5 dead ZSET id -> died at (ms)
+--   6 dead HASH: the jobs fields of each dead job, plus 'r:'..id -> reason
+-- One hash for a job's state keeps each step to a few commands, whatever the batch.
 -- Time is the Redis server's clock, so leases do not depend on worker clocks.
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+local function e(id) return 'e:' .. id end
+local function m(id) return 'm:' .. id end
+local function h(id) return 'h:' .. id end
+local function r(id) return 'r:' .. id end
+
+-- attempt, due, token (strings) of a meta value; defaults for a missing one.
+local function parse_meta(v)
+  if not v then
+    return '1', '0', ''
+  end
+  local a, d, t = string.match(v, '^(%d+)|(%d+)|(%d*)$')
+  return a or '1', d or '0', t or ''
+end
+
+local function meta_of(id)
+  return parse_meta(redis.call('HGET', KEYS[3], m(id)))
+end
+
+local function set_meta(id, attempt, due, token)
+  redis.call('HSET', KEYS[3], m(id), attempt .. '|' .. due .. '|' .. token)
+end
+
 -- Invariant: only the delivery holding the current token may change an in-flight job.
 local function owned(id, token)
-  return redis.call('HGET', KEYS[3], id) == token
-end
-
-local function drop_lease(id)
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('HDEL', KEYS[3], id)
-end
-
-local function attempt_of(id)
-  return tonumber(redis.call('HGET', KEYS[6], id) or '1')
+  local v = redis.call('HGET', KEYS[3], m(id))
+  if not v then
+    return false
+  end
+  local _, _, t = parse_meta(v)
+  return t ~= '' and t == token
 end
 
 local function append_history(id, attempt, err, now)
-  local rec = cjson.encode({attempt = attempt, error = err, at_ms = now})
-  local h = redis.call('HGET', KEYS[7], id)
-  if h then
-    h = string.sub(h, 1, -2) .. ',' .. rec .. ']'
+  local rec = cjson.encode({attempt = tonumber(attempt), error = err, at_ms = now})
+  local old = redis.call('HGET', KEYS[3], h(id))
+  if old then
+    old = string.sub(old, 1, -2) .. ',' .. rec .. ']'
   else
-    h = '[' .. rec .. ']'
+    old = '[' .. rec .. ']'
   end
-  redis.call('HSET', KEYS[7], id, h)
+  redis.call('HSET', KEYS[3], h(id), old)
 end
 
 -- Commands taking many arguments are sent in slices, so a large batch never
 -- exceeds what one Lua call may unpack.
-local SLICE = 1000
+local SLICE = 999
 
--- `cmd key list...`, in slices (SLICE is even, so pairs stay whole).
-local function chunked(cmd, key, list)
-  for i = 1, #list, SLICE do
-    redis.call(cmd, key, unpack(list, i, math.min(i + SLICE - 1, #list)))
+-- `cmd key list...`, in slices (SLICE is a multiple of 3 and of 1, not of 2: callers
+-- with pairs use chunked_pairs).
+local function chunked(cmd, key, list, step)
+  step = step or SLICE
+  for i = 1, #list, step do
+    redis.call(cmd, key, unpack(list, i, math.min(i + step - 1, #list)))
   end
+end
+
+local function chunked_pairs(cmd, key, list)
+  chunked(cmd, key, list, 1000)
 end
 
 -- HMGET of every field of `fields`, in slices; false for a missing field.

@@ -4,7 +4,10 @@
 if not owned(ARGV[1], ARGV[2]) then
   return 0
 end
-drop_lease(ARGV[1])
-redis.call('LPUSH', KEYS[1], ARGV[1])
+local id = ARGV[1]
+redis.call('ZREM', KEYS[2], id)
+local attempt, due = meta_of(id)
+set_meta(id, attempt, due, '')
+redis.call('LPUSH', KEYS[1], id)
 redis.call('PUBLISH', ARGV[3], 1)
 return 1

@@ -5,13 +5,13 @@ if not owned(ARGV[1], ARGV[2]) then
 end
 local id, delay = ARGV[1], tonumber(ARGV[3])
 local now = now_ms()
-drop_lease(id)
-local attempt = attempt_of(id)
+redis.call('ZREM', KEYS[2], id)
+local attempt = meta_of(id)
 append_history(id, attempt, ARGV[4], now)
-redis.call('HSET', KEYS[6], id, attempt + 1)
-redis.call('HSET', KEYS[8], id, now + delay)
+local due = tostring(now + delay)
+set_meta(id, tostring(tonumber(attempt) + 1), due, '')
 if delay > 0 then
-  redis.call('ZADD', KEYS[5], now + delay, id)
+  redis.call('ZADD', KEYS[4], due, id)
 else
   redis.call('RPUSH', KEYS[1], id)
   redis.call('PUBLISH', ARGV[5], 1)
