@@ -242,6 +242,15 @@ async fn all(backends: &[Kind], urls: &Urls, quick: bool, chart: &std::path::Pat
             .find(|p| p.concurrency == 16)
             .map(|p| p.framework);
         points.extend(mine);
+        if !quick {
+            // The same pool fetching ahead: how much of the gap is pipeline depth.
+            let ahead = throughput::DrainArgs {
+                concurrency: vec![16],
+                prefetch: 48,
+                ..drain.clone()
+            };
+            throughput::run(kind, urls, &ahead).await?;
+        }
         let lat = latency::LatencyArgs {
             concurrency: 16,
             fractions: if quick {
