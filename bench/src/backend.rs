@@ -51,6 +51,28 @@ pub fn namespace(tag: &str) -> String {
     format!("bench-{}-{tag}-{}", std::process::id(), fastrand::u32(..))
 }
 
+/// Delete every key this process's runs left on Redis (a run that failed midway
+/// leaves its jobs behind). Best effort: the run's own result is what matters.
+pub async fn cleanup(urls: &Urls) {
+    let Ok(client) = redis::Client::open(urls.redis_url.as_str()) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let pattern = format!("*bench-{}-*", std::process::id());
+    let mut keys: Vec<String> = Vec::new();
+    if let Ok(mut iter) = redis::AsyncCommands::scan_match::<_, String>(&mut conn, &pattern).await {
+        use futures::StreamExt;
+        while let Some(k) = iter.next().await {
+            keys.extend(k.ok());
+        }
+    }
+    for chunk in keys.chunks(500) {
+        let _: Result<i64, _> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+    }
+}
+
 /// The framework's broker for `kind`. `prefix` isolates the run (Redis key prefix).
 pub async fn connect(kind: Kind, urls: &Urls, prefix: &str) -> Result<Arc<dyn Broker>> {
     Ok(match kind {

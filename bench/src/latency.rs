@@ -207,7 +207,9 @@ async fn framework(
     )?
     .spawn()
     .await?;
-    // Let the pool go idle and subscribe first.
+    // Open the producer's connection (it connects on first use), and let the pool go
+    // idle and subscribe, before the first arrival.
+    producer.depth(queue).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let payload = json_payload(args.payload);
     let broker = producer;

@@ -133,6 +133,15 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// Draw the throughput chart from a saved run's output (its JSON lines).
+    Chart {
+        /// The saved output of `bench all` or `bench throughput`.
+        #[arg(long)]
+        input: PathBuf,
+        /// The PNG to write.
+        #[arg(long, default_value = "bench/throughput.png")]
+        output: PathBuf,
+    },
     /// A framework worker process (used by the scenarios).
     #[command(hide = true)]
     Worker(child::WorkerArgs),
@@ -162,6 +171,23 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(scenario: Scenario) -> Result<()> {
+    let urls = match &scenario {
+        Scenario::All { urls, .. }
+        | Scenario::Throughput { urls, .. }
+        | Scenario::Latency { urls, .. }
+        | Scenario::Idle { urls, .. }
+        | Scenario::Memory { urls, .. }
+        | Scenario::DrainTime { urls, .. } => Some(urls.clone()),
+        Scenario::Worker(_) | Scenario::RawWorker(_) | Scenario::Chart { .. } => None,
+    };
+    let result = scenario_run(scenario).await;
+    if let Some(urls) = urls {
+        backend::cleanup(&urls).await;
+    }
+    result
+}
+
+async fn scenario_run(scenario: Scenario) -> Result<()> {
     match scenario {
         Scenario::All {
             backend,
@@ -212,6 +238,15 @@ async fn run(scenario: Scenario) -> Result<()> {
         } => resources::drain_time(backend, &urls, concurrency, sleep_ms, runs)
             .await
             .map(drop),
+        Scenario::Chart { input, output } => {
+            let text = std::fs::read_to_string(&input)
+                .map_err(|e| format!("cannot read {}: {e}", input.display()))?;
+            let points = report::points_from(&text);
+            if points.is_empty() {
+                return Err(format!("no throughput points in {}", input.display()).into());
+            }
+            report::chart(&points, &output)
+        }
         Scenario::Worker(args) => child::run_worker(args).await,
         Scenario::RawWorker(args) => child::run_raw_worker(args).await,
     }

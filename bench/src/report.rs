@@ -100,74 +100,109 @@ impl Table {
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 
-/// Draw jobs/s against concurrency, one framework and one raw line per backend,
-/// to a PNG at `path`. Text needs the DejaVu Sans font (Debian's fonts-dejavu-core).
+/// Draw jobs/s against concurrency to a PNG at `path`: one panel per backend, each
+/// with the framework and the raw loop and the ratio at every point. Text needs the
+/// DejaVu Sans font (Debian's fonts-dejavu-core).
 pub fn chart(points: &[Point], path: &Path) -> Result<()> {
     let font = std::fs::read(FONT).map_err(|e| format!("cannot read the font {FONT}: {e}"))?;
     // plotters keeps registered fonts for the life of the process.
     let font: &'static [u8] = Box::leak(font.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, font)
         .map_err(|_| "the font could not be loaded")?;
-    let max_c = points
-        .iter()
-        .map(|p| p.concurrency)
-        .max()
-        .unwrap_or(1)
-        .max(2);
-    let max_y = points
-        .iter()
-        .flat_map(|p| [p.framework, p.raw])
-        .fold(0.0_f64, f64::max)
-        * 1.15;
-    let root = BitMapBackend::new(path, (960, 600)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Drain throughput against concurrency (one process, no-op handler)",
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(72)
-        .build_cartesian_2d((1u32..max_c).log_scale(), 0.0..max_y.max(1.0))?;
-    chart
-        .configure_mesh()
-        .x_desc("concurrency C (log scale)")
-        .y_desc("jobs per second")
-        .x_label_formatter(&|c| c.to_string())
-        .y_label_formatter(&|y| format!("{y:.0}"))
-        .draw()?;
     let mut backends: Vec<&str> = points.iter().map(|p| p.backend).collect();
     backends.dedup();
-    for (i, backend) in backends.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+    let root =
+        BitMapBackend::new(path, (560 * backends.len().max(1) as u32, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(
+        "Drain throughput against concurrency (one process, no-op handler, 100 B payloads)",
+        ("sans-serif", 20),
+    )?;
+    let panels = root.split_evenly((1, backends.len().max(1)));
+    for (panel, backend) in panels.iter().zip(&backends) {
         let mine: Vec<&Point> = points.iter().filter(|p| p.backend == *backend).collect();
-        for (series, raw) in [("framework", false), ("raw loop", true)] {
+        let max_c = mine.iter().map(|p| p.concurrency).max().unwrap_or(1).max(2);
+        let max_y = mine
+            .iter()
+            .flat_map(|p| [p.framework, p.raw])
+            .fold(1.0_f64, f64::max)
+            * 2.0;
+        let min_y = mine
+            .iter()
+            .flat_map(|p| [p.framework, p.raw])
+            .fold(f64::MAX, f64::min)
+            .clamp(1.0, max_y)
+            / 2.0;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(*backend, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(80)
+            .build_cartesian_2d((1u32..max_c * 2).log_scale(), (min_y..max_y).log_scale())?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .disable_y_mesh()
+            .x_desc("concurrency C")
+            .y_desc("jobs per second (log)")
+            .x_label_formatter(&|c| c.to_string())
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()?;
+        for (series, raw, color) in [("framework", false, RED), ("raw loop", true, BLUE)] {
             let data: Vec<(u32, f64)> = mine
                 .iter()
                 .map(|p| (p.concurrency, if raw { p.raw } else { p.framework }))
                 .collect();
-            let style = if raw {
-                ShapeStyle::from(color.mix(0.6)).stroke_width(2)
-            } else {
-                ShapeStyle::from(color).stroke_width(3)
-            };
+            let style = ShapeStyle::from(color).stroke_width(2);
             chart
                 .draw_series(LineSeries::new(data.clone(), style))?
-                .label(format!("{backend} {series}"))
+                .label(series)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
             chart.draw_series(
                 data.iter()
                     .map(|&(x, y)| Circle::new((x, y), 4, style.filled())),
             )?;
         }
+        chart.draw_series(mine.iter().map(|p| {
+            Text::new(
+                format!("{:.2}x", p.ratio()),
+                (p.concurrency, p.framework * 0.8),
+                ("sans-serif", 14),
+            )
+        }))?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
     root.present()?;
     Ok(())
+}
+
+/// The throughput points (without prefetch) among the JSON lines of a run's output.
+pub fn points_from(output: &str) -> Vec<Point> {
+    output
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["scenario"] == "throughput" && v["prefetch"].as_u64().unwrap_or(0) == 0)
+        .flat_map(|v| v["points"].as_array().cloned().unwrap_or_default())
+        .filter_map(|p| {
+            let backend = match p["backend"].as_str()? {
+                "memory" => "memory",
+                "redis" => "redis",
+                _ => return None,
+            };
+            Some(Point {
+                backend,
+                concurrency: p["concurrency"].as_u64()? as u32,
+                processes: p["processes"].as_u64()? as u32,
+                framework: p["framework"].as_f64()?,
+                raw: p["raw"].as_f64()?,
+                framework_runs: Vec::new(),
+                raw_runs: Vec::new(),
+            })
+        })
+        .collect()
 }
