@@ -16,7 +16,7 @@ use worker_core::{
     NewJob, QueueDepth, WorkerInfo,
 };
 
-use crate::acks::AckBatches;
+use crate::batch::{self, AckItem, AckOutcome, Batches, EnqueueItem, EnqueueOutcome};
 use crate::error::{from_redis, redact};
 use crate::scripts;
 use crate::wait::Waiter;
@@ -146,7 +146,8 @@ impl RedisConfig {
             max_payload: self.max_payload,
             next_due: Mutex::new(HashMap::new()),
             waiter: Waiter::new(client),
-            acks: Arc::default(),
+            acks: Arc::new(Batches::new(1000, usize::MAX, |_| 1)),
+            enqueues: Arc::new(Batches::new(500, 4 << 20, batch::enqueue_bytes)),
         })
     }
 }
@@ -181,7 +182,8 @@ pub struct RedisBroker {
     /// When each queue's first delayed job falls due, as the last empty fetch saw it.
     next_due: Mutex<HashMap<String, Instant>>,
     waiter: Waiter,
-    acks: Arc<AckBatches>,
+    acks: Arc<Batches<AckItem, AckOutcome>>,
+    enqueues: Arc<Batches<EnqueueItem, EnqueueOutcome>>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -438,22 +440,32 @@ impl Broker for RedisBroker {
                 delay,
             ));
         }
-        for (queue, batch) in by_queue {
-            let channel = self.channel(&queue);
-            let reply: Vec<Vec<u8>> = self
-                .queue_call("enqueue", &scripts::ENQUEUE, &queue, |inv| {
-                    inv.arg(&channel);
-                    for (id, env, delay) in &batch {
-                        inv.arg(id.as_str()).arg(env.as_slice()).arg(*delay);
+        for (queue, jobs) in by_queue {
+            let (written, start) = self.enqueues.push(&queue, jobs);
+            if start {
+                match self.connection().await {
+                    Ok(conn) => {
+                        tokio::spawn(batch::flush_enqueues(
+                            self.enqueues.clone(),
+                            queue.clone(),
+                            conn,
+                            self.queue_keys(&queue),
+                            self.channel(&queue),
+                        ));
                     }
-                })
-                .await?;
-            if reply.first().map(Vec::as_slice) == Some(b"1") {
-                let id = reply
-                    .get(1)
-                    .map(|r| String::from_utf8_lossy(r).into_owned())
-                    .unwrap_or_default();
-                return Err(BrokerError::DuplicateJob { job_id: id.into() });
+                    Err(e) => self.enqueues.fail_all(&queue, &e),
+                }
+            }
+            match written.await {
+                Ok(Ok(None)) => {}
+                Ok(Ok(Some(id))) => return Err(BrokerError::DuplicateJob { job_id: id.into() }),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(BrokerError::Unavailable {
+                        message: "redis enqueue: the batch carrying these jobs was dropped".into(),
+                        source: None,
+                    })
+                }
             }
         }
         Ok(ids)
@@ -497,12 +509,17 @@ impl Broker for RedisBroker {
     async fn ack(&self, lease: &Lease) -> Result<(), BrokerError> {
         let (acked, start) = self
             .acks
-            .push(&lease.queue, lease.job_id.clone(), lease.token);
+            .push(&lease.queue, (lease.job_id.clone(), lease.token));
         if start {
             match self.connection().await {
                 Ok(conn) => {
                     let keys = self.queue_keys(&lease.queue);
-                    tokio::spawn(self.acks.clone().flush(lease.queue.clone(), conn, keys));
+                    tokio::spawn(batch::flush_acks(
+                        self.acks.clone(),
+                        lease.queue.clone(),
+                        conn,
+                        keys,
+                    ));
                 }
                 Err(e) => self.acks.fail_all(&lease.queue, &e),
             }

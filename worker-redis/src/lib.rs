@@ -30,7 +30,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod acks;
+mod batch;
 mod broker;
 mod error;
 mod scripts;
