@@ -119,6 +119,20 @@ impl DemoWorker {
         self.events().iter().filter(|e| e["event"] == name).count()
     }
 
+    /// `(id, attempt)` of every job start it reported, in order.
+    pub fn starts(&self) -> Vec<(String, u64)> {
+        self.events()
+            .iter()
+            .filter(|e| e["event"] == "start")
+            .map(|e| {
+                (
+                    e["id"].as_str().unwrap_or("").to_owned(),
+                    e["attempt"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
     /// Everything it wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr
@@ -191,6 +205,23 @@ impl DemoWorker {
             .find(|e| e["event"] == "stopped")
             .unwrap_or_else(|| panic!("no stopped event\nstderr:\n{}", self.stderr()))
     }
+}
+
+/// Enqueue `n` jobs with `payload` (JSON) to `queue`; their ids.
+pub async fn enqueue_json(
+    b: &dyn worker_core::Broker,
+    queue: &str,
+    payload: &Value,
+    n: usize,
+) -> Vec<String> {
+    let jobs = (0..n)
+        .map(|_| worker_core::NewJob::json(queue, payload).unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    let ids = b
+        .enqueue(jobs)
+        .await
+        .unwrap_or_else(|e| panic!("enqueue: {e}"));
+    ids.into_iter().map(|id| id.to_string()).collect()
 }
 
 /// `n` copies of a demo payload, as a `DEMO_JOBS` value.
@@ -325,4 +356,129 @@ impl Drop for RedisServer {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The shared RabbitMQ's management API, for what a test must do from outside a
+/// worker: find and close its connections, and delete the queues it made.
+pub struct RabbitAdmin {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Default for RabbitAdmin {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RabbitAdmin {
+    /// The management API at `AMQP_MANAGEMENT_API` (default `http://127.0.0.1:15672`,
+    /// user guest).
+    pub fn new() -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: std::env::var("AMQP_MANAGEMENT_API")
+                .unwrap_or_else(|_| "http://127.0.0.1:15672".into()),
+        }
+    }
+
+    /// The management URL with credentials, as a worker takes it.
+    pub fn url(&self) -> String {
+        self.base.replacen("://", "://guest:guest@", 1)
+    }
+
+    async fn send(&self, method: reqwest::Method, path: &str) -> reqwest::Response {
+        self.http
+            .request(method, format!("{}/api/{path}", self.base))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "management API (enable it: rabbitmq-plugins enable rabbitmq_management): {e}"
+                )
+            })
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.send(reqwest::Method::GET, path)
+            .await
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("management API reply: {e}"))
+    }
+
+    async fn delete(&self, path: &str) -> u16 {
+        self.send(reqwest::Method::DELETE, path)
+            .await
+            .status()
+            .as_u16()
+    }
+
+    /// Names of the connections a process with `pid` opened (by the name the AMQP
+    /// backend gives its connections).
+    pub async fn connections_of(&self, pid: u32) -> Vec<String> {
+        let want = format!("worker-pools pid {pid}");
+        let all = self.get("connections?columns=name,client_properties").await;
+        all.as_array()
+            .map(|list| {
+                list.iter()
+                    .filter(|c| c["client_properties"]["connection_name"] == want.as_str())
+                    .filter_map(|c| c["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Wait (up to 30 s) until the management API lists a connection of process `pid`
+    /// not in `except`, and return its name. The listing trails the broker by its
+    /// statistics interval.
+    pub async fn wait_connection_of(&self, pid: u32, except: &[String]) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let found = self.connections_of(pid).await;
+            if let Some(name) = found.into_iter().find(|n| !except.contains(n)) {
+                return name;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no new connection of pid {pid} listed within 30 s (seen before: {except:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Close the connection `name` from the broker side; false when it was already gone.
+    pub async fn close_connection(&self, name: &str) -> bool {
+        match self.delete(&format!("connections/{}", encode(name))).await {
+            404 => false,
+            s if s < 300 => true,
+            s => panic!("close connection {name}: HTTP {s}"),
+        }
+    }
+
+    /// Names of the queues of the default vhost that start with `prefix`.
+    pub async fn queues(&self, prefix: &str) -> Vec<String> {
+        let all = self.get("queues/%2F?columns=name").await;
+        all.as_array()
+            .map(|list| {
+                list.iter()
+                    .filter_map(|q| q["name"].as_str())
+                    .filter(|n| n.starts_with(prefix))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Delete the queues of the default vhost that start with `prefix`.
+    pub async fn delete_queues(&self, prefix: &str) {
+        for q in self.queues(prefix).await {
+            self.delete(&format!("queues/%2F/{}", encode(&q))).await;
+        }
+    }
+}
+
+fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }

@@ -21,14 +21,7 @@ async fn broker(prefix: &str) -> RedisBroker {
 }
 
 async fn enqueue(b: &RedisBroker, queue: &str, payload: Value, n: usize) -> Vec<String> {
-    let jobs = (0..n)
-        .map(|_| NewJob::json(queue, &payload).unwrap_or_else(|e| panic!("{e}")))
-        .collect();
-    let ids = b
-        .enqueue(jobs)
-        .await
-        .unwrap_or_else(|e| panic!("enqueue: {e}"));
-    ids.into_iter().map(|id| id.to_string()).collect()
+    system_tests::enqueue_json(b, queue, &payload, n).await
 }
 
 fn worker(prefix: &str, queue: &str, extra: &[(&str, &str)]) -> DemoWorker {
@@ -39,19 +32,6 @@ fn worker(prefix: &str, queue: &str, extra: &[(&str, &str)]) -> DemoWorker {
     ];
     env.extend_from_slice(extra);
     DemoWorker::start(&env)
-}
-
-fn starts(w: &DemoWorker) -> Vec<(String, u64)> {
-    w.events()
-        .iter()
-        .filter(|e| e["event"] == "start")
-        .map(|e| {
-            (
-                e["id"].as_str().unwrap_or("").to_owned(),
-                e["attempt"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,7 +60,7 @@ async fn a_killed_worker_s_job_completes_elsewhere_with_its_attempt_raised() {
             |e| e.iter().any(|e| e["event"] == "end"),
         )
         .await;
-    assert_eq!(starts(&second), vec![(ids[0].clone(), 2)]);
+    assert_eq!(second.starts(), vec![(ids[0].clone(), 2)]);
     // The end event comes as the handler returns; the ack follows it.
     worker_core::testing::eventually(Duration::from_secs(5), "the job is acked", || async {
         let d = b.depth(queue).await.unwrap_or_else(|e| panic!("{e}"));
@@ -136,7 +116,7 @@ async fn a_drained_worker_s_jobs_go_to_another_worker_at_once_with_attempt_uncha
         "pick-up took {:?}",
         exited.elapsed()
     );
-    let mut got = starts(&second);
+    let mut got = second.starts();
     got.sort();
     let mut want: Vec<(String, u64)> = ids.into_iter().map(|id| (id, 1)).collect();
     want.sort();

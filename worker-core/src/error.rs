@@ -176,7 +176,8 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn invalid(
+    /// `variable` had `value`, which is not of the `expected` form.
+    pub fn invalid(
         variable: impl Into<String>,
         value: impl Into<String>,
         expected: impl Into<String>,

@@ -48,7 +48,7 @@ pub use broker::memory::MemoryBroker;
 pub use broker::{
     Broker, DeadLetter, Delivery, FetchPlan, FetchShare, Lease, LeaseToken, QueueDepth, WorkerInfo,
 };
-pub use config::{Backoff, QueueSpec, Scheduling, WorkerConfig, WorkerConfigBuilder};
+pub use config::{redact, Backoff, QueueSpec, Scheduling, WorkerConfig, WorkerConfigBuilder};
 pub use error::{BrokerError, ConfigError, JobError, Transience, WorkerError};
 pub use handler::{handler_fn, Handler, HandlerFn};
 pub use job::{Envelope, Job, JobContext, JobId, NewJob};

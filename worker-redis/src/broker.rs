@@ -17,9 +17,10 @@ use worker_core::{
 };
 
 use crate::batch::{self, AckItem, AckOutcome, Batches, EnqueueItem, EnqueueOutcome};
-use crate::error::{from_redis, redact};
+use crate::error::from_redis;
 use crate::scripts;
 use crate::wait::Waiter;
+use worker_core::redact;
 
 /// Most expired leases one reap call reclaims per queue (the next call takes the rest).
 const REAP_BATCH: u32 = 1000;

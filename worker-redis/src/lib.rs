@@ -37,4 +37,4 @@ mod scripts;
 mod wait;
 
 pub use broker::{RedisBroker, RedisConfig};
-pub use error::redact;
+pub use worker_core::redact;

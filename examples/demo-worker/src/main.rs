@@ -5,7 +5,9 @@
 //! (every field optional). Configured entirely from the environment (`WORKER_*`).
 //!
 //! With `REDIS_URL` set it consumes the Redis queues (key prefix `REDIS_PREFIX`,
-//! default `wp`); otherwise it runs on the embedded in-memory broker. Either way it
+//! default `wp`); with `AMQP_URL` set, the RabbitMQ queues (`AMQP_*` settings, see
+//! `worker_amqp::AmqpConfig::from_env`); otherwise it runs on the embedded in-memory
+//! broker. Either way it
 //! first enqueues `DEMO_JOBS` if given (a JSON array of such payloads; `queue` picks
 //! the queue, default the first of `WORKER_QUEUES`, and `cost` is the job's budget cost).
 //!
@@ -154,13 +156,15 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if std::env::var_os("AMQP_URL").is_some() {
-        tracing::error!("AMQP_URL is set, but this build has no AMQP backend; unset it");
-        return ExitCode::from(2);
-    }
     let memory = MemoryBroker::new();
-    let broker: Arc<dyn Broker> = match std::env::var("REDIS_URL") {
-        Ok(url) => {
+    let redis_url = std::env::var("REDIS_URL").ok();
+    let amqp = std::env::var_os("AMQP_URL").is_some();
+    let broker: Arc<dyn Broker> = match (redis_url, amqp) {
+        (Some(_), true) => {
+            tracing::error!("both REDIS_URL and AMQP_URL are set: set the one broker to use");
+            return ExitCode::from(2);
+        }
+        (Some(url), false) => {
             let prefix = std::env::var("REDIS_PREFIX").unwrap_or_else(|_| "wp".into());
             match worker_redis::RedisConfig::new(url)
                 .prefix(prefix)
@@ -174,9 +178,22 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Err(_) => Arc::new(memory.clone()),
+        (None, true) => {
+            let connected = match worker_amqp::AmqpConfig::from_env() {
+                Ok(c) => c.worker(&config).connect().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match connected {
+                Ok(amqp) => Arc::new(amqp),
+                Err(e) => {
+                    tracing::error!("AMQP_URL: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        (None, false) => Arc::new(memory.clone()),
     };
-    let in_memory = std::env::var_os("REDIS_URL").is_none();
+    let in_memory = std::env::var_os("REDIS_URL").is_none() && !amqp;
     let jobs = match seed_jobs(&config) {
         Ok(jobs) => jobs,
         Err(e) => {
@@ -190,7 +207,7 @@ async fn main() -> ExitCode {
             tracing::error!(error = %e, "cannot seed DEMO_JOBS");
             return ExitCode::from(2);
         }
-        tracing::info!(jobs = n, "seeded the in-memory broker from DEMO_JOBS");
+        tracing::info!(jobs = n, "seeded the broker from DEMO_JOBS");
     }
     let worker = Worker::with_shared_broker(broker, config.clone(), Demo);
     match worker.run_until_signal().await {

@@ -1,8 +1,8 @@
 //! Run with: `cargo run -p quickstart`
 //!
 //! Enqueues a few jobs, runs a worker on them, prints each outcome, and exits 0 once
-//! every job is settled. Uses Redis when `REDIS_URL` is set, else the embedded
-//! in-memory broker.
+//! every job is settled. Uses Redis when `REDIS_URL` is set, RabbitMQ when `AMQP_URL`
+//! is set, else the embedded in-memory broker.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,9 +25,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    let broker: Arc<dyn Broker> = match std::env::var("REDIS_URL") {
-        Ok(url) => Arc::new(worker_redis::RedisBroker::connect(&url).await?),
-        Err(_) => Arc::new(MemoryBroker::new()),
+    let broker: Arc<dyn Broker> = if let Ok(url) = std::env::var("REDIS_URL") {
+        Arc::new(worker_redis::RedisBroker::connect(&url).await?)
+    } else if std::env::var_os("AMQP_URL").is_some() {
+        Arc::new(worker_amqp::AmqpConfig::from_env()?.connect().await?)
+    } else {
+        Arc::new(MemoryBroker::new())
     };
     let mut jobs = Vec::new();
     for (name, flaky) in [("Ada", 0), ("Grace", 1), ("Linus", 0), ("Barbara", 2)] {
@@ -79,5 +82,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for dead in broker.dead_letters("greetings", 10).await? {
         tracing::info!(id = %dead.envelope.id, reason = %dead.reason, "dead letter");
     }
+    broker.close().await;
     Ok(())
 }

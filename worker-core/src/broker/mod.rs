@@ -335,6 +335,27 @@ pub trait Broker: Send + Sync + 'static {
         let _ = queues;
         tokio::time::sleep(timeout.min(Duration::from_millis(50))).await;
     }
+
+    /// The worker will fetch no more from `queues` (its drain began). A backend that
+    /// receives jobs ahead of [`fetch`](Self::fetch), as AMQP consumers do, stops
+    /// receiving and hands back at once what it holds but has not given out, so other
+    /// workers can start it. Leases already given out are untouched. The default does
+    /// nothing: a backend that only hands out jobs on fetch holds nothing.
+    async fn stop_fetching(&self, queues: &[String]) {
+        let _ = queues;
+    }
+
+    /// The worker has stopped: close connections cleanly. Later calls may connect
+    /// again. The default does nothing.
+    async fn close(&self) {}
+
+    /// Whether [`enqueue`](Self::enqueue) refuses a job whose id is already stored
+    /// ([`BrokerError::DuplicateJob`]). A backend that cannot look jobs up by id (AMQP)
+    /// stores both; handlers make their effects idempotent by job id either way, as
+    /// delivery is at least once.
+    fn refuses_duplicate_ids(&self) -> bool {
+        true
+    }
 }
 
 /// Wall-clock time as ms since the Unix epoch, for a `SystemTime`.
@@ -437,6 +458,15 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
     }
     async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
         (**self).wait_for_work(queues, timeout).await
+    }
+    async fn stop_fetching(&self, queues: &[String]) {
+        (**self).stop_fetching(queues).await
+    }
+    async fn close(&self) {
+        (**self).close().await
+    }
+    fn refuses_duplicate_ids(&self) -> bool {
+        (**self).refuses_duplicate_ids()
     }
 }
 

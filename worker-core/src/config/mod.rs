@@ -365,9 +365,41 @@ pub(crate) fn default_reap_interval(lease: Duration) -> Duration {
     (lease / 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
 }
 
+/// `url` with any password replaced, for logs and errors: `redis://app:***@host`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}")
+            } else {
+                format!("{scheme}://{user}@{host}")
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_never_leave_redacted_urls() {
+        assert_eq!(
+            redact("redis://:s3cret@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
+        assert_eq!(
+            redact("amqps://app:s3cret@h:1/%2f"),
+            "amqps://app:***@h:1/%2f"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("redis://app@h"), "redis://app@h");
+    }
 
     #[test]
     fn backoff_ceiling_doubles_up_to_cap() {

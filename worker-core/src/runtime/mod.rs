@@ -311,6 +311,10 @@ async fn drive<H: Handler>(
 ) -> RunReport {
     let tracker = TaskTracker::new();
     fetcher::fetch_loop(shared.clone(), tracker.clone()).await;
+    shared
+        .broker
+        .stop_fetching(&shared.config.queue_names())
+        .await;
 
     shared.life.advance(State::Draining);
     metrics::gauge!(names::DRAINING, names::POOL => shared.config.pool.clone()).set(1.0);
@@ -345,6 +349,7 @@ async fn drive<H: Handler>(
     for task in background {
         let _ = tokio::time::timeout(Duration::from_millis(500), task).await;
     }
+    shared.broker.close().await;
     shared.life.advance(State::Stopped);
     let c = &shared.counts;
     let report = RunReport {

@@ -1,0 +1,284 @@
+//! Real `demo-worker` processes against the real RabbitMQ on 127.0.0.1:5672: a worker
+//! killed with SIGKILL mid-job, its connection closed by the broker while busy, a
+//! drain handing jobs to another worker, retries through the delay queues into the
+//! dead letters, and poison and undecodable messages. Each test uses queues of its own
+//! and deletes them at the end.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use system_tests::{DemoWorker, RabbitAdmin};
+use worker_amqp::{AmqpBroker, AmqpConfig, QueueType};
+use worker_core::testing::unique;
+use worker_core::{Broker, NewJob};
+
+const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+async fn broker(kind: QueueType) -> AmqpBroker {
+    AmqpConfig::new(URL)
+        .default_queue_type(kind)
+        .prefetch(1)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("rabbitmq: {e}"))
+}
+
+async fn enqueue(b: &AmqpBroker, queue: &str, payload: Value, n: usize) -> Vec<String> {
+    system_tests::enqueue_json(b, queue, &payload, n).await
+}
+
+fn kind_name(kind: QueueType) -> &'static str {
+    match kind {
+        QueueType::Quorum => "quorum",
+        _ => "classic",
+    }
+}
+
+fn worker(queue: &str, kind: QueueType, extra: &[(&str, &str)]) -> DemoWorker {
+    let mut env = vec![
+        ("AMQP_URL", URL),
+        ("AMQP_QUEUE_TYPE", kind_name(kind)),
+        ("WORKER_QUEUES", queue),
+    ];
+    env.extend_from_slice(extra);
+    DemoWorker::start(&env)
+}
+
+fn ended_ok(w: &DemoWorker, id: &str) -> bool {
+    w.events()
+        .iter()
+        .any(|e| e["event"] == "end" && e["id"] == id && e["ok"] == true)
+}
+
+async fn settled(b: &AmqpBroker, queue: &str) {
+    worker_core::testing::eventually(Duration::from_secs(20), "queue settled", || async {
+        let d = b
+            .depth(queue)
+            .await
+            .unwrap_or_else(|e| panic!("depth: {e}"));
+        d.pending + d.in_flight + d.delayed == 0
+    })
+    .await;
+}
+
+async fn killed_worker_s_job_completes_elsewhere(kind: QueueType) {
+    let queue = unique("kill");
+    let b = broker(kind).await;
+    let ids = enqueue(&b, &queue, json!({"sleep_ms": 1500}), 1).await;
+    let a = worker(&queue, kind, &[("WORKER_CONCURRENCY", "1")]);
+    a.wait_for(Duration::from_secs(20), "first start", |ev| {
+        ev.iter().any(|e| e["event"] == "start")
+    })
+    .await;
+    a.signal("KILL");
+    let mut bw = worker(&queue, kind, &[("WORKER_CONCURRENCY", "1")]);
+    bw.wait_for(
+        Duration::from_secs(20),
+        "the job completes elsewhere",
+        |_| ended_ok(&bw, &ids[0]),
+    )
+    .await;
+    assert_eq!(
+        bw.starts(),
+        vec![(ids[0].clone(), 2)],
+        "attempt raised once"
+    );
+    settled(&b, &queue).await;
+    bw.signal("TERM");
+    assert!(bw.wait_exit(Duration::from_secs(20)).await.success());
+    RabbitAdmin::new().delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_s_job_completes_elsewhere_with_its_attempt_raised() {
+    killed_worker_s_job_completes_elsewhere(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_quorum_queue_a_killed_worker_s_job_completes_elsewhere() {
+    killed_worker_s_job_completes_elsewhere(QueueType::Quorum).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_by_the_broker_is_reopened_and_every_job_completes() {
+    let queue = unique("cut");
+    let b = broker(QueueType::Classic).await;
+    let mut w = worker(&queue, QueueType::Classic, &[("WORKER_CONCURRENCY", "4")]);
+    w.wait_listening().await;
+    let admin = RabbitAdmin::new();
+    // The management API lists a connection some seconds after it opens: find the
+    // worker's before it has work, so that the cut lands while it is busy.
+    let first = admin.wait_connection_of(w.pid(), &[]).await;
+    let n = 40;
+    let mut ids = enqueue(&b, &queue, json!({"sleep_ms": 250}), n).await;
+    w.wait_for(Duration::from_secs(20), "busy", |ev| {
+        ev.iter().filter(|e| e["event"] == "end").count() >= 8
+    })
+    .await;
+    assert!(admin.close_connection(&first).await, "cut while busy");
+    // Cut again, the new connection this time, whether busy or idle.
+    let second = admin
+        .wait_connection_of(w.pid(), std::slice::from_ref(&first))
+        .await;
+    assert!(admin.close_connection(&second).await, "second cut");
+    admin.wait_connection_of(w.pid(), &[first, second]).await;
+    // Jobs enqueued after the cuts prove the worker consumes again.
+    ids.extend(enqueue(&b, &queue, json!({"sleep_ms": 10}), 8).await);
+    w.wait_for(Duration::from_secs(60), "every job completes", |_| {
+        ids.iter().all(|id| ended_ok(&w, id))
+    })
+    .await;
+    settled(&b, &queue).await;
+    // A job whose ack was lost with the connection runs again; no other job does.
+    let runs = w.starts().len();
+    let total = ids.len();
+    assert!(
+        runs >= total && runs <= total + 2 * 4,
+        "{runs} starts for {total} jobs"
+    );
+    let log = w.stderr();
+    assert!(
+        log.matches("amqp: reconnected").count() >= 2,
+        "two reconnects logged:\n{log}"
+    );
+    w.signal("TERM");
+    assert!(w.wait_exit(Duration::from_secs(20)).await.success());
+    admin.delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_hands_jobs_to_another_worker_at_once_and_exits_cleanly() {
+    let queue = unique("drain");
+    let b = broker(QueueType::Classic).await;
+    let ids = enqueue(&b, &queue, json!({"sleep_ms": 4000}), 2).await;
+    let mut a = worker(
+        &queue,
+        QueueType::Classic,
+        &[
+            ("WORKER_CONCURRENCY", "2"),
+            ("WORKER_DRAIN_TIMEOUT", "300ms"),
+        ],
+    );
+    a.wait_for(Duration::from_secs(20), "both jobs start", |ev| {
+        ev.iter().filter(|e| e["event"] == "start").count() == 2
+    })
+    .await;
+    let other = worker(&queue, QueueType::Classic, &[("WORKER_CONCURRENCY", "2")]);
+    other.wait_listening().await;
+    let signalled = Instant::now();
+    a.signal("TERM");
+    assert!(a.wait_exit(Duration::from_secs(20)).await.success());
+    let report = &a.stopped()["report"];
+    assert_eq!(report["released"], 2, "{report}");
+    other
+        .wait_for(
+            Duration::from_secs(5),
+            "the released jobs start elsewhere",
+            |ev| ev.iter().filter(|e| e["event"] == "start").count() == 2,
+        )
+        .await;
+    assert!(signalled.elapsed() < Duration::from_secs(4), "not at once");
+    let mut got = other.starts();
+    got.sort();
+    let mut want: Vec<(String, u64)> = ids.iter().map(|id| (id.clone(), 1)).collect();
+    want.sort();
+    assert_eq!(got, want, "released jobs keep their attempt");
+    other
+        .wait_for(Duration::from_secs(20), "both complete", |_| {
+            ids.iter().all(|id| ended_ok(&other, id))
+        })
+        .await;
+    settled(&b, &queue).await;
+    assert!(
+        RabbitAdmin::new().connections_of(a.pid()).await.is_empty(),
+        "the drained worker's connection is closed"
+    );
+    other.signal("TERM");
+    RabbitAdmin::new().delete_queues(&queue).await;
+}
+
+async fn retries_go_through_delay_queues_then_die(kind: QueueType) {
+    let queue = unique("retry");
+    let b = broker(kind).await;
+    let ids = enqueue(&b, &queue, json!({"outcome": "retry"}), 1).await;
+    let w = worker(
+        &queue,
+        kind,
+        &[
+            ("WORKER_MAX_ATTEMPTS", "3"),
+            ("WORKER_RETRY_BASE", "400ms"),
+            ("WORKER_RETRY_CAP", "800ms"),
+        ],
+    );
+    w.wait_for(Duration::from_secs(30), "three attempts", |ev| {
+        ev.iter().filter(|e| e["event"] == "start").count() == 3
+    })
+    .await;
+    let attempts: Vec<u64> = w.starts().into_iter().map(|(_, a)| a).collect();
+    assert_eq!(attempts, vec![1, 2, 3]);
+    worker_core::testing::eventually(Duration::from_secs(10), "dead letter", || async {
+        b.depth(&queue).await.map(|d| d.dead).unwrap_or(0) == 1
+    })
+    .await;
+    let dead = b
+        .dead_letters(&queue, 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].envelope.id.as_str(), ids[0]);
+    assert!(
+        dead[0].reason.contains("3 of 3") && dead[0].reason.contains("asked to retry"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(dead[0].envelope.history.len(), 3, "{:?}", dead[0].envelope);
+    // The backoffs went through the queue's delay queues.
+    let delays = RabbitAdmin::new().queues(&format!("{queue}.delay.")).await;
+    assert!(!delays.is_empty(), "no delay queue was used");
+    w.signal("TERM");
+    RabbitAdmin::new().delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_wait_in_delay_queues_then_dead_letter_with_the_reason() {
+    retries_go_through_delay_queues_then_die(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_quorum_queues_retries_wait_in_delay_queues_then_dead_letter() {
+    retries_go_through_delay_queues_then_die(QueueType::Quorum).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_and_undecodable_messages_are_dead_lettered_not_redelivered() {
+    let queue = unique("poison");
+    let b = broker(QueueType::Classic).await;
+    let fatal = enqueue(&b, &queue, json!({"outcome": "fatal"}), 1).await;
+    let garbage = b
+        .enqueue(vec![NewJob::new(&queue, vec![0xffu8, 0x00, 0x13])])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let w = worker(&queue, QueueType::Classic, &[]);
+    worker_core::testing::eventually(Duration::from_secs(20), "two dead letters", || async {
+        b.depth(&queue).await.map(|d| d.dead).unwrap_or(0) == 2
+    })
+    .await;
+    let reasons: HashMap<String, String> = b
+        .dead_letters(&queue, 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|d| (d.envelope.id.to_string(), d.reason))
+        .collect();
+    assert_eq!(reasons[&fatal[0]], "asked to fail");
+    assert!(
+        reasons[garbage[0].as_str()].contains("undecodable"),
+        "{reasons:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.starts().len(), 1, "each message ran at most once");
+    settled(&b, &queue).await;
+    w.signal("TERM");
+    RabbitAdmin::new().delete_queues(&queue).await;
+}

@@ -1,0 +1,1188 @@
+//! [`AmqpBroker`]: the `Broker` contract on RabbitMQ.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicQosOptions, QueueDeleteOptions, QueuePurgeOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Consumer};
+use tokio::sync::Notify;
+use worker_core::broker::validate_queue_name;
+use worker_core::job::now_ms;
+use worker_core::{
+    Broker, BrokerError, DeadLetter, Delivery, Envelope, FetchPlan, JobId, Lease, LeaseToken,
+    NewJob, QueueDepth, WorkerInfo,
+};
+
+use crate::config::AmqpConfig;
+use crate::error::from_lapin;
+use crate::management::Management;
+use crate::message::{dead_fields, decode, properties};
+use crate::session::{passive_count, Session, Sessions};
+use crate::topology::{self, QueueType};
+
+/// How long a fetch waits for deliveries the broker has said are on their way.
+const ARRIVAL_WAIT: Duration = Duration::from_millis(200);
+
+/// A delivery received from RabbitMQ and not settled yet.
+struct Received {
+    tag: u64,
+    channel: Channel,
+    gen: u64,
+    envelope: Envelope,
+}
+
+/// A delivery handed out by `fetch`, under its lease token.
+struct Held {
+    received: Received,
+    deadline: Instant,
+}
+
+/// Where a published job goes.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    /// Its work queue.
+    Queue,
+    /// Its work queue after this delay (through a delay queue).
+    Delayed(Duration),
+    /// Its dead-letter queue, with this reason.
+    Dead(&'a str),
+}
+
+struct Consuming {
+    gen: u64,
+    channel: Channel,
+    consumer: Consumer,
+    tag: String,
+}
+
+#[derive(Default)]
+struct QueueState {
+    consuming: Option<Consuming>,
+    /// Received, not handed out yet, oldest first.
+    ready: VecDeque<Received>,
+    /// `stop_fetching` was called: consume no more.
+    stopped: bool,
+}
+
+#[derive(Default)]
+struct State {
+    queues: HashMap<String, QueueState>,
+    leases: HashMap<LeaseToken, Held>,
+}
+
+struct Inner {
+    config: AmqpConfig,
+    sessions: Sessions,
+    management: Option<Management>,
+    state: Mutex<State>,
+    arrived: Notify,
+}
+
+/// A [`Broker`] on RabbitMQ.
+///
+/// Each consumed queue has one consumer on its own channel with manual acks and a
+/// prefetch of [`AmqpConfig::prefetch`]: RabbitMQ sends at most that many deliveries
+/// ahead, counting those running, and `fetch` hands them out. Enqueues, retries and
+/// dead letters are published with confirms: each returns once the broker has the
+/// message. See the crate documentation for where AMQP's semantics differ from the
+/// contract.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use worker_amqp::{AmqpBroker, AmqpConfig};
+/// use worker_core::{Broker, NewJob};
+///
+/// let broker = AmqpConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f")
+///     .prefetch(16)
+///     .connect()
+///     .await?;
+/// broker.enqueue(vec![NewJob::json("emails", &"hello")?]).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AmqpBroker {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+impl AmqpConfig {
+    /// Connect (once, to check the settings; later losses reconnect by themselves).
+    pub async fn connect(self) -> Result<AmqpBroker, BrokerError> {
+        let management = match &self.management_url {
+            Some(url) => Some(Management::new(url, &self.vhost())?),
+            None => None,
+        };
+        let inner = Arc::new(Inner {
+            sessions: Sessions::new(self.clone()),
+            config: self,
+            management,
+            state: Mutex::new(State::default()),
+            arrived: Notify::new(),
+        });
+        inner.sessions.get().await?;
+        Ok(AmqpBroker { inner })
+    }
+}
+
+impl AmqpBroker {
+    /// Connect to `url` with default settings.
+    pub async fn connect(url: &str) -> Result<Self, BrokerError> {
+        AmqpConfig::new(url).connect().await
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.inner.config
+    }
+}
+
+fn protocol(what: impl Into<String>) -> BrokerError {
+    BrokerError::Protocol(what.into())
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn kind(&self, queue: &str) -> QueueType {
+        self.config.type_of(queue)
+    }
+
+    /// Declare `queue` and its dead-letter queue on `s`.
+    async fn declare_work(&self, s: &Session, queue: &str) -> Result<(), BrokerError> {
+        let kind = self.kind(queue);
+        s.declare(queue, topology::work_args(kind), Duration::MAX)
+            .await?;
+        s.declare(
+            &topology::dead_queue(queue),
+            topology::dead_args(kind),
+            Duration::MAX,
+        )
+        .await
+    }
+
+    /// The delay queue for `delay` of `queue`, declared.
+    async fn declare_delay(
+        &self,
+        s: &Session,
+        queue: &str,
+        delay: Duration,
+    ) -> Result<String, BrokerError> {
+        let level = topology::delay_level(delay);
+        let name = topology::delay_queue(queue, level);
+        s.declare(
+            &name,
+            topology::delay_args(self.kind(queue), queue, level),
+            topology::DELAY_REDECLARE,
+        )
+        .await?;
+        Ok(name)
+    }
+
+    /// Put `env` on the wire to where `target` says, declaring that queue first;
+    /// the returned confirm resolves when the broker has it.
+    async fn send(
+        &self,
+        s: &Session,
+        target: Target<'_>,
+        env: &Envelope,
+    ) -> Result<lapin::publisher_confirm::PublisherConfirm, BrokerError> {
+        let queue = env.queue.as_str();
+        let (route, props) = match target {
+            Target::Delayed(d) if !d.is_zero() => {
+                (self.declare_delay(s, queue, d).await?, properties(env, &[]))
+            }
+            Target::Queue | Target::Delayed(_) => {
+                self.declare_work(s, queue).await?;
+                (queue.to_owned(), properties(env, &[]))
+            }
+            Target::Dead(reason) => {
+                self.declare_work(s, queue).await?;
+                (
+                    topology::dead_queue(queue),
+                    properties(env, &dead_fields(reason, now_ms())),
+                )
+            }
+        };
+        s.publisher
+            .basic_publish(
+                "",
+                &route,
+                BasicPublishOptions::default(),
+                &env.payload,
+                props,
+            )
+            .await
+            .map_err(|e| self.failed(s, "publish", e))
+    }
+
+    /// Publish `env` to `target` and wait for the broker's confirm.
+    async fn publish(
+        &self,
+        s: &Session,
+        target: Target<'_>,
+        env: &Envelope,
+    ) -> Result<(), BrokerError> {
+        let confirm = self.send(s, target, env).await?;
+        confirmed(confirm.await.map_err(|e| self.failed(s, "publish", e))?)
+    }
+
+    /// Settle `lease` by publishing a new copy of its job, changed by `change`, to
+    /// `target`, then acking the delivery. If the publish fails the lease stays held
+    /// and nothing changed.
+    async fn replace(
+        &self,
+        lease: &Lease,
+        target: Target<'_>,
+        change: impl FnOnce(&mut Envelope),
+    ) -> Result<(), BrokerError> {
+        let held = self.take_lease(lease)?;
+        if !held.received.channel.status().connected() {
+            return Err(lost(lease));
+        }
+        let mut env = held.received.envelope.clone();
+        change(&mut env);
+        let published = match self.sessions.get().await {
+            Ok(s) => self.publish(&s, target, &env).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = published {
+            self.put_lease(lease.token, held);
+            return Err(e);
+        }
+        settle_ack(&held.received).await;
+        Ok(())
+    }
+
+    /// Map a lapin error, noting a lost connection so the next call reconnects.
+    fn failed(&self, s: &Session, op: &str, e: lapin::Error) -> BrokerError {
+        if !s.alive() {
+            self.sessions.lost(s.gen);
+            self.arrived.notify_waiters();
+        }
+        from_lapin(op, e)
+    }
+
+    /// Start consuming each of `queues` that is not consumed on the current session.
+    async fn ensure_consuming(&self, s: &Session, queues: &[String]) -> Result<(), BrokerError> {
+        for q in queues {
+            let needed = {
+                let mut st = self.state();
+                let qs = st.queues.entry(q.clone()).or_default();
+                if qs.stopped {
+                    false
+                } else {
+                    let current = qs
+                        .consuming
+                        .as_ref()
+                        .is_some_and(|c| c.gen == s.gen && c.channel.status().connected());
+                    if !current {
+                        // What an earlier connection or channel held, the broker
+                        // gives to a consumer again.
+                        qs.consuming = None;
+                        qs.ready.clear();
+                    }
+                    !current
+                }
+            };
+            if needed {
+                self.consume(s, q).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn consume(&self, s: &Session, queue: &str) -> Result<(), BrokerError> {
+        validate_queue_name(queue)?;
+        self.declare_work(s, queue).await?;
+        let channel = s
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| self.failed(s, "open channel", e))?;
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| self.failed(s, "qos", e))?;
+        let tag = format!("wp-{}-{:08x}", std::process::id(), fastrand::u32(..));
+        let consumer = channel
+            .basic_consume(
+                queue,
+                &tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| self.failed(s, &format!("consume {queue}"), e))?;
+        let unneeded = {
+            let mut st = self.state();
+            let qs = st.queues.entry(queue.to_owned()).or_default();
+            if qs.stopped || qs.consuming.is_some() {
+                // Stopped, or another call won the race: this consumer is not needed.
+                Some(channel)
+            } else {
+                tracing::debug!(
+                    queue,
+                    tag,
+                    prefetch = self.config.prefetch,
+                    "amqp: consuming"
+                );
+                qs.consuming = Some(Consuming {
+                    gen: s.gen,
+                    channel,
+                    consumer,
+                    tag,
+                });
+                None
+            }
+        };
+        if let Some(channel) = unneeded {
+            let _ = channel.close(200, "not needed").await;
+        }
+        Ok(())
+    }
+
+    /// Move what the consumer of `queue` has received into its ready list, without
+    /// waiting. Returns how many moved.
+    fn pull(&self, queue: &str) -> usize {
+        let consumer = {
+            let st = self.state();
+            match st.queues.get(queue).and_then(|q| q.consuming.as_ref()) {
+                Some(c) => (c.tag.clone(), c.consumer.clone()),
+                None => return 0,
+            }
+        };
+        let (tag, mut consumer) = consumer;
+        let mut moved = 0;
+        while let Some(item) = consumer.next().now_or_never() {
+            let more = matches!(item, Some(Ok(_)));
+            self.accept(queue, &tag, item);
+            if !more {
+                break;
+            }
+            moved += 1;
+        }
+        moved
+    }
+
+    /// Put what the consumer tagged `tag` of `queue` yielded where it belongs: a
+    /// delivery at the back of the ready list; an error or the consumer's end drops
+    /// the consumer, to be started again (the broker redelivers what it held).
+    fn accept(
+        &self,
+        queue: &str,
+        tag: &str,
+        item: Option<lapin::Result<lapin::message::Delivery>>,
+    ) {
+        let mut st = self.state();
+        let Some(qs) = st.queues.get_mut(queue) else {
+            return;
+        };
+        let Some(c) = qs.consuming.as_ref().filter(|c| c.tag == tag) else {
+            // From a consumer already replaced: its channel is closed and the broker
+            // delivers the message again.
+            return;
+        };
+        match item {
+            Some(Ok(d)) => {
+                let envelope = decode(queue, d.data, &d.properties, d.redelivered).envelope;
+                let received = Received {
+                    tag: d.delivery_tag,
+                    channel: c.channel.clone(),
+                    gen: c.gen,
+                    envelope,
+                };
+                qs.ready.push_back(received);
+            }
+            Some(Err(e)) => {
+                tracing::warn!(queue, error = %e, "amqp: consumer failed; it will be restarted");
+                qs.consuming = None;
+                qs.ready.clear();
+            }
+            None => {
+                tracing::warn!(queue, "amqp: the broker cancelled the consumer (queue deleted?); it will be restarted");
+                qs.consuming = None;
+                qs.ready.clear();
+            }
+        }
+    }
+
+    /// Make the ready list of `queue` exact: every delivery the broker sent before this
+    /// call is in it. Returns the count still ready in the broker.
+    ///
+    /// A passive declare on the consumer's own channel answers after the broker has
+    /// looked at the queue; a second call on the same channel (a no-op qos) answers
+    /// after every delivery the channel had taken from the queue by then.
+    async fn sync(&self, s: &Session, queue: &str) -> Result<u64, BrokerError> {
+        let channel = {
+            let st = self.state();
+            st.queues
+                .get(queue)
+                .and_then(|q| q.consuming.as_ref())
+                .map(|c| c.channel.clone())
+        };
+        let Some(channel) = channel else {
+            return Ok(s.ready_count(queue).await?.unwrap_or(0));
+        };
+        let ready = passive_count(&channel, queue).await?.unwrap_or(0);
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| self.failed(s, "qos", e))?;
+        self.pull(queue);
+        Ok(ready)
+    }
+
+    /// Deliveries of `queue` this process holds (ready and leased) on its current
+    /// consumer: the broker sends no more while it equals the prefetch.
+    fn held_on_consumer(&self, queue: &str) -> usize {
+        let st = self.state();
+        let Some(qs) = st.queues.get(queue) else {
+            return 0;
+        };
+        let Some(c) = qs.consuming.as_ref() else {
+            return 0;
+        };
+        let leased = st
+            .leases
+            .values()
+            .filter(|h| h.received.gen == c.gen && h.received.channel.id() == c.channel.id())
+            .count();
+        qs.ready.len() + leased
+    }
+
+    fn ready_len(&self, queue: &str) -> usize {
+        self.state().queues.get(queue).map_or(0, |q| q.ready.len())
+    }
+
+    /// Wait until a delivery arrives on any of `queues`' consumers (it goes to its
+    /// ready list), the connection is lost, or `deadline`.
+    async fn arrival(&self, queues: &[String], deadline: tokio::time::Instant) {
+        let consumers: Vec<(String, String, Consumer)> = {
+            let st = self.state();
+            queues
+                .iter()
+                .filter_map(|q| {
+                    st.queues
+                        .get(q)
+                        .and_then(|qs| qs.consuming.as_ref())
+                        .map(|c| (q.clone(), c.tag.clone(), c.consumer.clone()))
+                })
+                .collect()
+        };
+        if consumers.is_empty() {
+            tokio::time::sleep_until(deadline).await;
+            return;
+        }
+        // A pending `next()` that is dropped takes nothing: only the winner's item is
+        // taken, and it goes to the ready list.
+        let next = futures::future::select_all(consumers.into_iter().map(|(q, tag, mut c)| {
+            Box::pin(async move {
+                let item = c.next().await;
+                (q, tag, item)
+            })
+        }));
+        tokio::select! {
+            ((q, tag, item), _, _) = next => self.accept(&q, &tag, item),
+            _ = self.arrived.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+
+    /// Give `r` back to the broker for another worker: published again with its
+    /// attempt unchanged, then acked. (A requeue through AMQP would mark it redelivered,
+    /// which counts an attempt.)
+    async fn hand_back(&self, s: &Session, r: Received) -> Result<(), BrokerError> {
+        if r.gen != s.gen || !r.channel.status().connected() {
+            // The broker already took it back when that channel closed.
+            return Ok(());
+        }
+        self.publish(s, Target::Queue, &r.envelope).await?;
+        settle_ack(&r).await;
+        Ok(())
+    }
+
+    /// Take the lease `lease` out of the table, checking it names the job.
+    fn take_lease(&self, lease: &Lease) -> Result<Held, BrokerError> {
+        let mut st = self.state();
+        match st.leases.get(&lease.token) {
+            Some(h)
+                if h.received.envelope.id == lease.job_id
+                    && h.received.envelope.queue == lease.queue =>
+            {
+                st.leases.remove(&lease.token).ok_or_else(|| lost(lease))
+            }
+            _ => Err(lost(lease)),
+        }
+    }
+
+    fn put_lease(&self, token: LeaseToken, held: Held) {
+        self.state().leases.insert(token, held);
+    }
+}
+
+fn lost(lease: &Lease) -> BrokerError {
+    BrokerError::LeaseLost {
+        job_id: lease.job_id.clone(),
+    }
+}
+
+fn confirmed(c: Confirmation) -> Result<(), BrokerError> {
+    match c {
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Nack(_) => Err(BrokerError::Unavailable {
+            message: "amqp: the broker refused the message (nack); it was not stored".into(),
+            source: None,
+        }),
+    }
+}
+
+/// Ack `r` on its channel. A failure means the channel is gone and the broker gives
+/// the message to a consumer again: at-least-once, never lost.
+async fn settle_ack(r: &Received) {
+    if let Err(e) = r.channel.basic_ack(r.tag, BasicAckOptions::default()).await {
+        tracing::warn!(job = %r.envelope.id, error = %e, "amqp: ack not sent; the broker will deliver the job again");
+    }
+}
+
+#[async_trait]
+impl Broker for AmqpBroker {
+    async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, BrokerError> {
+        let inner = &self.inner;
+        for job in &jobs {
+            validate_queue_name(&job.queue)?;
+            if job.payload.len() > inner.config.max_payload {
+                return Err(BrokerError::PayloadTooLarge {
+                    size: job.payload.len(),
+                    limit: inner.config.max_payload,
+                });
+            }
+        }
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let s = inner.sessions.get().await?;
+        let mut ids = Vec::with_capacity(jobs.len());
+        let mut confirms = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let delay = job.delay.unwrap_or_default();
+            let env = Envelope::from_new(job);
+            confirms.push(inner.send(&s, Target::Delayed(delay), &env).await?);
+            ids.push(env.id);
+        }
+        // Every publish is on the wire before the first confirm is awaited.
+        for c in futures::future::join_all(confirms).await {
+            confirmed(c.map_err(|e| inner.failed(&s, "publish", e))?)?;
+        }
+        Ok(ids)
+    }
+
+    async fn fetch(&self, plan: &FetchPlan) -> Result<Vec<Delivery>, BrokerError> {
+        let inner = &self.inner;
+        let s = inner.sessions.get().await?;
+        let queues: Vec<String> = plan.shares.iter().map(|sh| sh.queue.clone()).collect();
+        inner.ensure_consuming(&s, &queues).await?;
+        for q in &queues {
+            inner.pull(q);
+        }
+        let enough = |inner: &Inner| {
+            let have: usize = queues.iter().map(|q| inner.ready_len(q)).sum();
+            have >= plan.total as usize
+        };
+        if !enough(inner) {
+            // Short: make each ready list exact, then wait for what the broker has
+            // said is ready and may still send (it sends no more than the prefetch).
+            let mut expect = Vec::with_capacity(queues.len());
+            for (q, share) in queues.iter().zip(&plan.shares) {
+                let have = inner.ready_len(q);
+                if have >= share.max as usize {
+                    expect.push(have);
+                    continue;
+                }
+                let waiting = inner.sync(&s, q).await? as usize;
+                let room =
+                    (inner.config.prefetch as usize).saturating_sub(inner.held_on_consumer(q));
+                let have = inner.ready_len(q);
+                expect.push((have + waiting.min(room)).min(share.max as usize));
+            }
+            let deadline = tokio::time::Instant::now() + ARRIVAL_WAIT;
+            loop {
+                for q in &queues {
+                    inner.pull(q);
+                }
+                let arrived_all = queues
+                    .iter()
+                    .zip(&expect)
+                    .all(|(q, &want)| inner.ready_len(q) >= want);
+                if arrived_all || enough(inner) || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                inner.arrival(&queues, deadline).await;
+            }
+        }
+        let lease_until = Instant::now() + plan.lease;
+        let mut st = inner.state();
+        let available: Vec<u64> = queues
+            .iter()
+            .map(|q| st.queues.get(q).map_or(0, |qs| qs.ready.len() as u64))
+            .collect();
+        let take = plan.allocate(&available);
+        let mut out = Vec::with_capacity(take.iter().sum::<u32>() as usize);
+        for (q, n) in queues.iter().zip(take) {
+            for _ in 0..n {
+                let Some(r) = st.queues.get_mut(q).and_then(|qs| qs.ready.pop_front()) else {
+                    break;
+                };
+                let token = LeaseToken::random();
+                out.push(Delivery::new(r.envelope.clone(), token));
+                st.leases.insert(
+                    token,
+                    Held {
+                        received: r,
+                        deadline: lease_until,
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ack(&self, lease: &Lease) -> Result<(), BrokerError> {
+        let held = self.inner.take_lease(lease)?;
+        let r = &held.received;
+        if !r.channel.status().connected() {
+            return Err(lost(lease));
+        }
+        r.channel
+            .basic_ack(r.tag, BasicAckOptions::default())
+            .await
+            .map_err(|_| lost(lease))
+    }
+
+    async fn retry_after(
+        &self,
+        lease: &Lease,
+        delay: Duration,
+        error: &str,
+    ) -> Result<(), BrokerError> {
+        self.inner
+            .replace(lease, Target::Delayed(delay), |env| {
+                env.record_failure(error);
+                env.attempt = env.attempt.saturating_add(1);
+                env.due_at_ms = now_ms() + delay.as_millis() as u64;
+            })
+            .await
+    }
+
+    async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), BrokerError> {
+        self.inner
+            .replace(lease, Target::Dead(reason), |env| {
+                env.record_failure(reason)
+            })
+            .await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let held = inner.take_lease(lease)?;
+        let r = held.received;
+        if !r.channel.status().connected() {
+            return Err(lost(lease));
+        }
+        // Still consuming on that channel: the job goes first in this process's
+        // ready list, untouched in the broker.
+        let r = {
+            let mut st = inner.state();
+            let qs = st.queues.entry(lease.queue.clone()).or_default();
+            let same = qs
+                .consuming
+                .as_ref()
+                .is_some_and(|c| !qs.stopped && c.gen == r.gen && c.channel.id() == r.channel.id());
+            if same {
+                qs.ready.push_front(r);
+                drop(st);
+                inner.arrived.notify_waiters();
+                return Ok(());
+            }
+            r
+        };
+        let s = inner.sessions.get().await?;
+        inner.hand_back(&s, r).await
+    }
+
+    async fn extend_lease(&self, lease: &Lease, lease_for: Duration) -> Result<(), BrokerError> {
+        let mut st = self.inner.state();
+        match st.leases.get_mut(&lease.token) {
+            Some(h)
+                if h.received.envelope.id == lease.job_id
+                    && h.received.channel.status().connected() =>
+            {
+                h.deadline = Instant::now() + lease_for;
+                Ok(())
+            }
+            _ => Err(lost(lease)),
+        }
+    }
+
+    async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError> {
+        let inner = &self.inner;
+        let now = Instant::now();
+        let expired: Vec<Held> = {
+            let mut st = inner.state();
+            let tokens: Vec<LeaseToken> = st
+                .leases
+                .iter()
+                .filter(|(_, h)| h.deadline <= now && queues.contains(&h.received.envelope.queue))
+                .map(|(t, _)| *t)
+                .collect();
+            tokens
+                .into_iter()
+                .filter_map(|t| st.leases.remove(&t))
+                .collect()
+        };
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let s = inner.sessions.get().await?;
+        let mut reclaimed = 0;
+        for held in expired {
+            let r = held.received;
+            if r.gen != s.gen || !r.channel.status().connected() {
+                // The broker took it back when the channel closed.
+                continue;
+            }
+            let mut env = r.envelope.clone();
+            env.attempt = env.attempt.saturating_add(1);
+            inner.publish(&s, Target::Queue, &env).await?;
+            settle_ack(&r).await;
+            tracing::warn!(job = %env.id, queue = %env.queue, "amqp: lease expired; job returned to its queue");
+            reclaimed += 1;
+        }
+        Ok(reclaimed)
+    }
+
+    async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        let inner = &self.inner;
+        validate_queue_name(queue)?;
+        let s = inner.sessions.get().await?;
+        let consumed = inner
+            .state()
+            .queues
+            .get(queue)
+            .is_some_and(|q| q.consuming.is_some());
+        let ready = if consumed {
+            inner.sync(&s, queue).await?
+        } else {
+            s.ready_count(queue).await?.unwrap_or(0)
+        };
+        let dead = s
+            .ready_count(&topology::dead_queue(queue))
+            .await?
+            .unwrap_or(0);
+        let prefix = topology::delay_prefix(queue);
+        let mut delay_queues: HashSet<String> =
+            s.declared_with_prefix(&prefix).into_iter().collect();
+        let mut remote_unacked = None;
+        let mut head_timestamp = None;
+        if let Some(m) = &inner.management {
+            for q in m.queues_with_prefix(&prefix).await? {
+                delay_queues.insert(q.name);
+            }
+            if inner.config.depth_from_management {
+                if let Some(q) = m.queue(queue).await? {
+                    remote_unacked = Some(q.messages_unacknowledged);
+                    head_timestamp = q.head_message_timestamp;
+                }
+            }
+        }
+        let mut delayed = 0;
+        for name in delay_queues {
+            match s.ready_count(&name).await? {
+                Some(n) => delayed += n,
+                None => s.forget(&name),
+            }
+        }
+        let st = inner.state();
+        let local_ready = st.queues.get(queue).map_or(0, |q| q.ready.len() as u64);
+        let leased = st
+            .leases
+            .values()
+            .filter(|h| h.received.envelope.queue == queue)
+            .count() as u64;
+        let oldest = st
+            .queues
+            .get(queue)
+            .and_then(|q| q.ready.iter().map(|r| r.envelope.due_at_ms).min());
+        drop(st);
+        // Other processes' deliveries: unacked in the broker beyond what this one holds.
+        let others = remote_unacked.map_or(0, |u| u.saturating_sub(leased + local_ready));
+        let mut d = QueueDepth::default();
+        d.pending = ready + local_ready;
+        d.in_flight = leased + others;
+        d.delayed = delayed;
+        d.delayed_due = 0;
+        d.dead = dead;
+        let now = now_ms();
+        let oldest = match (oldest, head_timestamp) {
+            (Some(a), Some(b)) => Some(a.min(b * 1000)),
+            (a, b) => a.or(b.map(|t| t * 1000)),
+        };
+        d.oldest_pending_age = oldest
+            .filter(|_| d.pending > 0)
+            .map(|t| Duration::from_millis(now.saturating_sub(t)));
+        Ok(d)
+    }
+
+    async fn dead_letters(
+        &self,
+        queue: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BrokerError> {
+        validate_queue_name(queue)?;
+        let s = self.inner.sessions.get().await?;
+        let reader = DeadReader::open(&self.inner, &s, queue).await?;
+        let mut out = Vec::new();
+        let result = async {
+            while out.len() < limit {
+                match reader.next().await? {
+                    Some((_, letter)) => out.push(letter),
+                    None => break,
+                }
+            }
+            Ok(())
+        }
+        .await;
+        reader.close().await;
+        result.map(|()| out)
+    }
+
+    async fn requeue_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError> {
+        validate_queue_name(queue)?;
+        let inner = &self.inner;
+        let s = inner.sessions.get().await?;
+        let reader = DeadReader::open(inner, &s, queue).await?;
+        let wanted: HashSet<&JobId> = ids.iter().collect();
+        let mut moved = 0;
+        let result = async {
+            while let Some((tag, letter)) = reader.next().await? {
+                if !wanted.is_empty() && !wanted.contains(&letter.envelope.id) {
+                    continue;
+                }
+                let mut env = letter.envelope;
+                env.attempt = 1;
+                env.due_at_ms = now_ms();
+                inner.publish(&s, Target::Queue, &env).await?;
+                reader.remove(tag).await?;
+                moved += 1;
+            }
+            Ok(())
+        }
+        .await;
+        reader.close().await;
+        result.map(|()| moved)
+    }
+
+    async fn purge_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError> {
+        validate_queue_name(queue)?;
+        let inner = &self.inner;
+        let s = inner.sessions.get().await?;
+        if ids.is_empty() {
+            let dead = topology::dead_queue(queue);
+            if s.ready_count(&dead).await?.is_none() {
+                return Ok(0);
+            }
+            let ch = s.admin().await?;
+            let n = ch
+                .queue_purge(&dead, QueuePurgeOptions::default())
+                .await
+                .map_err(|e| from_lapin("purge dead letters", e))?;
+            return Ok(u64::from(n));
+        }
+        let reader = DeadReader::open(inner, &s, queue).await?;
+        let wanted: HashSet<&JobId> = ids.iter().collect();
+        let mut dropped = 0;
+        let result = async {
+            while let Some((tag, letter)) = reader.next().await? {
+                if wanted.contains(&letter.envelope.id) {
+                    reader.remove(tag).await?;
+                    dropped += 1;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        reader.close().await;
+        result.map(|()| dropped)
+    }
+
+    async fn register_worker(&self, info: &WorkerInfo, ttl: Duration) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let s = inner.sessions.get().await?;
+        let name = topology::worker_queue(&info.id);
+        s.declare(&name, topology::worker_args(), Duration::from_secs(60))
+            .await?;
+        let body = serde_json::to_vec(info).map_err(|e| protocol(format!("worker info: {e}")))?;
+        let props = BasicProperties::default()
+            .with_expiration(ttl.as_millis().max(1).to_string().into())
+            .with_content_type("application/json".into());
+        let confirm = s
+            .publisher
+            .basic_publish("", &name, BasicPublishOptions::default(), &body, props)
+            .await
+            .map_err(|e| inner.failed(&s, "publish beat", e))?;
+        confirmed(
+            confirm
+                .await
+                .map_err(|e| inner.failed(&s, "publish beat", e))?,
+        )
+    }
+
+    async fn list_workers(&self, pool: Option<&str>) -> Result<Vec<WorkerInfo>, BrokerError> {
+        let inner = &self.inner;
+        let m = inner.management.as_ref().ok_or_else(|| {
+            protocol(
+                "listing workers on RabbitMQ needs its management API: set AMQP_MANAGEMENT_URL",
+            )
+        })?;
+        let s = inner.sessions.get().await?;
+        let names = m.queues_with_prefix(topology::WORKERS_PREFIX).await?;
+        let mut ch = s
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| inner.failed(&s, "open channel", e))?;
+        let mut out = Vec::new();
+        for q in names {
+            let got = match ch.basic_get(&q.name, BasicGetOptions::default()).await {
+                Ok(got) => got,
+                Err(e) if crate::error::is_not_found(&e) => {
+                    // Deleted since it was listed; the broker closed the channel.
+                    ch = s
+                        .conn
+                        .create_channel()
+                        .await
+                        .map_err(|e| inner.failed(&s, "open channel", e))?;
+                    continue;
+                }
+                Err(e) => return Err(from_lapin("read worker registry", e)),
+            };
+            match got {
+                Some(msg) => match serde_json::from_slice::<WorkerInfo>(&msg.delivery.data) {
+                    Ok(info) if pool.is_none_or(|p| info.pool == p) => out.push(info),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(queue = %q.name, error = %e, "amqp: unreadable worker beat")
+                    }
+                },
+                None => {
+                    // Its last beat expired: the worker is gone.
+                    let options = QueueDeleteOptions {
+                        if_empty: true,
+                        ..QueueDeleteOptions::default()
+                    };
+                    if let Err(e) = ch.queue_delete(&q.name, options).await {
+                        tracing::debug!(queue = %q.name, error = %e, "amqp: registry cleanup");
+                        ch = s
+                            .conn
+                            .create_channel()
+                            .await
+                            .map_err(|e| inner.failed(&s, "open channel", e))?;
+                    }
+                    s.forget(&q.name);
+                }
+            }
+        }
+        let _ = ch.close(200, "listed").await;
+        Ok(out)
+    }
+
+    async fn deregister_worker(&self, worker_id: &str) -> Result<(), BrokerError> {
+        let s = self.inner.sessions.get().await?;
+        let name = topology::worker_queue(worker_id);
+        let ch = s.admin().await?;
+        match ch.queue_delete(&name, QueueDeleteOptions::default()).await {
+            Ok(_) => {}
+            Err(e) if crate::error::is_not_found(&e) => {}
+            Err(e) => return Err(from_lapin("deregister worker", e)),
+        }
+        s.forget(&name);
+        Ok(())
+    }
+
+    async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
+        let inner = &self.inner;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let s = match inner.sessions.get().await {
+            Ok(s) => s,
+            Err(_) => {
+                // The fetch that follows reports the error; do not spin meanwhile.
+                tokio::time::sleep(timeout.min(Duration::from_secs(1))).await;
+                return;
+            }
+        };
+        if let Err(e) = inner.ensure_consuming(&s, queues).await {
+            tracing::debug!(error = %e, "amqp: cannot consume yet");
+            tokio::time::sleep(timeout.min(Duration::from_secs(1))).await;
+            return;
+        }
+        for q in queues {
+            inner.pull(q);
+        }
+        if queues.iter().any(|q| inner.ready_len(q) > 0) {
+            return;
+        }
+        inner.arrival(queues, deadline).await;
+    }
+
+    async fn stop_fetching(&self, queues: &[String]) {
+        let inner = &self.inner;
+        let mut stopped = Vec::new();
+        {
+            let mut st = inner.state();
+            for q in queues {
+                let qs = st.queues.entry(q.clone()).or_default();
+                qs.stopped = true;
+                if let Some(c) = qs.consuming.take() {
+                    stopped.push((q.clone(), c));
+                }
+            }
+        }
+        inner.arrived.notify_waiters();
+        let Some(s) = inner.sessions.live() else {
+            return;
+        };
+        for (q, c) in stopped {
+            if let Err(e) = c
+                .channel
+                .basic_cancel(&c.tag, BasicCancelOptions::default())
+                .await
+            {
+                tracing::debug!(queue = %q, error = %e, "amqp: cancel consumer");
+            }
+            // After cancel-ok nothing more arrives: take what did.
+            let mut consumer = c.consumer.clone();
+            let mut left: Vec<Received> = {
+                let mut st = inner.state();
+                st.queues
+                    .get_mut(&q)
+                    .map(|qs| qs.ready.drain(..).collect())
+                    .unwrap_or_default()
+            };
+            while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
+                let envelope = decode(&q, d.data, &d.properties, d.redelivered).envelope;
+                left.push(Received {
+                    tag: d.delivery_tag,
+                    channel: c.channel.clone(),
+                    gen: c.gen,
+                    envelope,
+                });
+            }
+            let count = left.len();
+            for r in left {
+                if let Err(e) = inner.hand_back(&s, r).await {
+                    tracing::warn!(queue = %q, error = %e, "amqp: could not hand a job back; the broker returns it when the connection closes");
+                }
+            }
+            if count > 0 {
+                tracing::info!(queue = %q, jobs = count, "amqp: handed back jobs received but not started");
+            }
+        }
+    }
+
+    async fn close(&self) {
+        let inner = &self.inner;
+        let queues: Vec<String> = inner.state().queues.keys().cloned().collect();
+        self.stop_fetching(&queues).await;
+        let left = inner.state().leases.len();
+        if left > 0 {
+            tracing::warn!(
+                jobs = left,
+                "amqp: closing with unsettled jobs; the broker delivers them again"
+            );
+        }
+        inner.sessions.close().await;
+    }
+
+    fn refuses_duplicate_ids(&self) -> bool {
+        false
+    }
+}
+
+/// Reads the dead letters of one queue on a channel of its own, unacked: what is not
+/// acked goes back where it was when the reader closes.
+struct DeadReader {
+    ch: Channel,
+    queue: String,
+    dead: String,
+}
+
+impl DeadReader {
+    async fn open(inner: &Inner, s: &Session, queue: &str) -> Result<Self, BrokerError> {
+        let ch = s
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| inner.failed(s, "open channel", e))?;
+        Ok(Self {
+            ch,
+            queue: queue.to_owned(),
+            dead: topology::dead_queue(queue),
+        })
+    }
+
+    /// The next dead letter and its delivery tag; `None` when all were read.
+    async fn next(&self) -> Result<Option<(u64, DeadLetter)>, BrokerError> {
+        match self
+            .ch
+            .basic_get(&self.dead, BasicGetOptions::default())
+            .await
+        {
+            Ok(Some(m)) => Ok(Some((
+                m.delivery.delivery_tag,
+                dead_letter_of(&self.queue, m.delivery),
+            ))),
+            Ok(None) => Ok(None),
+            Err(e) if crate::error::is_not_found(&e) => Ok(None),
+            Err(e) => Err(from_lapin("read dead letters", e)),
+        }
+    }
+
+    /// Remove the dead letter read under `tag`.
+    async fn remove(&self, tag: u64) -> Result<(), BrokerError> {
+        self.ch
+            .basic_ack(tag, BasicAckOptions::default())
+            .await
+            .map_err(|e| from_lapin("ack dead letter", e))
+    }
+
+    /// Put back every dead letter read and not removed.
+    async fn close(self) {
+        let _ = self.ch.close(200, "done").await;
+    }
+}
+
+/// A message of a dead-letter queue as a [`DeadLetter`] of `queue`.
+fn dead_letter_of(queue: &str, d: lapin::message::Delivery) -> DeadLetter {
+    let decoded = decode(queue, d.data, &d.properties, false);
+    let (reason, at) = decoded
+        .dead
+        .unwrap_or_else(|| ("unknown (no reason header)".to_owned(), now_ms()));
+    DeadLetter::new(decoded.envelope, reason, at)
+}

@@ -1,0 +1,275 @@
+//! How to reach RabbitMQ and how to declare its queues: a builder, and
+//! [`AmqpConfig::from_env`] for the same settings from the environment.
+
+use std::collections::HashMap;
+
+use worker_core::{redact, ConfigError};
+
+use crate::topology::QueueType;
+
+/// The default broker: a local RabbitMQ, default virtual host.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// RabbitMQ's own limit on a message body (`max_message_size`, 128 MiB by default).
+pub const DEFAULT_MAX_PAYLOAD: usize = 128 * 1024 * 1024;
+
+/// Settings of an [`AmqpBroker`](crate::AmqpBroker).
+///
+/// ```
+/// use worker_amqp::{AmqpConfig, QueueType};
+///
+/// let config = AmqpConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f")
+///     .management_url("http://guest:guest@127.0.0.1:15672")
+///     .queue_type("payments", QueueType::Quorum)
+///     .prefetch(16);
+/// assert_eq!(config.prefetch_count(), 16);
+/// ```
+#[derive(Clone)]
+pub struct AmqpConfig {
+    pub(crate) url: String,
+    pub(crate) management_url: Option<String>,
+    pub(crate) depth_from_management: bool,
+    pub(crate) default_type: QueueType,
+    pub(crate) queue_types: HashMap<String, QueueType>,
+    pub(crate) prefetch: u16,
+    pub(crate) prefetch_set: bool,
+    pub(crate) max_payload: usize,
+    pub(crate) ca_cert_pem: Option<String>,
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &redact(&self.url))
+            .field(
+                "management_url",
+                &self.management_url.as_deref().map(redact),
+            )
+            .field("depth_from_management", &self.depth_from_management)
+            .field("default_type", &self.default_type)
+            .field("queue_types", &self.queue_types)
+            .field("prefetch", &self.prefetch)
+            .field("max_payload", &self.max_payload)
+            .field("ca_cert", &self.ca_cert_pem.is_some())
+            .finish()
+    }
+}
+
+impl AmqpConfig {
+    /// Settings for the broker at `url` (`amqp://` or `amqps://`; the path is the
+    /// URL-encoded virtual host, `%2f` for `/`).
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            management_url: None,
+            depth_from_management: true,
+            default_type: QueueType::Classic,
+            queue_types: HashMap::new(),
+            prefetch: 16,
+            prefetch_set: false,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            ca_cert_pem: None,
+        }
+    }
+
+    /// Read the settings from the environment:
+    ///
+    /// | variable | meaning | default |
+    /// |---|---|---|
+    /// | `AMQP_URL` | broker URL | `amqp://guest:guest@127.0.0.1:5672/%2f` |
+    /// | `AMQP_MANAGEMENT_URL` | management API, e.g. `http://user:pass@host:15672` | none |
+    /// | `AMQP_QUEUE_TYPE` | `classic` or `quorum`, for every queue | `classic` |
+    /// | `AMQP_QUORUM_QUEUES` | comma-separated queues declared as quorum queues | none |
+    /// | `AMQP_PREFETCH` | deliveries held per queue | see [`worker`](Self::worker), else 16 |
+    /// | `AMQP_CA_FILE` | PEM file of the CA that signed the broker's certificate | system roots |
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let mut config = Self::new(var("AMQP_URL").unwrap_or_else(|| DEFAULT_URL.to_owned()));
+        if !config.url.starts_with("amqp://") && !config.url.starts_with("amqps://") {
+            return Err(ConfigError::invalid(
+                "AMQP_URL",
+                redact(&config.url),
+                "amqp://user:password@host:port/vhost or amqps://…",
+            ));
+        }
+        config.management_url = var("AMQP_MANAGEMENT_URL");
+        if let Some(kind) = var("AMQP_QUEUE_TYPE") {
+            config.default_type = QueueType::parse(&kind).ok_or_else(|| {
+                ConfigError::invalid("AMQP_QUEUE_TYPE", &kind, "classic or quorum")
+            })?;
+        }
+        if let Some(list) = var("AMQP_QUORUM_QUEUES") {
+            for q in list.split(',').map(str::trim).filter(|q| !q.is_empty()) {
+                config.queue_types.insert(q.to_owned(), QueueType::Quorum);
+            }
+        }
+        if let Some(v) = var("AMQP_PREFETCH") {
+            let n = v
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    ConfigError::invalid("AMQP_PREFETCH", &v, "an integer from 1 to 65535")
+                })?;
+            config = config.prefetch(n);
+        }
+        if let Some(path) = var("AMQP_CA_FILE") {
+            let pem = std::fs::read_to_string(&path).map_err(|e| {
+                ConfigError::invalid("AMQP_CA_FILE", &path, format!("a readable PEM file ({e})"))
+            })?;
+            config.ca_cert_pem = Some(pem);
+        }
+        Ok(config)
+    }
+
+    /// Read depth figures that AMQP cannot give (unacked across all consumers, the
+    /// delay queues of other processes) from the management API at `url`; the worker
+    /// registry needs it too.
+    pub fn management_url(mut self, url: impl Into<String>) -> Self {
+        self.management_url = Some(url.into());
+        self
+    }
+
+    /// Whether [`depth`](worker_core::Broker::depth) adds the unacked count of other
+    /// processes from the management API (on by default when it is configured). Its
+    /// counts lag by the broker's statistics interval.
+    pub fn depth_from_management(mut self, on: bool) -> Self {
+        self.depth_from_management = on;
+        self
+    }
+
+    /// Declare `queue` (and its delay and dead-letter queues) as `kind`.
+    pub fn queue_type(mut self, queue: impl Into<String>, kind: QueueType) -> Self {
+        self.queue_types.insert(queue.into(), kind);
+        self
+    }
+
+    /// The type of every queue not named in [`queue_type`](Self::queue_type).
+    pub fn default_queue_type(mut self, kind: QueueType) -> Self {
+        self.default_type = kind;
+        self
+    }
+
+    /// Deliveries RabbitMQ may send ahead per consumed queue, counting those running.
+    /// Set it to the worker's concurrency (or the queue's limit): the broker then never
+    /// sends a replica more than it can start.
+    pub fn prefetch(mut self, n: u16) -> Self {
+        self.prefetch = n.max(1);
+        self.prefetch_set = true;
+        self
+    }
+
+    /// Fit the prefetch to the worker that will consume: its concurrency plus its
+    /// fetch-ahead (`WORKER_PREFETCH`), unless a prefetch was set explicitly.
+    ///
+    /// ```
+    /// use worker_amqp::AmqpConfig;
+    /// use worker_core::WorkerConfig;
+    ///
+    /// let worker = WorkerConfig::builder().queue("jobs").concurrency(8).build()?;
+    /// let amqp = AmqpConfig::new(worker_amqp::DEFAULT_URL).worker(&worker);
+    /// assert_eq!(amqp.prefetch_count(), 8);
+    /// # Ok::<(), worker_core::ConfigError>(())
+    /// ```
+    pub fn worker(mut self, worker: &worker_core::WorkerConfig) -> Self {
+        if !self.prefetch_set {
+            let n = worker.concurrency.saturating_add(worker.prefetch);
+            self.prefetch = n.clamp(1, u32::from(u16::MAX)) as u16;
+        }
+        self
+    }
+
+    /// The prefetch in effect.
+    pub fn prefetch_count(&self) -> u16 {
+        self.prefetch
+    }
+
+    /// Refuse payloads over `bytes` at enqueue.
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
+    }
+
+    /// Trust the CA in `pem` for `amqps://`.
+    pub fn ca_cert_pem(mut self, pem: impl Into<String>) -> Self {
+        self.ca_cert_pem = Some(pem.into());
+        self
+    }
+
+    /// The type `queue` is declared with.
+    pub(crate) fn type_of(&self, queue: &str) -> QueueType {
+        self.queue_types
+            .get(queue)
+            .copied()
+            .unwrap_or(self.default_type)
+    }
+
+    /// The virtual host named by the URL's path (`/` when it has none).
+    pub(crate) fn vhost(&self) -> String {
+        let rest = self.url.split_once("://").map_or("", |(_, r)| r);
+        let rest = rest.split_once('?').map_or(rest, |(p, _)| p);
+        match rest.split_once('/') {
+            Some((_, path)) if !path.is_empty() => percent_decode(path),
+            Some(_) => String::new(),
+            None => "/".to_owned(),
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            if let Some(b) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vhost_comes_from_the_path() {
+        assert_eq!(AmqpConfig::new("amqp://h:5672").vhost(), "/");
+        assert_eq!(AmqpConfig::new("amqp://h:5672/%2f").vhost(), "/");
+        assert_eq!(AmqpConfig::new("amqp://u:p@h/jobs").vhost(), "jobs");
+        assert_eq!(AmqpConfig::new("amqp://h/").vhost(), "");
+        assert_eq!(
+            AmqpConfig::new("amqps://h/a%2Fb?heartbeat=10").vhost(),
+            "a/b"
+        );
+    }
+
+    #[test]
+    fn debug_output_hides_passwords() {
+        let c = AmqpConfig::new("amqp://app:s3cret@h/%2f").management_url("http://a:b2@h:15672");
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("b2@"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn queue_types_default_and_override() {
+        let c = AmqpConfig::new(DEFAULT_URL)
+            .default_queue_type(QueueType::Quorum)
+            .queue_type("fast", QueueType::Classic);
+        assert_eq!(c.type_of("fast"), QueueType::Classic);
+        assert_eq!(c.type_of("other"), QueueType::Quorum);
+    }
+}

@@ -1,0 +1,84 @@
+//! # worker-amqp
+//!
+//! A RabbitMQ backend for `worker-core`: [`AmqpBroker`] implements the `Broker`
+//! contract with manual acks, a prefetch bounded by the worker's concurrency, retries
+//! through delay queues, dead letters that keep their reason and history, and
+//! publisher confirms on every write.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use worker_amqp::AmqpConfig;
+//! use worker_core::{Broker, NewJob};
+//!
+//! let broker = AmqpConfig::from_env()?.connect().await?;
+//! broker.enqueue(vec![NewJob::json("emails", &"hello")?]).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Topology
+//!
+//! For a work queue `q` (durable; classic or quorum per [`AmqpConfig::queue_type`]):
+//!
+//! - `q.dead` holds dead letters; each carries `x-wp-reason` and `x-wp-died-at`.
+//! - `q.delay.<ms>` holds delayed jobs and retries: its `x-message-ttl` is `<ms>` and
+//!   its dead-letter exchange is the default exchange with routing key `q`, so RabbitMQ
+//!   moves each message back to `q` when its time comes. Delays are rounded to two
+//!   significant digits (at most 5 % off), which keeps jittered backoffs to a bounded
+//!   set of queues; an unused delay queue expires after its delay plus an hour.
+//! - `wp.workers.<worker id>` holds a worker's latest beat (`x-max-length` 1, the
+//!   beat's TTL as the message's expiration).
+//!
+//! Every queue is declared idempotently by the process that first uses it on a
+//! connection, and again after a reconnect. Messages are persistent. The body is the
+//! payload as enqueued, so any AMQP client can produce jobs; the job's state travels in
+//! `x-wp-*` headers, and a message without them is a first attempt.
+//!
+//! ## Where AMQP differs from the contract
+//!
+//! - **The lease is the channel.** A job is owned by the consumer channel it was
+//!   delivered on until it is acked; when the process dies or its connection drops,
+//!   RabbitMQ delivers the job again. `extend_lease` moves a deadline kept in this
+//!   process, and `reap_expired` returns this process's own expired jobs (republished
+//!   with the attempt counted). No process can reclaim another's jobs; the broker does
+//!   that when the owner's connection closes. AMQP heartbeats keep a long job's
+//!   connection alive.
+//! - **Attempts after a crash.** A redelivered message counts an attempt. Quorum
+//!   queues count every redelivery exactly (`x-delivery-count`); classic queues only
+//!   flag a message as redelivered, so a job that crashes its worker twice counts one
+//!   extra attempt, not two. Prefer quorum queues where a crash loop must end in the
+//!   dead letters.
+//! - **Release and hand-back.** A job released while this process still consumes its
+//!   queue goes first in this process's ready list. At drain, jobs received but not
+//!   started, and jobs released, are published again with their attempt unchanged and
+//!   then acked: they go to the back of the queue (a requeue through AMQP would put
+//!   them in front but mark them redelivered, which counts an attempt).
+//! - **Duplicate ids are not refused.** RabbitMQ cannot look a message up by id, so
+//!   two jobs with one explicit id are both stored ([`Broker::refuses_duplicate_ids`]
+//!   is false). Handlers must be idempotent by job id anyway.
+//! - **Delayed jobs are moved by RabbitMQ itself** when due, so `delayed_due` is 0.
+//! - **Depth.** `pending` is the ready count from a passive declare plus what this
+//!   process holds unstarted; `in_flight` is this process's leases plus, with the
+//!   management API configured, the unacked count beyond them (other processes',
+//!   refreshed every statistics interval). Delay queues of other processes are found
+//!   through the management API.
+//! - **The worker registry** needs the management API to list queues by name.
+//! - **Atomicity.** A batch is refused as a whole for an invalid queue name or an
+//!   oversized payload; once publishing starts, a broker failure may leave part of a
+//!   batch stored (enqueue is at least once).
+//!
+//! [`Broker::refuses_duplicate_ids`]: worker_core::Broker::refuses_duplicate_ids
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod broker;
+mod config;
+mod error;
+mod management;
+mod message;
+mod session;
+mod topology;
+
+pub use broker::AmqpBroker;
+pub use config::{AmqpConfig, DEFAULT_MAX_PAYLOAD, DEFAULT_URL};
+pub use topology::QueueType;

@@ -1,0 +1,264 @@
+//! One connection to RabbitMQ and the channels every operation shares, replaced as a
+//! whole when the connection is lost. Reconnects back off exponentially with jitter.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+use worker_core::{redact, BrokerError};
+
+use crate::config::AmqpConfig;
+use crate::error::{from_lapin, is_not_found};
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// A live connection, numbered so that what belonged to an earlier one is told apart.
+pub(crate) struct Session {
+    pub gen: u64,
+    pub conn: Connection,
+    /// In confirm mode: every publish is awaited until the broker has the message.
+    pub publisher: Channel,
+    /// For passive declares and other short calls; replaced when the broker closes it
+    /// (a passive declare of a missing queue does).
+    admin: tokio::sync::Mutex<Option<Channel>>,
+    /// Queues declared on this connection, and when.
+    declared: Mutex<HashMap<String, Instant>>,
+}
+
+impl Session {
+    pub(crate) fn alive(&self) -> bool {
+        self.conn.status().connected() && self.publisher.status().connected()
+    }
+
+    /// A channel for short calls.
+    pub(crate) async fn admin(&self) -> Result<Channel, BrokerError> {
+        let mut slot = self.admin.lock().await;
+        if let Some(ch) = slot.as_ref().filter(|c| c.status().connected()) {
+            return Ok(ch.clone());
+        }
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| from_lapin("open channel", e))?;
+        *slot = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// Messages ready in `queue`, or `None` when it does not exist.
+    pub(crate) async fn ready_count(&self, queue: &str) -> Result<Option<u64>, BrokerError> {
+        let ch = self.admin().await?;
+        passive_count(&ch, queue).await
+    }
+
+    /// When `queue` was last declared on this connection.
+    pub(crate) fn declared_at(&self, queue: &str) -> Option<Instant> {
+        self.declared.lock().ok()?.get(queue).copied()
+    }
+
+    /// Names declared on this connection that start with `prefix`.
+    pub(crate) fn declared_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.declared.lock().map_or_else(
+            |_| Vec::new(),
+            |d| {
+                d.keys()
+                    .filter(|k| k.starts_with(prefix))
+                    .cloned()
+                    .collect()
+            },
+        )
+    }
+
+    /// Declare a durable `queue` with `args` (idempotent), unless done on this connection
+    /// less than `fresh` ago.
+    pub(crate) async fn declare(
+        &self,
+        queue: &str,
+        args: FieldTable,
+        fresh: Duration,
+    ) -> Result<(), BrokerError> {
+        if self
+            .declared_at(queue)
+            .is_some_and(|at| at.elapsed() < fresh)
+        {
+            return Ok(());
+        }
+        let ch = self.admin().await?;
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        ch.queue_declare(queue, options, args)
+            .await
+            .map_err(|e| from_lapin(&format!("declare queue {queue}"), e))?;
+        if let Ok(mut d) = self.declared.lock() {
+            d.insert(queue.to_owned(), Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Forget that `queue` was declared (it was deleted).
+    pub(crate) fn forget(&self, queue: &str) {
+        if let Ok(mut d) = self.declared.lock() {
+            d.remove(queue);
+        }
+    }
+}
+
+/// The ready count of `queue` by a passive declare on `ch`; `None` when it does not
+/// exist (the broker then closes `ch`).
+pub(crate) async fn passive_count(ch: &Channel, queue: &str) -> Result<Option<u64>, BrokerError> {
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    match ch
+        .queue_declare(queue, options, FieldTable::default())
+        .await
+    {
+        Ok(q) => Ok(Some(u64::from(q.message_count()))),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(from_lapin(&format!("count queue {queue}"), e)),
+    }
+}
+
+/// The current session, reconnecting when it is gone.
+pub(crate) struct Sessions {
+    config: AmqpConfig,
+    current: std::sync::RwLock<Option<std::sync::Arc<Session>>>,
+    connecting: tokio::sync::Mutex<Backoff>,
+}
+
+struct Backoff {
+    next_gen: u64,
+    failures: u32,
+    not_before: Option<Instant>,
+}
+
+impl Sessions {
+    pub(crate) fn new(config: AmqpConfig) -> Self {
+        Self {
+            config,
+            current: std::sync::RwLock::new(None),
+            connecting: tokio::sync::Mutex::new(Backoff {
+                next_gen: 1,
+                failures: 0,
+                not_before: None,
+            }),
+        }
+    }
+
+    /// The live session, if there is one, without connecting.
+    pub(crate) fn live(&self) -> Option<std::sync::Arc<Session>> {
+        let s = self.current.read().ok()?.clone()?;
+        s.alive().then_some(s)
+    }
+
+    /// The live session, connecting first when there is none. While the broker is
+    /// unreachable, attempts are spaced by an exponential backoff with jitter; a call
+    /// inside the wait fails at once.
+    pub(crate) async fn get(&self) -> Result<std::sync::Arc<Session>, BrokerError> {
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        let mut backoff = self.connecting.lock().await;
+        if let Some(s) = self.live() {
+            return Ok(s);
+        }
+        if let Some(at) = backoff.not_before {
+            if Instant::now() < at {
+                return Err(BrokerError::Unavailable {
+                    message: format!(
+                        "amqp: reconnecting to {} (next attempt in {:?})",
+                        redact(&self.config.url),
+                        at - Instant::now()
+                    ),
+                    source: None,
+                });
+            }
+        }
+        match self.connect(backoff.next_gen).await {
+            Ok(s) => {
+                if backoff.next_gen > 1 {
+                    tracing::info!(url = %redact(&self.config.url), failed_attempts = backoff.failures, "amqp: reconnected");
+                }
+                backoff.next_gen += 1;
+                backoff.failures = 0;
+                backoff.not_before = None;
+                let s = std::sync::Arc::new(s);
+                if let Ok(mut cur) = self.current.write() {
+                    *cur = Some(s.clone());
+                }
+                Ok(s)
+            }
+            Err(e) => {
+                backoff.failures += 1;
+                let exp = BACKOFF_START
+                    .saturating_mul(1 << backoff.failures.min(10))
+                    .min(BACKOFF_MAX);
+                let wait = exp.mul_f64(0.5 + fastrand::f64() * 0.5);
+                backoff.not_before = Some(Instant::now() + wait);
+                tracing::warn!(url = %redact(&self.config.url), error = %e, retry_in = ?wait, failures = backoff.failures, "amqp: cannot connect");
+                Err(e)
+            }
+        }
+    }
+
+    /// Drop the session numbered `gen` (its connection failed); the next call connects.
+    pub(crate) fn lost(&self, gen: u64) {
+        if let Ok(mut cur) = self.current.write() {
+            if cur.as_ref().is_some_and(|s| s.gen == gen) {
+                tracing::warn!(gen, "amqp: connection lost");
+                *cur = None;
+            }
+        }
+    }
+
+    /// Close the current session cleanly.
+    pub(crate) async fn close(&self) {
+        let taken = self.current.write().ok().and_then(|mut c| c.take());
+        if let Some(s) = taken {
+            if s.conn.status().connected() {
+                if let Err(e) = s.conn.close(200, "worker stopped").await {
+                    tracing::debug!(error = %e, "amqp: close");
+                }
+            }
+        }
+    }
+
+    async fn connect(&self, gen: u64) -> Result<Session, BrokerError> {
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("worker-pools pid {}", std::process::id()).into())
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio);
+        let tls = OwnedTLSConfig {
+            identity: None::<OwnedIdentity>,
+            cert_chain: self.config.ca_cert_pem.clone(),
+        };
+        let shown = redact(&self.config.url);
+        let conn = Connection::connect_with_config(&self.config.url, props, tls)
+            .await
+            .map_err(|e| BrokerError::unavailable(format!("amqp connect to {shown}"), e))?;
+        let publisher = conn
+            .create_channel()
+            .await
+            .map_err(|e| from_lapin("open channel", e))?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| from_lapin("confirm select", e))?;
+        tracing::debug!(url = %shown, gen, "amqp: connected");
+        Ok(Session {
+            gen,
+            conn,
+            publisher,
+            admin: tokio::sync::Mutex::new(None),
+            declared: Mutex::new(HashMap::new()),
+        })
+    }
+}
