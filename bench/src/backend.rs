@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use clap::ValueEnum;
 use tokio::sync::{Notify, Semaphore};
+use worker_amqp::AmqpConfig;
 use worker_core::{
     Broker, BrokerError, DeadLetter, Delivery, FetchPlan, JobId, Lease, MemoryBroker, NewJob,
     QueueDepth, WorkerInfo,
@@ -26,6 +27,8 @@ pub enum Kind {
     Memory,
     /// Redis.
     Redis,
+    /// RabbitMQ.
+    Amqp,
 }
 
 impl Kind {
@@ -34,6 +37,7 @@ impl Kind {
         match self {
             Kind::Memory => "memory",
             Kind::Redis => "redis",
+            Kind::Amqp => "amqp",
         }
     }
 }
@@ -44,6 +48,153 @@ pub struct Urls {
     /// Redis URL.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// RabbitMQ URL (its virtual host is replaced by each run's own).
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// RabbitMQ management API, with credentials: each run gets a virtual host of its
+    /// own through it, and the idle scenario reads connection statistics from it.
+    #[arg(
+        long,
+        env = "AMQP_MANAGEMENT_URL",
+        default_value = "http://guest:guest@127.0.0.1:15672"
+    )]
+    pub amqp_management_url: String,
+}
+
+impl Urls {
+    /// The same settings as command-line arguments, for a child process.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--redis-url".into(),
+            self.redis_url.clone(),
+            "--amqp-url".into(),
+            self.amqp_url.clone(),
+            "--amqp-management-url".into(),
+            self.amqp_management_url.clone(),
+        ]
+    }
+
+    /// The AMQP URL with virtual host `vhost`.
+    pub fn amqp_url_in(&self, vhost: &str) -> String {
+        let base = match self.amqp_url.split_once("://") {
+            Some((scheme, rest)) => {
+                let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+                format!("{scheme}://{authority}")
+            }
+            None => self.amqp_url.clone(),
+        };
+        format!("{base}/{vhost}")
+    }
+}
+
+/// The RabbitMQ management API, for what the harness does around a run.
+pub struct Management {
+    http: reqwest::Client,
+    base: String,
+    user: String,
+    password: String,
+}
+
+impl Management {
+    /// A client of the API at `url` (`http://user:password@host:port`).
+    pub fn new(url: &str) -> Result<Self> {
+        let (scheme, rest) = url.split_once("://").ok_or("management URL: no scheme")?;
+        let (creds, host) = rest.rsplit_once('@').unwrap_or(("guest:guest", rest));
+        let (user, password) = creds.split_once(':').unwrap_or((creds, ""));
+        Ok(Self {
+            http: reqwest::Client::new(),
+            base: format!("{scheme}://{}", host.trim_end_matches('/')),
+            user: user.to_owned(),
+            password: password.to_owned(),
+        })
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str) -> Result<reqwest::Response> {
+        Ok(self
+            .http
+            .request(method, format!("{}/api/{path}", self.base))
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await?)
+    }
+
+    /// Create virtual host `name` with every permission for the API's user.
+    pub async fn create_vhost(&self, name: &str) -> Result<()> {
+        let r = self
+            .http
+            .put(format!("{}/api/vhosts/{name}", self.base))
+            .basic_auth(&self.user, Some(&self.password))
+            .json(&serde_json::json!({}))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            return Err(format!("create vhost {name}: HTTP {}", r.status()).into());
+        }
+        let r = self
+            .http
+            .put(format!(
+                "{}/api/permissions/{name}/{}",
+                self.base, self.user
+            ))
+            .basic_auth(&self.user, Some(&self.password))
+            .json(&serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"}))
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            return Err(format!("permissions on {name}: HTTP {}", r.status()).into());
+        }
+        Ok(())
+    }
+
+    /// Names of the virtual hosts, or of the default vhost's queues, starting with `prefix`.
+    async fn names(&self, path: &str, prefix: &str) -> Result<Vec<String>> {
+        let list: serde_json::Value = self
+            .call(reqwest::Method::GET, &format!("{path}?columns=name"))
+            .await?
+            .json()
+            .await?;
+        Ok(list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["name"].as_str())
+            .filter(|n| n.starts_with(prefix))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Delete the virtual hosts, and the default vhost's queues, named `prefix…`.
+    pub async fn delete_all(&self, prefix: &str) -> Result<()> {
+        for v in self.names("vhosts", prefix).await? {
+            self.call(reqwest::Method::DELETE, &format!("vhosts/{v}"))
+                .await?;
+        }
+        for q in self.names("queues/%2F", prefix).await? {
+            self.call(reqwest::Method::DELETE, &format!("queues/%2F/{q}"))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Frames RabbitMQ has received on the connections of virtual host `vhost`
+    /// (statistics the broker refreshes every few seconds), and how many connections.
+    pub async fn frames_received(&self, vhost: &str) -> Result<(u64, usize)> {
+        let list: serde_json::Value = self
+            .call(
+                reqwest::Method::GET,
+                &format!("vhosts/{vhost}/connections?columns=name,recv_cnt"),
+            )
+            .await?
+            .json()
+            .await?;
+        let conns = list.as_array().cloned().unwrap_or_default();
+        let frames = conns.iter().filter_map(|c| c["recv_cnt"].as_u64()).sum();
+        Ok((frames, conns.len()))
+    }
 }
 
 /// A run's own namespace on a shared broker, so runs never see each other's jobs.
@@ -54,6 +205,11 @@ pub fn namespace(tag: &str) -> String {
 /// Delete every key this process's runs left on Redis (a run that failed midway
 /// leaves its jobs behind). Best effort: the run's own result is what matters.
 pub async fn cleanup(urls: &Urls) {
+    if let Ok(m) = Management::new(&urls.amqp_management_url) {
+        let _ = m
+            .delete_all(&format!("bench-{}-", std::process::id()))
+            .await;
+    }
     let Ok(client) = redis::Client::open(urls.redis_url.as_str()) else {
         return;
     };
@@ -73,9 +229,28 @@ pub async fn cleanup(urls: &Urls) {
     }
 }
 
-/// The framework's broker for `kind`. `prefix` isolates the run (Redis key prefix).
-pub async fn connect(kind: Kind, urls: &Urls, prefix: &str) -> Result<Arc<dyn Broker>> {
+/// The framework's broker for `kind`. `prefix` isolates the run: the Redis key
+/// prefix, RabbitMQ's virtual host (made here when missing). A RabbitMQ consumer's
+/// prefetch is `prefetch`.
+pub async fn connect(
+    kind: Kind,
+    urls: &Urls,
+    prefix: &str,
+    prefetch: u32,
+) -> Result<Arc<dyn Broker>> {
     Ok(match kind {
+        Kind::Amqp => {
+            Management::new(&urls.amqp_management_url)?
+                .create_vhost(prefix)
+                .await?;
+            Arc::new(
+                AmqpConfig::new(urls.amqp_url_in(prefix))
+                    .management_url(&urls.amqp_management_url)
+                    .prefetch(prefetch.clamp(1, u32::from(u16::MAX)) as u16)
+                    .connect()
+                    .await?,
+            )
+        }
         Kind::Memory => Arc::new(MemoryBroker::new()),
         Kind::Redis => Arc::new(
             RedisConfig::new(&urls.redis_url)
@@ -264,6 +439,7 @@ pub struct RawItem {
     /// The payload as pushed.
     pub data: Vec<u8>,
     key: u64,
+    acker: Option<lapin::acker::Acker>,
 }
 
 /// The hand-written reliable queue, with no framework.
@@ -271,6 +447,8 @@ pub struct RawItem {
 /// * Redis: `LPUSH` to a list; a consumer moves the oldest item into a processing
 ///   list with `LMOVE` (`BLMOVE` on its own connection when it must wait) and acks
 ///   with `LREM` — the reliable-queue pattern, one round trip per step.
+/// * AMQP: a durable queue, persistent messages published with confirms; one lapin
+///   consumer with prefetch C and manual acks, its deliveries shared by the C tasks.
 /// * Memory: a mutex-guarded deque with a semaphore counting its items, and a
 ///   processing map, so a taken item is held until acked as the framework holds it.
 #[derive(Clone)]
@@ -279,6 +457,48 @@ pub enum Raw {
     Memory(Arc<RawMemory>),
     /// Redis lists `src` and `processing` on one multiplexed connection.
     Redis(Arc<RawRedis>),
+    /// A RabbitMQ queue.
+    Amqp(Arc<RawAmqp>),
+}
+
+/// A lapin connection driven by the tokio runtime.
+async fn lapin_connect(url: &str) -> Result<lapin::Connection> {
+    let props = lapin::ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    Ok(lapin::Connection::connect(url, props).await?)
+}
+
+/// The AMQP raw queue: a consuming connection with the one consumer every task
+/// takes deliveries from, and a producer's connection with a confirming channel.
+pub struct RawAmqp {
+    conn: lapin::Connection,
+    _producer: lapin::Connection,
+    publisher: lapin::Channel,
+    queue: String,
+    prefetch: u16,
+    consumer: tokio::sync::OnceCell<tokio::sync::Mutex<lapin::Consumer>>,
+}
+
+impl RawAmqp {
+    async fn consumer(&self) -> Result<&tokio::sync::Mutex<lapin::Consumer>> {
+        self.consumer
+            .get_or_try_init(|| async {
+                let ch = self.conn.create_channel().await?;
+                ch.basic_qos(self.prefetch, lapin::options::BasicQosOptions::default())
+                    .await?;
+                let c = ch
+                    .basic_consume(
+                        &self.queue,
+                        "raw",
+                        lapin::options::BasicConsumeOptions::default(),
+                        lapin::types::FieldTable::default(),
+                    )
+                    .await?;
+                Ok::<_, crate::Error>(tokio::sync::Mutex::new(c))
+            })
+            .await
+    }
 }
 
 /// The Redis raw queue's connection and lists.
@@ -313,9 +533,37 @@ impl Default for RawMemory {
 }
 
 impl Raw {
-    /// A fresh raw queue for `kind` named after `name`.
-    pub async fn new(kind: Kind, urls: &Urls, name: &str) -> Result<Self> {
+    /// A fresh raw queue for `kind` named after `name`, to be consumed `c` at a time.
+    pub async fn new(kind: Kind, urls: &Urls, name: &str, c: u32) -> Result<Self> {
         Ok(match kind {
+            Kind::Amqp => {
+                let conn = lapin_connect(&urls.amqp_url).await?;
+                // The producer is another service: a connection of its own, as the
+                // framework's producer has.
+                let producer = lapin_connect(&urls.amqp_url).await?;
+                let publisher = producer.create_channel().await?;
+                publisher
+                    .confirm_select(lapin::options::ConfirmSelectOptions::default())
+                    .await?;
+                publisher
+                    .queue_declare(
+                        name,
+                        lapin::options::QueueDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        lapin::types::FieldTable::default(),
+                    )
+                    .await?;
+                Raw::Amqp(Arc::new(RawAmqp {
+                    conn,
+                    _producer: producer,
+                    publisher,
+                    queue: name.to_owned(),
+                    prefetch: c.clamp(1, u32::from(u16::MAX)) as u16,
+                    consumer: tokio::sync::OnceCell::new(),
+                }))
+            }
             Kind::Memory => Raw::Memory(Arc::default()),
             Kind::Redis => {
                 let client = redis::Client::open(urls.redis_url.as_str())?;
@@ -339,6 +587,28 @@ impl Raw {
                 let n = items.len();
                 m.items.lock().map_err(|_| "poisoned")?.extend(items);
                 m.ready.add_permits(n);
+            }
+            Raw::Amqp(a) => {
+                let props = lapin::BasicProperties::default().with_delivery_mode(2);
+                let mut confirms = Vec::with_capacity(items.len());
+                for item in &items {
+                    confirms.push(
+                        a.publisher
+                            .basic_publish(
+                                "",
+                                &a.queue,
+                                lapin::options::BasicPublishOptions::default(),
+                                item,
+                                props.clone(),
+                            )
+                            .await?,
+                    );
+                }
+                for c in confirms {
+                    if !c.await?.is_ack() {
+                        return Err("raw push: the broker refused a message".into());
+                    }
+                }
             }
             Raw::Redis(r) => {
                 let (mut conn, src) = (r.conn.clone(), &r.src);
@@ -408,7 +678,11 @@ impl RawConsumer {
                     .lock()
                     .map_err(|_| "poisoned")?
                     .insert(key, data.clone());
-                Ok(Some(RawItem { data, key }))
+                Ok(Some(RawItem {
+                    data,
+                    key,
+                    acker: None,
+                }))
             }
             Raw::Redis(r) => {
                 let RawRedis {
@@ -438,7 +712,31 @@ impl RawConsumer {
                             .await?
                     }
                 };
-                Ok(data.map(|data| RawItem { data, key: 0 }))
+                Ok(data.map(|data| RawItem {
+                    data,
+                    key: 0,
+                    acker: None,
+                }))
+            }
+            Raw::Amqp(a) => {
+                // One task at a time waits on the consumer; the others queue on the lock.
+                let wait = Duration::from_millis(if self.blocking { 1000 } else { 500 });
+                let consumer = a.consumer().await?;
+                let next = async {
+                    let mut c = consumer.lock().await;
+                    futures::StreamExt::next(&mut *c).await
+                };
+                match tokio::time::timeout(wait, next).await {
+                    Err(_) | Ok(None) => Ok(None),
+                    Ok(Some(d)) => {
+                        let d = d?;
+                        Ok(Some(RawItem {
+                            data: d.data,
+                            key: d.delivery_tag,
+                            acker: Some(d.acker),
+                        }))
+                    }
+                }
             }
         }
     }
@@ -451,6 +749,13 @@ impl RawConsumer {
                     .lock()
                     .map_err(|_| "poisoned")?
                     .remove(&item.key);
+            }
+            Raw::Amqp(_) => {
+                if let Some(acker) = &item.acker {
+                    acker
+                        .ack(lapin::options::BasicAckOptions::default())
+                        .await?;
+                }
             }
             Raw::Redis(r) => {
                 let RawRedis {

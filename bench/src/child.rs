@@ -120,7 +120,13 @@ pub fn framework_worker(
 
 /// The `worker` child: run a framework worker until `expect` acks or SIGTERM.
 pub async fn run_worker(args: WorkerArgs) -> Result<()> {
-    let inner = connect(args.backend, &args.urls, &args.prefix).await?;
+    let inner = connect(
+        args.backend,
+        &args.urls,
+        &args.prefix,
+        args.concurrency + args.prefetch,
+    )
+    .await?;
     if args.seed > 0 {
         fill(inner.as_ref(), &args.queue, args.seed, args.payload).await?;
     }
@@ -200,7 +206,7 @@ pub struct RawArgs {
 
 /// The `raw-worker` child: consume the raw queue until it is empty, then report.
 pub async fn run_raw_worker(args: RawArgs) -> Result<()> {
-    let raw = Raw::new(args.backend, &args.urls, &args.name).await?;
+    let raw = Raw::new(args.backend, &args.urls, &args.name, args.concurrency).await?;
     let t = raw_drain_consumers(&raw, args.concurrency, args.sleep_ms, unix_ns).await?;
     println!(
         "{}",

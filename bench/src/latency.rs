@@ -181,12 +181,12 @@ async fn framework(
 ) -> Result<(Percentiles, Percentiles)> {
     let prefix = namespace("latency");
     let queue = "latency";
-    let inner = connect(kind, urls, &prefix).await?;
+    let inner = connect(kind, urls, &prefix, args.concurrency).await?;
     // A producer is another service with its own connection (the in-memory broker
     // can only be shared).
     let producer: Arc<dyn Broker> = match kind {
         Kind::Memory => inner.clone(),
-        _ => connect(kind, urls, &prefix).await?,
+        _ => connect(kind, urls, &prefix, 1).await?,
     };
     let probe = Probe::new(inner, jobs, jobs as usize);
     let starts = Arc::new(Mutex::new(histogram()?));
@@ -249,7 +249,7 @@ async fn raw(
     rate: f64,
     jobs: u64,
 ) -> Result<(Percentiles, Percentiles)> {
-    let raw = Raw::new(kind, urls, &namespace("raw-latency")).await?;
+    let raw = Raw::new(kind, urls, &namespace("raw-latency"), args.concurrency).await?;
     let starts = Arc::new(Mutex::new(histogram()?));
     let acks = Arc::new(Mutex::new(histogram()?));
     let done = Arc::new(AtomicU64::new(0));

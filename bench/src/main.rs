@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo build --release -p bench
-//! target/release/bench all --backend memory,redis      # every scenario, ~10 min
+//! target/release/bench all --backend memory,redis,amqp # every scenario, ~15 min
 //! target/release/bench all --backend redis --quick     # a smoke run, under a minute
 //! target/release/bench throughput --backend redis --concurrency 16 --jobs 50000
 //! ```
@@ -51,7 +51,7 @@ enum Scenario {
     /// Every scenario on every named backend, and the throughput chart.
     All {
         /// Backends (comma-separated).
-        #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Kind::Memory, Kind::Redis])]
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![Kind::Memory, Kind::Redis, Kind::Amqp])]
         backend: Vec<Kind>,
         #[command(flatten)]
         urls: Urls,

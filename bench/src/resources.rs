@@ -7,28 +7,27 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::backend::{connect, fill, namespace, Kind, Raw, Urls};
+use crate::backend::{connect, fill, namespace, Kind, Management, Raw, Urls};
 use crate::child::{cpu_ticks, report, Child};
 use crate::clock::unix_ns;
 use crate::report::{median, Table};
 use crate::Result;
 
 fn worker_args(kind: Kind, urls: &Urls, prefix: &str, queue: &str, c: u32) -> Vec<String> {
-    [
-        "worker",
-        "--backend",
-        kind.name(),
-        "--redis-url",
-        &urls.redis_url,
-        "--prefix",
-        prefix,
-        "--queue",
-        queue,
-        "--concurrency",
-        &c.to_string(),
-    ]
-    .map(str::to_owned)
-    .to_vec()
+    let mut args = vec!["worker".into(), "--backend".into(), kind.name().into()];
+    args.extend(urls.args());
+    args.extend(
+        [
+            "--prefix",
+            prefix,
+            "--queue",
+            queue,
+            "--concurrency",
+            &c.to_string(),
+        ]
+        .map(str::to_owned),
+    );
+    args
 }
 
 /// Clock ticks per second, as `/proc/<pid>/stat` counts CPU time.
@@ -114,23 +113,47 @@ impl OwnRedis {
 pub async fn idle(kind: Kind, urls: &Urls, seconds: f64, c: u32) -> Result<Value> {
     let own = match kind {
         Kind::Redis => Some(OwnRedis::start().await?),
-        Kind::Memory => None,
+        Kind::Memory | Kind::Amqp => None,
     };
     let mut urls = urls.clone();
     if let Some(own) = &own {
         urls.redis_url = own.url.clone();
     }
-    let mut child = Child::spawn(&worker_args(kind, &urls, &namespace("idle"), "idle", c))?;
+    let prefix = namespace("idle");
+    let mut child = Child::spawn(&worker_args(kind, &urls, &prefix, "idle", c))?;
     child
         .next_event("ready", Duration::from_secs(30), &mut Vec::new())
         .await?;
     // Past start-up: registration, the first fetch, the subscription.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // RabbitMQ: frames received on the run's virtual host, from the management
+    // statistics (refreshed every few seconds), once its connection is listed.
+    let management = match kind {
+        Kind::Amqp => {
+            let m = Management::new(&urls.amqp_management_url)?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while m.frames_received(&prefix).await?.1 == 0 {
+                if tokio::time::Instant::now() > deadline {
+                    return Err("the idle worker's connection was never listed".into());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Some(m)
+        }
+        _ => None,
+    };
     let window = Duration::from_secs_f64(seconds);
     let before = cpu_ticks(child.pid).ok_or("cannot read the worker's CPU time")?;
-    let (commands, by_name) = match &own {
-        Some(own) => own.monitor(window).await?,
-        None => {
+    let (commands, by_name) = match (&own, &management) {
+        (Some(own), _) => own.monitor(window).await?,
+        (None, Some(m)) => {
+            let (from, _) = m.frames_received(&prefix).await?;
+            tokio::time::sleep(window).await;
+            let (to, _) = m.frames_received(&prefix).await?;
+            let n = to.saturating_sub(from);
+            (n, vec![("AMQP frames".to_owned(), n)])
+        }
+        (None, None) => {
             tokio::time::sleep(window).await;
             (0, Vec::new())
         }
@@ -147,10 +170,10 @@ pub async fn idle(kind: Kind, urls: &Urls, seconds: f64, c: u32) -> Result<Value
     let mut t = Table::new(&["CPU % of one core", "broker commands/s", "commands by name"]);
     t.row(vec![
         format!("{cpu_pct:.3}"),
-        if own.is_some() {
-            format!("{per_s:.2}")
-        } else {
+        if kind == Kind::Memory {
             "in-process".into()
+        } else {
+            format!("{per_s:.2}")
         },
         by_name
             .iter()
@@ -160,7 +183,7 @@ pub async fn idle(kind: Kind, urls: &Urls, seconds: f64, c: u32) -> Result<Value
     ]);
     t.print();
     let out = json!({"scenario": "idle", "backend": kind.name(), "seconds": seconds,
-        "cpu_pct": cpu_pct, "commands_per_s": own.as_ref().map(|_| per_s),
+        "cpu_pct": cpu_pct, "commands_per_s": (kind != Kind::Memory).then_some(per_s),
         "commands": by_name});
     println!("{out}");
     Ok(out)
@@ -187,7 +210,7 @@ pub async fn memory(kind: Kind, urls: &Urls, c: u32, payload: usize, jobs: u64) 
         args.extend(["--seed".to_owned(), jobs.to_string()]);
     } else {
         fill(
-            connect(kind, urls, &prefix).await?.as_ref(),
+            connect(kind, urls, &prefix, c).await?.as_ref(),
             "memory",
             jobs,
             payload,
@@ -200,16 +223,13 @@ pub async fn memory(kind: Kind, urls: &Urls, c: u32, payload: usize, jobs: u64) 
         None
     } else {
         let name = namespace("raw-memory");
-        let raw = Raw::new(kind, urls, &name).await?;
+        let raw = Raw::new(kind, urls, &name, c).await?;
         raw.push((0..jobs).map(|_| vec![b'x'; payload]).collect())
             .await?;
-        let (_, lines) = Child::spawn(
-            &[
-                "raw-worker",
-                "--backend",
-                kind.name(),
-                "--redis-url",
-                &urls.redis_url,
+        let mut args = vec!["raw-worker".into(), "--backend".into(), kind.name().into()];
+        args.extend(urls.args());
+        args.extend(
+            [
                 "--name",
                 &name,
                 "--concurrency",
@@ -218,9 +238,8 @@ pub async fn memory(kind: Kind, urls: &Urls, c: u32, payload: usize, jobs: u64) 
                 "20",
             ]
             .map(str::to_owned),
-        )?
-        .wait(Duration::from_secs(600))
-        .await?;
+        );
+        let (_, lines) = Child::spawn(&args)?.wait(Duration::from_secs(600)).await?;
         report(&lines)?["peak_rss_kib"].as_u64()
     };
     let mib = |k: u64| k as f64 / 1024.0;
@@ -260,7 +279,7 @@ pub async fn drain_time(
             args.extend(["--seed".into(), c.to_string()]);
         } else {
             fill(
-                connect(kind, urls, &prefix).await?.as_ref(),
+                connect(kind, urls, &prefix, c).await?.as_ref(),
                 "drain",
                 u64::from(c),
                 100,

@@ -148,7 +148,7 @@ fn rate(jobs: u64, from_ns: u64, to_ns: u64) -> Result<f64> {
 pub async fn framework(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Result<f64> {
     let prefix = namespace("drain");
     let queue = "drain";
-    let broker = connect(kind, urls, &prefix).await?;
+    let broker = connect(kind, urls, &prefix, c + args.prefetch).await?;
     fill(broker.as_ref(), queue, args.jobs, args.payload).await?;
     if args.processes > 1 {
         return framework_processes(kind, urls, args, c, &prefix, queue, broker).await;
@@ -192,23 +192,25 @@ async fn framework_processes(
 ) -> Result<f64> {
     let mut children = Vec::new();
     for _ in 0..args.processes {
-        children.push(Child::spawn(&[
-            "worker".into(),
-            "--backend".into(),
-            kind.name().into(),
-            "--redis-url".into(),
-            urls.redis_url.clone(),
-            "--prefix".into(),
-            prefix.into(),
-            "--queue".into(),
-            queue.into(),
-            "--concurrency".into(),
-            c.to_string(),
-            "--sleep-ms".into(),
-            args.sleep_ms.to_string(),
-            "--prefetch".into(),
-            args.prefetch.to_string(),
-        ])?);
+        children.push(Child::spawn(
+            &[
+                vec!["worker".into(), "--backend".into(), kind.name().into()],
+                urls.args(),
+                vec![
+                    "--prefix".into(),
+                    prefix.into(),
+                    "--queue".into(),
+                    queue.into(),
+                    "--concurrency".into(),
+                    c.to_string(),
+                    "--sleep-ms".into(),
+                    args.sleep_ms.to_string(),
+                    "--prefetch".into(),
+                    args.prefetch.to_string(),
+                ],
+            ]
+            .concat(),
+        )?);
     }
     // The workers do not know when the others are done: watch the queue empty.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
@@ -228,7 +230,7 @@ async fn framework_processes(
 /// One raw-loop drain; jobs/s.
 pub async fn raw_loop(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Result<f64> {
     let name = namespace("raw");
-    let raw = Raw::new(kind, urls, &name).await?;
+    let raw = Raw::new(kind, urls, &name, c).await?;
     let item = vec![b'x'; args.payload.max(1)];
     // Every item distinct, as real payloads are (LREM compares bytes).
     let items = (0..args.jobs)
@@ -244,19 +246,21 @@ pub async fn raw_loop(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Resu
     if args.processes > 1 {
         let mut children = Vec::new();
         for _ in 0..args.processes {
-            children.push(Child::spawn(&[
-                "raw-worker".into(),
-                "--backend".into(),
-                kind.name().into(),
-                "--redis-url".into(),
-                urls.redis_url.clone(),
-                "--name".into(),
-                name.clone(),
-                "--concurrency".into(),
-                c.to_string(),
-                "--sleep-ms".into(),
-                args.sleep_ms.to_string(),
-            ])?);
+            children.push(Child::spawn(
+                &[
+                    vec!["raw-worker".into(), "--backend".into(), kind.name().into()],
+                    urls.args(),
+                    vec![
+                        "--name".into(),
+                        name.clone(),
+                        "--concurrency".into(),
+                        c.to_string(),
+                        "--sleep-ms".into(),
+                        args.sleep_ms.to_string(),
+                    ],
+                ]
+                .concat(),
+            )?);
         }
         return collect(children, false, args.jobs).await;
     }

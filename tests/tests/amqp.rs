@@ -282,3 +282,124 @@ async fn poison_and_undecodable_messages_are_dead_lettered_not_redelivered() {
     w.signal("TERM");
     RabbitAdmin::new().delete_queues(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_jobs_of_every_worker_are_counted_through_the_management_api() {
+    let queue = unique("depth");
+    let admin = RabbitAdmin::new();
+    let management = admin.url();
+    let outside = AmqpConfig::new(URL)
+        .management_url(&management)
+        .prefetch(1)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("rabbitmq: {e}"));
+    // Jobs far longer than the test: the counts hold still while the statistics catch up.
+    let ids = enqueue(&outside, &queue, json!({"sleep_ms": 120_000}), 5).await;
+    let w = worker(
+        &queue,
+        QueueType::Classic,
+        &[
+            ("WORKER_CONCURRENCY", "2"),
+            ("AMQP_MANAGEMENT_URL", management.as_str()),
+        ],
+    );
+    w.wait_for(Duration::from_secs(20), "two jobs start", |ev| {
+        ev.iter().filter(|e| e["event"] == "start").count() == 2
+    })
+    .await;
+    // A reader that holds nothing (as `workerctl exporter` does) sees the worker's two
+    // running jobs once the management statistics catch up.
+    worker_core::testing::eventually(
+        Duration::from_secs(40),
+        "2 in flight and 3 pending from outside",
+        || async {
+            let d = outside
+                .depth(&queue)
+                .await
+                .unwrap_or_else(|e| panic!("depth: {e}"));
+            d.in_flight == 2 && d.pending == 3
+        },
+    )
+    .await;
+    let d = outside
+        .depth(&queue)
+        .await
+        .unwrap_or_else(|e| panic!("depth: {e}"));
+    assert!(
+        d.sources["in_flight"].starts_with("management API"),
+        "{:?}",
+        d.sources
+    );
+    assert!(
+        d.sources["pending"].contains("passive declare"),
+        "{:?}",
+        d.sources
+    );
+    // The worker's own /scaling document: the whole backlog, and where each number came from.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let doc = loop {
+        let (status, body) = w.get("/scaling").await;
+        let doc: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        if status == 200 && doc["backlog"] == 5 {
+            break doc;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/scaling never showed backlog 5: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let q = &doc["queues"][queue.as_str()];
+    assert_eq!(q["in_flight"], 2, "{doc}");
+    assert!(
+        q["sources"]["in_flight"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("management API")),
+        "{doc}"
+    );
+    assert_eq!(ids.len(), 5);
+    w.signal("KILL");
+    admin.delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_timeout_beyond_the_consumer_timeout_is_warned_at_start_up() {
+    let queue = unique("ctimeout");
+    let b = broker(QueueType::Classic).await;
+    let ids = enqueue(&b, &queue, json!({"sleep_ms": 10}), 3).await;
+    // The worker asks RabbitMQ for a consumer timeout of 1 h per consumer (brokers
+    // before 3.12 ignore the argument), and its 2 h job timeout is beyond it.
+    let w = worker(
+        &queue,
+        QueueType::Classic,
+        &[
+            ("AMQP_CONSUMER_TIMEOUT", "1h"),
+            ("WORKER_JOB_TIMEOUT", "2h"),
+        ],
+    );
+    w.wait_for(Duration::from_secs(20), "the jobs complete", |_| {
+        ids.iter().all(|id| ended_ok(&w, id))
+    })
+    .await;
+    let log = w.stderr();
+    assert!(
+        log.contains("WORKER_JOB_TIMEOUT (2h) is longer than AMQP_CONSUMER_TIMEOUT (1h)"),
+        "{log}"
+    );
+    w.signal("TERM");
+    // A value that is not a duration stops the worker with the variable named.
+    let mut bad = worker(
+        &queue,
+        QueueType::Classic,
+        &[("AMQP_CONSUMER_TIMEOUT", "soon")],
+    );
+    let status = bad.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(2));
+    let log = bad.stderr();
+    assert!(
+        log.contains("AMQP_CONSUMER_TIMEOUT") && log.contains("45m"),
+        "{log}"
+    );
+    RabbitAdmin::new().delete_queues(&queue).await;
+}

@@ -11,7 +11,7 @@ use lapin::options::{
     BasicQosOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::publisher_confirm::Confirmation;
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Consumer};
 use tokio::sync::Notify;
 use worker_core::broker::validate_queue_name;
@@ -22,7 +22,7 @@ use worker_core::{
 };
 
 use crate::config::AmqpConfig;
-use crate::error::from_lapin;
+use crate::error::{from_lapin, is_ack_timeout};
 use crate::management::Management;
 use crate::message::{dead_fields, decode, properties};
 use crate::session::{passive_count, Session, Sessions};
@@ -135,6 +135,9 @@ impl AmqpConfig {
             arrived: Notify::new(),
         });
         inner.sessions.get().await?;
+        for warning in inner.config.consumer_timeout_warnings() {
+            tracing::warn!("amqp: {warning}");
+        }
         Ok(AmqpBroker { inner })
     }
 }
@@ -322,13 +325,14 @@ impl Inner {
             .await
             .map_err(|e| self.failed(s, "qos", e))?;
         let tag = format!("wp-{}-{:08x}", std::process::id(), fastrand::u32(..));
+        let mut args = FieldTable::default();
+        if let Some(limit) = self.config.consumer_timeout {
+            // Honoured from RabbitMQ 3.12 (3.11.15); older brokers ignore it.
+            let ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
+            args.insert("x-consumer-timeout".into(), AMQPValue::LongLongInt(ms));
+        }
         let consumer = channel
-            .basic_consume(
-                queue,
-                &tag,
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
+            .basic_consume(queue, &tag, BasicConsumeOptions::default(), args)
             .await
             .map_err(|e| self.failed(s, &format!("consume {queue}"), e))?;
         let unneeded = {
@@ -411,6 +415,20 @@ impl Inner {
                 };
                 qs.ready.push_back(received);
             }
+            Some(Err(e)) if is_ack_timeout(&e) => {
+                tracing::error!(
+                    queue,
+                    error = %e,
+                    consumer_timeout = ?self.config.consumer_timeout_in_effect(),
+                    "amqp: RabbitMQ closed the channel because a delivery stayed unacknowledged \
+                     past its consumer timeout; the broker delivers that channel's jobs again. \
+                     Set WORKER_JOB_TIMEOUT below the consumer timeout, or raise it \
+                     (AMQP_CONSUMER_TIMEOUT on RabbitMQ 3.12 or later, else the broker's \
+                     consumer_timeout)"
+                );
+                qs.consuming = None;
+                qs.ready.clear();
+            }
             Some(Err(e)) => {
                 tracing::warn!(queue, error = %e, "amqp: consumer failed; it will be restarted");
                 qs.consuming = None;
@@ -441,11 +459,13 @@ impl Inner {
         let Some(channel) = channel else {
             return Ok(s.ready_count(queue).await?.unwrap_or(0));
         };
-        let ready = passive_count(&channel, queue).await?.unwrap_or(0);
-        channel
-            .basic_qos(self.config.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| self.failed(s, "qos", e))?;
+        // Both on the wire before either answer is awaited: one round trip.
+        let (ready, qos) = tokio::join!(
+            passive_count(&channel, queue),
+            channel.basic_qos(self.config.prefetch, BasicQosOptions::default())
+        );
+        let ready = ready?.unwrap_or(0);
+        qos.map_err(|e| self.failed(s, "qos", e))?;
         self.pull(queue);
         Ok(ready)
     }
@@ -847,6 +867,42 @@ impl Broker for AmqpBroker {
         d.oldest_pending_age = oldest
             .filter(|_| d.pending > 0)
             .map(|t| Duration::from_millis(now.saturating_sub(t)));
+        d.read_from(
+            &["pending"],
+            "amqp: passive declare of the queue (ready) + deliveries this process holds unstarted",
+        );
+        d.read_from(&["delayed"], "amqp: passive declare of each delay queue");
+        d.read_from(
+            &["delayed_due"],
+            "none: always 0, a delay queue moves a message back the moment its TTL ends",
+        );
+        d.read_from(&["dead"], "amqp: passive declare of the dead-letter queue");
+        if remote_unacked.is_some() {
+            d.read_from(
+                &["in_flight"],
+                "management API: messages_unacknowledged (statistics, refreshed every few seconds)",
+            );
+            d.read_from(
+                &["oldest_age"],
+                "management API: head_message_timestamp, and deliveries this process holds",
+            );
+        } else {
+            let why = if inner.management.is_none() {
+                "no management URL"
+            } else if !inner.config.depth_from_management {
+                "depth from the management API turned off"
+            } else {
+                "the management API does not list the queue yet"
+            };
+            d.sources.insert(
+                "in_flight".into(),
+                format!("this process's leases only ({why}: other workers' jobs are not counted)"),
+            );
+            d.sources.insert(
+                "oldest_age".into(),
+                format!("deliveries this process holds ({why})"),
+            );
+        }
         Ok(d)
     }
 

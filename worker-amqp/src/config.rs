@@ -2,6 +2,7 @@
 //! [`AmqpConfig::from_env`] for the same settings from the environment.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use worker_core::{redact, ConfigError};
 
@@ -12,6 +13,18 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// RabbitMQ's own limit on a message body (`max_message_size`, 128 MiB by default).
 pub const DEFAULT_MAX_PAYLOAD: usize = 128 * 1024 * 1024;
+
+/// RabbitMQ's own default `consumer_timeout`: how long a delivery may stay unacked
+/// before the broker closes its channel (30 minutes).
+pub const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// How long the worker may keep a delivery unacked, from its [`WorkerConfig`](worker_core::WorkerConfig).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Holding {
+    lease: Duration,
+    drain: Duration,
+    job_timeout: Option<Duration>,
+}
 
 /// Settings of an [`AmqpBroker`](crate::AmqpBroker).
 ///
@@ -35,6 +48,8 @@ pub struct AmqpConfig {
     pub(crate) prefetch_set: bool,
     pub(crate) max_payload: usize,
     pub(crate) ca_cert_pem: Option<String>,
+    pub(crate) consumer_timeout: Option<Duration>,
+    pub(crate) holding: Option<Holding>,
 }
 
 impl std::fmt::Debug for AmqpConfig {
@@ -51,6 +66,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("prefetch", &self.prefetch)
             .field("max_payload", &self.max_payload)
             .field("ca_cert", &self.ca_cert_pem.is_some())
+            .field("consumer_timeout", &self.consumer_timeout)
             .finish()
     }
 }
@@ -69,6 +85,8 @@ impl AmqpConfig {
             prefetch_set: false,
             max_payload: DEFAULT_MAX_PAYLOAD,
             ca_cert_pem: None,
+            consumer_timeout: None,
+            holding: None,
         }
     }
 
@@ -82,6 +100,7 @@ impl AmqpConfig {
     /// | `AMQP_QUORUM_QUEUES` | comma-separated queues declared as quorum queues | none |
     /// | `AMQP_PREFETCH` | deliveries held per queue | see [`worker`](Self::worker), else 16 |
     /// | `AMQP_CA_FILE` | PEM file of the CA that signed the broker's certificate | system roots |
+    /// | `AMQP_CONSUMER_TIMEOUT` | see [`consumer_timeout`](Self::consumer_timeout) | the broker's |
     pub fn from_env() -> Result<Self, ConfigError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let mut config = Self::new(var("AMQP_URL").unwrap_or_else(|| DEFAULT_URL.to_owned()));
@@ -119,6 +138,19 @@ impl AmqpConfig {
                 ConfigError::invalid("AMQP_CA_FILE", &path, format!("a readable PEM file ({e})"))
             })?;
             config.ca_cert_pem = Some(pem);
+        }
+        if let Some(v) = var("AMQP_CONSUMER_TIMEOUT") {
+            let d = humantime::parse_duration(v.trim())
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        "AMQP_CONSUMER_TIMEOUT",
+                        &v,
+                        "a duration such as 45m, 2h or 90s",
+                    )
+                })?;
+            config = config.consumer_timeout(d);
         }
         Ok(config)
     }
@@ -161,7 +193,9 @@ impl AmqpConfig {
     }
 
     /// Fit the prefetch to the worker that will consume: its concurrency plus its
-    /// fetch-ahead (`WORKER_PREFETCH`), unless a prefetch was set explicitly.
+    /// fetch-ahead (`WORKER_PREFETCH`), unless a prefetch was set explicitly. Its job
+    /// timeout, lease and drain timeout are checked against the consumer timeout (see
+    /// [`consumer_timeout_warnings`](Self::consumer_timeout_warnings)).
     ///
     /// ```
     /// use worker_amqp::AmqpConfig;
@@ -177,6 +211,11 @@ impl AmqpConfig {
             let n = worker.concurrency.saturating_add(worker.prefetch);
             self.prefetch = n.clamp(1, u32::from(u16::MAX)) as u16;
         }
+        self.holding = Some(Holding {
+            lease: worker.lease,
+            drain: worker.drain_timeout,
+            job_timeout: worker.job_timeout,
+        });
         self
     }
 
@@ -189,6 +228,75 @@ impl AmqpConfig {
     pub fn max_payload(mut self, bytes: usize) -> Self {
         self.max_payload = bytes;
         self
+    }
+
+    /// How long RabbitMQ may let a delivery of this worker stay unacked before it closes
+    /// the channel (and delivers the job again elsewhere). The worker asks for it on each
+    /// consumer (`x-consumer-timeout`), which RabbitMQ honours from 3.12 (and 3.11.15);
+    /// older brokers ignore the argument and apply their server-wide
+    /// `consumer_timeout`, so there set this to the broker's value. Unset, the worker
+    /// asks for nothing and assumes RabbitMQ's default, 30 minutes.
+    ///
+    /// Start-up warns when the worker may hold a delivery longer than this: a
+    /// `WORKER_JOB_TIMEOUT`, lease or drain timeout beyond it.
+    pub fn consumer_timeout(mut self, limit: Duration) -> Self {
+        self.consumer_timeout = Some(limit);
+        self
+    }
+
+    /// The consumer timeout the worker runs under: the one set, else RabbitMQ's default.
+    pub fn consumer_timeout_in_effect(&self) -> Duration {
+        self.consumer_timeout.unwrap_or(BROKER_CONSUMER_TIMEOUT)
+    }
+
+    /// What in the worker's settings lets a delivery stay unacked past the consumer
+    /// timeout, one sentence each (empty when nothing does, or when
+    /// [`worker`](Self::worker) was not called). [`connect`](Self::connect) logs them.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use worker_amqp::AmqpConfig;
+    /// use worker_core::WorkerConfig;
+    ///
+    /// let worker = WorkerConfig::builder()
+    ///     .queue("render")
+    ///     .job_timeout(Duration::from_secs(3 * 3600))
+    ///     .build()?;
+    /// let config = AmqpConfig::new(worker_amqp::DEFAULT_URL).worker(&worker);
+    /// assert!(config.consumer_timeout_warnings()[0].starts_with("WORKER_JOB_TIMEOUT"));
+    /// let raised = config.consumer_timeout(Duration::from_secs(4 * 3600));
+    /// assert!(raised.consumer_timeout_warnings().is_empty());
+    /// # Ok::<(), worker_core::ConfigError>(())
+    /// ```
+    pub fn consumer_timeout_warnings(&self) -> Vec<String> {
+        let Some(h) = self.holding else {
+            return Vec::new();
+        };
+        let limit = self.consumer_timeout_in_effect();
+        let whose = if self.consumer_timeout.is_some() {
+            "AMQP_CONSUMER_TIMEOUT"
+        } else {
+            "RabbitMQ's default consumer_timeout"
+        };
+        let fix = "RabbitMQ then closes the channel and delivers the job again; raise \
+                   AMQP_CONSUMER_TIMEOUT (RabbitMQ 3.12 or later) or the broker's \
+                   consumer_timeout, or lower the worker's setting";
+        let mut out = Vec::new();
+        let mut over = |name: &str, d: Duration| {
+            if d > limit {
+                out.push(format!(
+                    "{name} ({}) is longer than {whose} ({}): {fix}",
+                    humantime::format_duration(d),
+                    humantime::format_duration(limit)
+                ));
+            }
+        };
+        if let Some(t) = h.job_timeout {
+            over("WORKER_JOB_TIMEOUT", t);
+        }
+        over("WORKER_DRAIN_TIMEOUT", h.drain);
+        over("WORKER_LEASE", h.lease);
+        out
     }
 
     /// Trust the CA in `pem` for `amqps://`.
@@ -210,32 +318,13 @@ impl AmqpConfig {
         let rest = self.url.split_once("://").map_or("", |(_, r)| r);
         let rest = rest.split_once('?').map_or(rest, |(p, _)| p);
         match rest.split_once('/') {
-            Some((_, path)) if !path.is_empty() => percent_decode(path),
+            Some((_, path)) if !path.is_empty() => percent_encoding::percent_decode_str(path)
+                .decode_utf8_lossy()
+                .into_owned(),
             Some(_) => String::new(),
             None => "/".to_owned(),
         }
     }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            if let Some(b) = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

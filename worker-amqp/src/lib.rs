@@ -60,7 +60,14 @@
 //!   process holds unstarted; `in_flight` is this process's leases plus, with the
 //!   management API configured, the unacked count beyond them (other processes',
 //!   refreshed every statistics interval). Delay queues of other processes are found
-//!   through the management API.
+//!   through the management API. Each [`QueueDepth`](worker_core::QueueDepth) says in
+//!   its `sources` where every number came from, and `/scaling` shows them.
+//! - **Consumer timeout.** RabbitMQ closes a channel whose delivery stays unacked past
+//!   its consumer timeout (30 minutes by default) and delivers that channel's jobs
+//!   again. The worker asks for [`AmqpConfig::consumer_timeout`] on each consumer
+//!   (`x-consumer-timeout`, honoured from RabbitMQ 3.12), warns at start-up when its job
+//!   timeout, lease or drain timeout is longer, and logs an error naming the cause
+//!   when the broker closes a channel for it.
 //! - **The worker registry** needs the management API to list queues by name.
 //! - **Atomicity.** A batch is refused as a whole for an invalid queue name or an
 //!   oversized payload; once publishing starts, a broker failure may leave part of a
@@ -80,5 +87,5 @@ mod session;
 mod topology;
 
 pub use broker::AmqpBroker;
-pub use config::{AmqpConfig, DEFAULT_MAX_PAYLOAD, DEFAULT_URL};
+pub use config::{AmqpConfig, BROKER_CONSUMER_TIMEOUT, DEFAULT_MAX_PAYLOAD, DEFAULT_URL};
 pub use topology::QueueType;

@@ -243,7 +243,11 @@ impl Sessions {
         let shown = redact(&self.config.url);
         let conn = Connection::connect_with_config(&self.config.url, props, tls)
             .await
-            .map_err(|e| BrokerError::unavailable(format!("amqp connect to {shown}"), e))?;
+            .map_err(|e| {
+                // lapin's errors carry no URL, so the cause can be shown: an operator
+                // needs "UnknownIssuer" or "connection refused" in the one log line.
+                BrokerError::unavailable(format!("amqp connect to {shown}: {e}"), e)
+            })?;
         let publisher = conn
             .create_channel()
             .await

@@ -603,6 +603,10 @@ impl Broker for RedisBroker {
         d.delayed_due = delayed_due as u64;
         d.dead = dead as u64;
         d.oldest_pending_age = (age >= 0).then(|| Duration::from_millis(age as u64));
+        d.read_from(
+            &QueueDepth::FIELDS,
+            "redis: one atomic script over the queue's keys (in_flight = unexpired leases)",
+        );
         Ok(d)
     }
 

@@ -363,8 +363,10 @@ impl Broker for MemoryBroker {
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
         let now = Instant::now();
         let state = self.state();
+        let mut d = QueueDepth::default();
+        d.read_from(&QueueDepth::FIELDS, "memory: this process's queues");
         let Some(q) = state.queues.get(queue) else {
-            return Ok(QueueDepth::default());
+            return Ok(d);
         };
         let oldest = q
             .pending
@@ -372,14 +374,13 @@ impl Broker for MemoryBroker {
             .filter_map(|id| q.jobs.get(id))
             .map(|s| s.ready_since)
             .min();
-        Ok(QueueDepth {
-            pending: q.pending.len() as u64,
-            in_flight: q.in_flight.len() as u64,
-            delayed: q.delayed.len() as u64,
-            delayed_due: q.delayed.iter().take_while(|(due, ..)| *due <= now).count() as u64,
-            dead: q.dead.len() as u64,
-            oldest_pending_age: oldest.map(|t| now.saturating_duration_since(t)),
-        })
+        d.pending = q.pending.len() as u64;
+        d.in_flight = q.in_flight.len() as u64;
+        d.delayed = q.delayed.len() as u64;
+        d.delayed_due = q.delayed.iter().take_while(|(due, ..)| *due <= now).count() as u64;
+        d.dead = q.dead.len() as u64;
+        d.oldest_pending_age = oldest.map(|t| now.saturating_duration_since(t));
+        Ok(d)
     }
 
     async fn dead_letters(

@@ -16,6 +16,7 @@
 //! **Attempts.** [`Envelope::attempt`] is 1 on first delivery, counts up on
 //! `retry_after` and on a reaped lease, and is unchanged by `release`.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -174,9 +175,41 @@ pub struct QueueDepth {
     pub dead: u64,
     /// Age of the oldest pending job (since it became due), if any.
     pub oldest_pending_age: Option<Duration>,
+    /// Where each number was read, by field name (`pending`, `in_flight`, `delayed`,
+    /// `delayed_due`, `dead`, `oldest_age`): a backend whose numbers do not all come
+    /// from one exact reading says so here, and `/scaling` shows it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sources: BTreeMap<String, String>,
 }
 
 impl QueueDepth {
+    /// The names of the numbers, as keys of [`QueueDepth::sources`].
+    pub const FIELDS: [&'static str; 6] = [
+        "pending",
+        "in_flight",
+        "delayed",
+        "delayed_due",
+        "dead",
+        "oldest_age",
+    ];
+
+    /// Record that the numbers named in `fields` were read from `source`.
+    ///
+    /// ```
+    /// use worker_core::QueueDepth;
+    ///
+    /// let mut d = QueueDepth::default();
+    /// d.read_from(&QueueDepth::FIELDS, "redis");
+    /// d.read_from(&["in_flight"], "leases of this process");
+    /// assert_eq!(d.sources["pending"], "redis");
+    /// assert_eq!(d.sources["in_flight"], "leases of this process");
+    /// ```
+    pub fn read_from(&mut self, fields: &[&str], source: &str) {
+        for f in fields {
+            self.sources.insert((*f).to_owned(), source.to_owned());
+        }
+    }
+
     /// Work the pool owes: pending + in flight + delayed that is due.
     pub fn backlog(&self) -> u64 {
         self.pending + self.in_flight + self.delayed_due

@@ -30,6 +30,9 @@ pub struct QueueScaling {
     pub dead: u64,
     /// Age of the oldest pending job in seconds (0 when none).
     pub oldest_age_s: f64,
+    /// Where each number was read (see [`QueueDepth::sources`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sources: BTreeMap<String, String>,
 }
 
 impl From<&QueueDepth> for QueueScaling {
@@ -41,6 +44,7 @@ impl From<&QueueDepth> for QueueScaling {
             delayed: d.delayed,
             dead: d.dead,
             oldest_age_s: d.oldest_pending_age.map_or(0.0, |a| a.as_secs_f64()),
+            sources: d.sources.clone(),
         }
     }
 }
