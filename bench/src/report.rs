@@ -2,9 +2,11 @@
 
 use std::path::Path;
 
+use clap::ValueEnum;
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 
+use crate::backend::Kind;
 use crate::throughput::Point;
 use crate::Result;
 
@@ -189,11 +191,11 @@ pub fn points_from(output: &str) -> Vec<Point> {
         .filter(|v| v["scenario"] == "throughput" && v["prefetch"].as_u64().unwrap_or(0) == 0)
         .flat_map(|v| v["points"].as_array().cloned().unwrap_or_default())
         .filter_map(|p| {
-            let backend = match p["backend"].as_str()? {
-                "memory" => "memory",
-                "redis" => "redis",
-                _ => return None,
-            };
+            let name = p["backend"].as_str()?;
+            let backend = Kind::value_variants()
+                .iter()
+                .map(|k| k.name())
+                .find(|k| *k == name)?;
             Some(Point {
                 backend,
                 concurrency: p["concurrency"].as_u64()? as u32,

@@ -31,6 +31,10 @@ use crate::topology::{self, QueueType};
 /// How long a fetch waits for deliveries the broker has said are on their way.
 const ARRIVAL_WAIT: Duration = Duration::from_millis(200);
 
+/// How long a fetch that holds nothing waits for a delivery already owed to it (the
+/// consumer has room under its prefetch) before it asks the broker what is ready.
+const OWED_WAIT: Duration = Duration::from_millis(2);
+
 /// A delivery received from RabbitMQ and not settled yet.
 struct Received {
     tag: u64,
@@ -626,7 +630,27 @@ impl Broker for AmqpBroker {
             let have: usize = queues.iter().map(|q| inner.ready_len(q)).sum();
             have >= plan.total as usize
         };
-        if !enough(inner) {
+        let holding = |inner: &Inner| queues.iter().any(|q| inner.ready_len(q) > 0);
+        let none_ready = !holding(inner);
+        let owed = queues
+            .iter()
+            .any(|q| inner.held_on_consumer(q) < inner.config.prefetch as usize);
+        if none_ready && owed {
+            // Under load, the delivery that replaces an acked one is usually on the
+            // wire: give it a moment before asking the broker what is ready.
+            let deadline = tokio::time::Instant::now() + OWED_WAIT;
+            while queues.iter().all(|q| inner.ready_len(q) == 0)
+                && tokio::time::Instant::now() < deadline
+            {
+                inner.arrival(&queues, deadline).await;
+                for q in &queues {
+                    inner.pull(q);
+                }
+            }
+        }
+        // A caller that takes part of its plan gets what is here without a round trip.
+        let settled = plan.partial && holding(inner);
+        if !settled && !enough(inner) {
             // Short: make each ready list exact, then wait for what the broker has
             // said is ready and may still send (it sends no more than the prefetch).
             let mut expect = Vec::with_capacity(queues.len());

@@ -91,7 +91,7 @@ impl Scheduler {
                 slot.reserved += share.max;
             }
         }
-        Some(FetchPlan::new(shares, n, lease))
+        Some(FetchPlan::new(shares, n, lease).partial_ok())
     }
 
     fn weighted_shares(&mut self, eligible: &[usize], n: u32) -> Vec<FetchShare> {

@@ -118,6 +118,10 @@ pub struct FetchPlan {
     pub total: u32,
     /// Lease length for every job fetched.
     pub lease: Duration,
+    /// The caller takes fewer than `total` as readily as all of them (the runtime
+    /// fetches again as soon as it has room): a backend that holds deliveries locally
+    /// may return those at once rather than ask the broker to make the count exact.
+    pub partial: bool,
 }
 
 impl FetchPlan {
@@ -127,7 +131,14 @@ impl FetchPlan {
             shares,
             total,
             lease,
+            partial: false,
         }
+    }
+
+    /// Mark the plan as satisfied by fewer jobs than `total` (see [`FetchPlan::partial`]).
+    pub fn partial_ok(mut self) -> Self {
+        self.partial = true;
+        self
     }
 
     /// A plan for up to `n` jobs from one queue.
