@@ -47,6 +47,13 @@
 //!   flag a message as redelivered, so a job that crashes its worker twice counts one
 //!   extra attempt, not two. Prefer quorum queues where a crash loop must end in the
 //!   dead letters.
+//! - **Prefetch is per queue.** Each work queue has a consumer of its own whose
+//!   prefetch is the worker's concurrency plus its fetch-ahead, so a process that
+//!   consumes one queue never holds more deliveries than it can start. One that
+//!   consumes N queues may hold up to N times that: the deliveries beyond what it can
+//!   start wait in its ready list, counted as in flight by the broker. Pools that
+//!   scale on the backlog are exact either way; a pool whose jobs are long should
+//!   consume one queue per process, or set `AMQP_PREFETCH` lower.
 //! - **Release and hand-back.** A job released while this process still consumes its
 //!   queue goes first in this process's ready list. At drain, jobs received but not
 //!   started, and jobs released, are published again with their attempt unchanged and
