@@ -138,6 +138,8 @@ struct Backoff {
     next_gen: u64,
     failures: u32,
     not_before: Option<Instant>,
+    /// The last session was closed on purpose: the next connect is not a reconnect.
+    closed: bool,
 }
 
 impl Sessions {
@@ -149,6 +151,7 @@ impl Sessions {
                 next_gen: 1,
                 failures: 0,
                 not_before: None,
+                closed: false,
             }),
         }
     }
@@ -184,9 +187,10 @@ impl Sessions {
         }
         match self.connect(backoff.next_gen).await {
             Ok(s) => {
-                if backoff.next_gen > 1 {
+                if backoff.next_gen > 1 && !backoff.closed {
                     tracing::info!(url = %redact(&self.config.url), failed_attempts = backoff.failures, "amqp: reconnected");
                 }
+                backoff.closed = false;
                 backoff.next_gen += 1;
                 backoff.failures = 0;
                 backoff.not_before = None;
@@ -221,6 +225,7 @@ impl Sessions {
 
     /// Close the current session cleanly.
     pub(crate) async fn close(&self) {
+        self.connecting.lock().await.closed = true;
         let taken = self.current.write().ok().and_then(|mut c| c.take());
         if let Some(s) = taken {
             if s.conn.status().connected() {

@@ -43,7 +43,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )?);
     }
     jobs.push(NewJob::new("greetings", "this is not JSON"));
-    broker.enqueue(jobs).await?;
+    let ids = broker.enqueue(jobs).await?;
 
     let config = WorkerConfig::builder()
         .pool("quickstart")
@@ -79,8 +79,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         dead = report.dead,
         "all jobs settled"
     );
-    for dead in broker.dead_letters("greetings", 10).await? {
-        tracing::info!(id = %dead.envelope.id, reason = %dead.reason, "dead letter");
+    // This run's dead letters (a broker that outlives the example keeps earlier runs').
+    for dead in broker.dead_letters("greetings", 1000).await? {
+        if ids.contains(&dead.envelope.id) {
+            tracing::info!(id = %dead.envelope.id, reason = %dead.reason, "dead letter");
+        }
     }
     broker.close().await;
     Ok(())
