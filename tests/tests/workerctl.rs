@@ -1,0 +1,143 @@
+//! The real `workerctl` binary against the real Redis: bad input changes nothing and
+//! exits 2, jobs enqueued from stdin show in the depth, and dead letters are listed,
+//! refused without `--yes` when no one can confirm, and requeued with it.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use system_tests::binary;
+use tokio::io::AsyncWriteExt;
+use worker_core::testing::unique;
+use worker_core::{Broker, FetchPlan};
+use worker_redis::RedisConfig;
+
+const URL: &str = "redis://127.0.0.1:6379";
+
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Run `workerctl args` with `env` (and no other broker variable), feeding `stdin`.
+async fn workerctl(env: &[(&str, &str)], args: &[&str], stdin: &str) -> Out {
+    let mut cmd = tokio::process::Command::new(binary("workerctl"));
+    cmd.args(args)
+        .env_remove("REDIS_URL")
+        .env_remove("AMQP_URL")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("workerctl: {e}"));
+    let mut input = child.stdin.take().unwrap_or_else(|| panic!("stdin"));
+    input
+        .write_all(stdin.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("stdin: {e}"));
+    drop(input);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("workerctl {args:?} did not finish"))
+        .unwrap_or_else(|e| panic!("workerctl: {e}"));
+    Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn json(out: &Out) -> Value {
+    serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\n{}", out.stdout, out.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workerctl_enqueues_shows_depth_and_manages_dead_letters() {
+    let prefix = unique("ctl");
+    let queue = "jobs";
+    let env = [("REDIS_URL", URL), ("REDIS_PREFIX", prefix.as_str())];
+
+    let none = workerctl(&[], &["depth", queue], "").await;
+    assert_eq!(none.code, Some(2), "{}", none.stderr);
+    assert!(none.stderr.contains("REDIS_URL"), "{}", none.stderr);
+
+    // One bad payload refuses the whole batch, before anything is sent.
+    let bad = workerctl(&env, &["enqueue", queue, r#"{"a":1}"#, "not json"], "").await;
+    assert_eq!(bad.code, Some(2), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("payload argument 2 is not JSON"),
+        "{}",
+        bad.stderr
+    );
+    let depth = workerctl(&env, &["depth", queue, "--json"], "").await;
+    assert_eq!(depth.code, Some(0), "{}", depth.stderr);
+    assert_eq!(json(&depth)["queues"][queue]["pending"], 0);
+
+    let added = workerctl(
+        &env,
+        &["enqueue", queue],
+        "{\"n\":1}\n\n{\"n\":2}\n{\"n\":3}\n",
+    )
+    .await;
+    assert_eq!(added.code, Some(0), "{}", added.stderr);
+    let ids: Vec<&str> = added.stdout.lines().collect();
+    assert_eq!(ids.len(), 3, "{}", added.stdout);
+    let table = workerctl(&env, &["depth", queue], "").await;
+    assert!(
+        table
+            .stdout
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("jobs") && l.split_whitespace().nth(1) == Some("3")),
+        "{}",
+        table.stdout
+    );
+
+    // A dead letter, made the way a worker makes one.
+    let b = RedisConfig::new(URL)
+        .prefix(&prefix)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let got = b
+        .fetch(&FetchPlan::single(queue, 1, Duration::from_secs(30)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.dead_letter(&got[0].lease, "handler said the input was wrong")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let list = workerctl(&env, &["dead", "list", queue, "--json"], "").await;
+    assert_eq!(list.code, Some(0), "{}", list.stderr);
+    let dead = json(&list);
+    assert_eq!(dead[0]["id"], got[0].envelope.id.as_str());
+    assert_eq!(dead[0]["reason"], "handler said the input was wrong");
+
+    // No terminal to ask and no --yes: refused, nothing changed.
+    let refused = workerctl(&env, &["dead", "purge", queue], "y\n").await;
+    assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+    assert!(refused.stderr.contains("--yes"), "{}", refused.stderr);
+    assert_eq!(b.depth(queue).await.map(|d| d.dead).ok(), Some(1));
+
+    let requeued = workerctl(&env, &["dead", "requeue", queue, "--yes", "--json"], "").await;
+    assert_eq!(requeued.code, Some(0), "{}", requeued.stderr);
+    assert_eq!(json(&requeued)["count"], 1);
+    let d = json(&workerctl(&env, &["depth", queue, "--json"], "").await);
+    assert_eq!(d["queues"][queue]["pending"], 3);
+    assert_eq!(d["queues"][queue]["dead"], 0);
+
+    let workers = workerctl(&env, &["workers", "--json"], "").await;
+    assert_eq!(workers.code, Some(0), "{}", workers.stderr);
+    assert_eq!(json(&workers), serde_json::json!([]));
+
+    // A broker that does not answer: exit 1 with the reason, not a panic.
+    let down = workerctl(
+        &[("REDIS_URL", "redis://127.0.0.1:1"), ("REDIS_PREFIX", "x")],
+        &["depth", queue],
+        "",
+    )
+    .await;
+    assert_eq!(down.code, Some(1), "{}", down.stderr);
+    assert!(down.stderr.contains("workerctl:"), "{}", down.stderr);
+}

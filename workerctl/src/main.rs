@@ -1,0 +1,492 @@
+//! `workerctl`: what an operator needs from a pool's broker without a worker running —
+//! queue depth, the live workers, enqueueing, and the dead letters.
+//!
+//! The broker is the one a worker of the pool uses: `REDIS_URL` (with `REDIS_PREFIX`)
+//! or `AMQP_URL` (with the other `AMQP_*` variables, as for a worker). Tables by
+//! default, `--json` for scripts. Exit codes: 0 done, 1 the broker failed, 2 bad usage
+//! or configuration (nothing was changed).
+//!
+//! ```sh
+//! REDIS_URL=redis://127.0.0.1:6379 workerctl depth gpu,gpu-low
+//! echo '{"prompt":"hi"}' | workerctl enqueue gpu
+//! workerctl dead list gpu --json
+//! workerctl dead requeue gpu --yes
+//! ```
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use worker_core::{Broker, JobId, NewJob, QueueDepth};
+
+/// Jobs per enqueue call.
+const BATCH: usize = 500;
+
+#[derive(Parser)]
+#[command(
+    name = "workerctl",
+    version,
+    about = "Queue depth, live workers, enqueue and dead letters of a worker pool's broker"
+)]
+struct Cli {
+    /// Redis of the pool (`redis://host:6379`); or set AMQP_URL for RabbitMQ.
+    #[arg(long, env = "REDIS_URL", global = true)]
+    redis_url: Option<String>,
+    /// Prefix of the pool's Redis keys.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "wp", global = true)]
+    redis_prefix: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pending, in-flight, delayed, due and dead jobs per queue.
+    Depth {
+        /// Queues (comma-separated or repeated).
+        #[arg(required = true, value_delimiter = ',')]
+        queues: Vec<String>,
+    },
+    /// Live workers, from their heartbeats.
+    Workers {
+        /// Only this pool's.
+        #[arg(long)]
+        pool: Option<String>,
+    },
+    /// Enqueue jobs: each PAYLOAD argument is one job's JSON payload; with none, each
+    /// non-empty line of stdin is one. Prints the new job ids.
+    Enqueue {
+        /// Queue.
+        queue: String,
+        /// JSON payloads.
+        payloads: Vec<String>,
+        /// Start no earlier than this from now (e.g. 30s, 5m).
+        #[arg(long)]
+        delay: Option<humantime::Duration>,
+        /// Attempts before the job is dead-lettered (the worker's setting otherwise).
+        #[arg(long)]
+        max_attempts: Option<u32>,
+    },
+    /// Inspect, requeue or drop dead letters.
+    Dead {
+        #[command(subcommand)]
+        action: Dead,
+    },
+}
+
+#[derive(Subcommand)]
+enum Dead {
+    /// The oldest dead letters, with their reason.
+    List {
+        /// Queue.
+        queue: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Put dead letters back to pending with a fresh attempt count: these ids, or all.
+    Requeue {
+        /// Queue.
+        queue: String,
+        /// Job ids (all when none).
+        ids: Vec<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Drop dead letters for good: these ids, or all.
+    Purge {
+        /// Queue.
+        queue: String,
+        /// Job ids (all when none).
+        ids: Vec<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// Why a command did not complete.
+enum Failure {
+    /// Bad usage or configuration: exit 2, nothing changed.
+    Usage(String),
+    /// The broker failed: exit 1.
+    Broker(String),
+}
+
+impl From<worker_core::BrokerError> for Failure {
+    fn from(e: worker_core::BrokerError) -> Self {
+        Failure::Broker(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Broker(format!("i/o: {e}"))
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(m)) => {
+            eprintln!("workerctl: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Broker(m)) => {
+            eprintln!("workerctl: {m}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<Arc<dyn Broker>, Failure> {
+    let amqp = std::env::var_os("AMQP_URL").is_some_and(|v| !v.is_empty());
+    match (&cli.redis_url, amqp) {
+        (Some(_), true) => Err(Failure::Usage(
+            "both REDIS_URL and AMQP_URL are set: set the one broker the pool uses".into(),
+        )),
+        (Some(url), false) => Ok(Arc::new(
+            worker_redis::RedisConfig::new(url)
+                .prefix(&cli.redis_prefix)
+                .connect()
+                .await?,
+        )),
+        (None, true) => {
+            let config =
+                worker_amqp::AmqpConfig::from_env().map_err(|e| Failure::Usage(e.to_string()))?;
+            Ok(Arc::new(config.connect().await?))
+        }
+        (None, false) => Err(Failure::Usage(
+            "no broker: set REDIS_URL (redis://host:6379) or AMQP_URL \
+             (amqp://user:password@host:5672/vhost)"
+                .into(),
+        )),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    // Payloads are checked before anything connects: bad input changes nothing.
+    if let Command::Enqueue { payloads, .. } = &cli.command {
+        check_json(payloads.iter().map(String::as_str), "argument")?;
+    }
+    let broker = connect(&cli).await?;
+    let out = match &cli.command {
+        Command::Depth { queues } => depth(broker.as_ref(), queues, cli.json).await?,
+        Command::Workers { pool } => workers(broker.as_ref(), pool.as_deref(), cli.json).await?,
+        Command::Enqueue {
+            queue,
+            payloads,
+            delay,
+            max_attempts,
+        } => {
+            let payloads = if payloads.is_empty() {
+                let lines = stdin_lines().await?;
+                check_json(lines.iter().map(String::as_str), "line")?;
+                lines
+            } else {
+                payloads.clone()
+            };
+            let mut ids = Vec::with_capacity(payloads.len());
+            for chunk in payloads.chunks(BATCH) {
+                let jobs = chunk
+                    .iter()
+                    .map(|p| {
+                        let mut job = NewJob::new(queue.as_str(), p.clone().into_bytes());
+                        if let Some(d) = delay {
+                            job = job.delay((*d).into());
+                        }
+                        if let Some(n) = max_attempts {
+                            job = job.max_attempts(*n);
+                        }
+                        job
+                    })
+                    .collect();
+                ids.extend(broker.enqueue(jobs).await?);
+            }
+            if cli.json {
+                json!(ids.iter().map(JobId::as_str).collect::<Vec<_>>()).to_string()
+            } else {
+                ids.iter()
+                    .map(|id| format!("{}\n", id.as_str()))
+                    .collect::<String>()
+            }
+        }
+        Command::Dead { action } => dead(broker.as_ref(), action, cli.json).await?,
+    };
+    broker.close().await;
+    let mut stdout = tokio::io::stdout();
+    stdout.write_all(out.as_bytes()).await?;
+    if !out.is_empty() && !out.ends_with('\n') {
+        stdout.write_all(b"\n").await?;
+    }
+    stdout.flush().await?;
+    Ok(())
+}
+
+fn check_json<'a>(payloads: impl Iterator<Item = &'a str>, what: &str) -> Result<(), Failure> {
+    for (i, p) in payloads.enumerate() {
+        if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(p) {
+            return Err(Failure::Usage(format!(
+                "payload {what} {} is not JSON ({e}); nothing was enqueued",
+                i + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn stdin_lines() -> Result<Vec<String>, Failure> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut out = Vec::new();
+    while let Some(line) = lines.next_line().await? {
+        if !line.trim().is_empty() {
+            out.push(line);
+        }
+    }
+    if out.is_empty() {
+        return Err(Failure::Usage(
+            "no payloads: give them as arguments or as JSON lines on stdin".into(),
+        ));
+    }
+    Ok(out)
+}
+
+fn depth_json(d: &QueueDepth) -> Value {
+    json!({
+        "pending": d.pending,
+        "in_flight": d.in_flight,
+        "delayed": d.delayed,
+        "delayed_due": d.delayed_due,
+        "dead": d.dead,
+        "backlog": d.backlog(),
+        "oldest_age_s": d.oldest_pending_age.map_or(0.0, |a| a.as_secs_f64()),
+        "sources": d.sources,
+    })
+}
+
+async fn depth(broker: &dyn Broker, queues: &[String], as_json: bool) -> Result<String, Failure> {
+    let mut rows = Vec::with_capacity(queues.len());
+    for q in queues {
+        rows.push((q.as_str(), broker.depth(q).await?));
+    }
+    if as_json {
+        let map: serde_json::Map<String, Value> = rows
+            .iter()
+            .map(|(q, d)| ((*q).to_owned(), depth_json(d)))
+            .collect();
+        return Ok(json!({ "queues": map }).to_string());
+    }
+    let mut t = Table::new(&[
+        "queue",
+        "pending",
+        "in flight",
+        "delayed",
+        "due",
+        "dead",
+        "backlog",
+        "oldest s",
+    ]);
+    for (q, d) in &rows {
+        t.row(vec![
+            (*q).to_owned(),
+            d.pending.to_string(),
+            d.in_flight.to_string(),
+            d.delayed.to_string(),
+            d.delayed_due.to_string(),
+            d.dead.to_string(),
+            d.backlog().to_string(),
+            format!(
+                "{:.1}",
+                d.oldest_pending_age.map_or(0.0, |a| a.as_secs_f64())
+            ),
+        ]);
+    }
+    Ok(t.render())
+}
+
+async fn workers(
+    broker: &dyn Broker,
+    pool: Option<&str>,
+    as_json: bool,
+) -> Result<String, Failure> {
+    let list = broker.list_workers(pool).await?;
+    if as_json {
+        let v: Vec<Value> = list
+            .iter()
+            .map(|w| {
+                json!({"id": w.id, "pool": w.pool, "queues": w.queues, "host": w.host,
+                    "pid": w.pid, "concurrency": w.concurrency, "in_flight": w.in_flight,
+                    "draining": w.draining, "beat_age_s": w.beat_age().as_secs_f64()})
+            })
+            .collect();
+        return Ok(Value::Array(v).to_string());
+    }
+    let mut t = Table::new(&[
+        "worker",
+        "pool",
+        "queues",
+        "in flight",
+        "draining",
+        "last beat s",
+        "host",
+        "pid",
+    ]);
+    for w in &list {
+        t.row(vec![
+            w.id.clone(),
+            w.pool.clone(),
+            w.queues.join(","),
+            format!("{}/{}", w.in_flight, w.concurrency),
+            if w.draining { "yes" } else { "no" }.into(),
+            format!("{:.1}", w.beat_age().as_secs_f64()),
+            w.host.clone(),
+            w.pid.to_string(),
+        ]);
+    }
+    Ok(t.render())
+}
+
+async fn dead(broker: &dyn Broker, action: &Dead, as_json: bool) -> Result<String, Failure> {
+    match action {
+        Dead::List { queue, limit } => {
+            let list = broker.dead_letters(queue, *limit).await?;
+            if as_json {
+                let v: Vec<Value> = list
+                    .iter()
+                    .map(|d| {
+                        json!({"id": d.envelope.id.as_str(), "queue": d.envelope.queue,
+                            "attempt": d.envelope.attempt, "reason": d.reason,
+                            "died_at_ms": d.died_at_ms,
+                            "payload": String::from_utf8_lossy(&d.envelope.payload)})
+                    })
+                    .collect();
+                return Ok(Value::Array(v).to_string());
+            }
+            let mut t = Table::new(&["id", "attempt", "died at (UTC)", "reason"]);
+            for d in &list {
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(d.died_at_ms);
+                t.row(vec![
+                    d.envelope.id.as_str().to_owned(),
+                    d.envelope.attempt.to_string(),
+                    humantime::format_rfc3339_seconds(at).to_string(),
+                    d.reason.clone(),
+                ]);
+            }
+            Ok(t.render())
+        }
+        Dead::Requeue { queue, ids, yes } | Dead::Purge { queue, ids, yes } => {
+            let requeue = matches!(action, Dead::Requeue { .. });
+            let verb = if requeue { "requeue" } else { "purge" };
+            let what = if ids.is_empty() {
+                "every dead letter".to_owned()
+            } else {
+                format!("{} dead letter(s)", ids.len())
+            };
+            if !yes {
+                confirm(&format!("{verb} {what} of {queue}?")).await?;
+            }
+            let ids: Vec<JobId> = ids.iter().map(|i| JobId::from(i.as_str())).collect();
+            let n = if requeue {
+                broker.requeue_dead(queue, &ids).await?
+            } else {
+                broker.purge_dead(queue, &ids).await?
+            };
+            Ok(if as_json {
+                json!({ "action": verb, "queue": queue, "count": n }).to_string()
+            } else {
+                format!("{verb}: {n} dead letter(s) of {queue}")
+            })
+        }
+    }
+}
+
+/// Ask on the terminal; without one, refuse (a script must say `--yes`).
+async fn confirm(question: &str) -> Result<(), Failure> {
+    if !std::io::stdin().is_terminal() {
+        return Err(Failure::Usage(format!(
+            "{question} refused: stdin is not a terminal; pass --yes"
+        )));
+    }
+    let mut stderr = tokio::io::stderr();
+    stderr
+        .write_all(format!("{question} [y/N] ").as_bytes())
+        .await?;
+    stderr.flush().await?;
+    let mut line = String::new();
+    BufReader::new(tokio::io::stdin())
+        .read_line(&mut line)
+        .await?;
+    if matches!(line.trim(), "y" | "Y" | "yes") {
+        Ok(())
+    } else {
+        Err(Failure::Usage("not confirmed; nothing changed".into()))
+    }
+}
+
+/// A plain text table: a header, then right-aligned columns.
+struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Self {
+        Self {
+            header: header.iter().map(|h| (*h).to_owned()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for r in &self.rows {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.chars().count());
+            }
+        }
+        let line = |cells: &[String]| {
+            cells
+                .iter()
+                .zip(&widths)
+                .enumerate()
+                .map(|(i, (c, w))| {
+                    if i == 0 {
+                        format!("{c:<w$}")
+                    } else {
+                        format!("{c:>w$}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_owned()
+        };
+        let mut out = line(&self.header);
+        out.push('\n');
+        for r in &self.rows {
+            out.push_str(&line(r));
+            out.push('\n');
+        }
+        out
+    }
+}
