@@ -146,7 +146,10 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // lapin logs the broker's routine "no such queue" answer to a passive
+            // declare as an error; worker-amqp logs what matters from the connection.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lapin=off".into()),
         )
         .init();
     let config = match WorkerConfig::from_env() {
