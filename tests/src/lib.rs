@@ -329,7 +329,13 @@ impl RedisServer {
         self.spawn();
     }
 
-    fn stop(&mut self) {
+    /// Start it again after [`RedisServer::stop`], on the same port and data.
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
+    /// Stop it; [`RedisServer::start_again`] brings it back.
+    pub fn stop(&mut self) {
         // A clean SHUTDOWN completes the append-only file; servers with TLS or extra
         // settings (passwords) hold nothing a test restarts, so they are just killed.
         if !self.tls && self.extra.is_empty() {

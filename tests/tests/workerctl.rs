@@ -141,3 +141,104 @@ async fn workerctl_enqueues_shows_depth_and_manages_dead_letters() {
     assert_eq!(down.code, Some(1), "{}", down.stderr);
     assert!(down.stderr.contains("workerctl:"), "{}", down.stderr);
 }
+
+/// A GET on the exporter: status and body (status 0 when it does not answer).
+async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    worker_core::testing::http_get(addr, path)
+        .await
+        .unwrap_or((0, String::new()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exporter_serves_the_pool_s_backlog_and_an_error_while_the_broker_is_down() {
+    let mut redis = system_tests::RedisServer::start();
+    let url = redis.url();
+    let b = RedisConfig::new(&url)
+        .prefix("exp")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    system_tests::enqueue_json(&b, "a", &serde_json::json!({}), 4).await;
+    system_tests::enqueue_json(&b, "b", &serde_json::json!({}), 3).await;
+    // One job of `a` in flight: it counts.
+    b.fetch(&FetchPlan::single("a", 1, Duration::from_secs(300)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let addr = system_tests::free_addr();
+    let listen = addr.to_string();
+    let mut exporter = tokio::process::Command::new(binary("workerctl"))
+        .args([
+            "exporter",
+            "--pool",
+            "gpu",
+            "--queues",
+            "a,b",
+            "--capacity",
+            "2",
+            "--max-replicas",
+            "3",
+            "--listen",
+            &listen,
+        ])
+        .env_remove("AMQP_URL")
+        .env("REDIS_URL", &url)
+        .env("REDIS_PREFIX", "exp")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("workerctl exporter: {e}"));
+    worker_core::testing::eventually(Duration::from_secs(30), "exporter answers", || async {
+        get(addr, "/livez").await.0 == 200
+    })
+    .await;
+
+    let (status, body) = get(addr, "/scaling").await;
+    assert_eq!(status, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(doc["pool"], "gpu");
+    assert_eq!(doc["backlog"], 7, "{doc}");
+    assert_eq!(doc["queues"]["a"]["in_flight"], 1, "{doc}");
+    assert_eq!(doc["capacity_per_replica"], 2);
+    // ceil(7 / 2) = 4, clamped to --max-replicas 3.
+    assert_eq!(doc["desired_replicas"], 3, "{doc}");
+    let (status, metrics) = get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("worker_queue_backlog{")
+                && l.contains("queue=\"b\"")
+                && l.ends_with(" 3")),
+        "{metrics}"
+    );
+
+    // The broker goes away: an error the autoscaler sees as one, never a 0.
+    redis.stop();
+    let (status, body) = get(addr, "/scaling").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("error"), "{body}");
+    assert_eq!(get(addr, "/livez").await.0, 200);
+    redis.start_again();
+    worker_core::testing::eventually(Duration::from_secs(30), "recovers", || async {
+        let (status, body) = get(addr, "/scaling").await;
+        status == 200 && body.contains("\"backlog\":7")
+    })
+    .await;
+
+    // It never touches a job: the queues are as they were.
+    worker_core::testing::eventually(
+        Duration::from_secs(20),
+        "3 pending, 1 in flight",
+        || async {
+            // The test's own connection reconnects on its first call after the restart.
+            b.depth("a")
+                .await
+                .is_ok_and(|d| (d.pending, d.in_flight) == (3, 1))
+        },
+    )
+    .await;
+    let _ = exporter.start_kill();
+    let _ = exporter.wait().await;
+}

@@ -1,5 +1,6 @@
 //! `workerctl`: what an operator needs from a pool's broker without a worker running —
-//! queue depth, the live workers, enqueueing, and the dead letters.
+//! queue depth, the live workers, enqueueing, the dead letters, and the pool's depth
+//! exporter.
 //!
 //! The broker is the one a worker of the pool uses: `REDIS_URL` (with `REDIS_PREFIX`)
 //! or `AMQP_URL` (with the other `AMQP_*` variables, as for a worker). Tables by
@@ -11,6 +12,7 @@
 //! echo '{"prompt":"hi"}' | workerctl enqueue gpu
 //! workerctl dead list gpu --json
 //! workerctl dead requeue gpu --yes
+//! workerctl exporter --pool gpu --queues gpu,gpu-low --capacity 4 --listen 0.0.0.0:9090
 //! ```
 
 use std::io::IsTerminal;
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use worker_core::telemetry::exporter::Exporter;
 use worker_core::{Broker, JobId, NewJob, QueueDepth};
 
 /// Jobs per enqueue call.
@@ -72,6 +75,29 @@ enum Command {
         /// Attempts before the job is dead-lettered (the worker's setting otherwise).
         #[arg(long)]
         max_attempts: Option<u32>,
+    },
+    /// Serve `/scaling` and `/metrics` for a pool from the broker alone (for KEDA's
+    /// `metrics-api` trigger: it exists at zero replicas). It never touches a job; when
+    /// it cannot read the broker it answers 503, never a 0.
+    Exporter {
+        /// Pool name.
+        #[arg(long, env = "WORKER_POOL", default_value = "default")]
+        pool: String,
+        /// Every queue that feeds the pool (comma-separated).
+        #[arg(long, env = "WORKER_QUEUES", value_delimiter = ',', required = true)]
+        queues: Vec<String>,
+        /// Jobs one replica runs at once (the pool's `WORKER_CONCURRENCY`).
+        #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 4)]
+        capacity: u32,
+        /// Lower bound of `desired_replicas`.
+        #[arg(long, default_value_t = 0)]
+        min_replicas: u64,
+        /// Upper bound of `desired_replicas`.
+        #[arg(long)]
+        max_replicas: Option<u64>,
+        /// Listen on.
+        #[arg(long, env = "EXPORTER_ADDR", default_value = "0.0.0.0:9090")]
+        listen: std::net::SocketAddr,
     },
     /// Inspect, requeue or drop dead letters.
     Dead {
@@ -228,6 +254,46 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Dead { action } => dead(broker.as_ref(), action, cli.json).await?,
+        Command::Exporter {
+            pool,
+            queues,
+            capacity,
+            min_replicas,
+            max_replicas,
+            listen,
+        } => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| Failure::Usage(format!("cannot listen on {listen}: {e}")))?;
+            let stop = worker_core::CancellationToken::new();
+            let on_signal = stop.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                on_signal.cancel();
+            });
+            #[cfg(unix)]
+            {
+                let on_term = stop.clone();
+                if let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                {
+                    tokio::spawn(async move {
+                        term.recv().await;
+                        on_term.cancel();
+                    });
+                }
+            }
+            Exporter::new(
+                broker.clone(),
+                pool.as_str(),
+                (*capacity).max(1),
+                queues.clone(),
+            )
+            .replicas(*min_replicas, *max_replicas)
+            .serve(listener, stop)
+            .await?;
+            String::new()
+        }
     };
     broker.close().await;
     let mut stdout = tokio::io::stdout();

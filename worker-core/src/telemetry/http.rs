@@ -92,6 +92,11 @@ async fn metrics(AxumState(s): AxumState<HttpState>) -> Response {
             tracing::warn!(error = %e, "cannot read queue depth for /metrics");
         }
     }
+    render_metrics()
+}
+
+/// The process's metrics in the Prometheus text format.
+pub(crate) fn render_metrics() -> Response {
     match super::prometheus() {
         Some(handle) => {
             handle.run_upkeep();

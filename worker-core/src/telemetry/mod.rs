@@ -2,6 +2,7 @@
 //!
 //! Every metric name and label is defined once, in [`names`].
 
+pub mod exporter;
 pub(crate) mod http;
 pub mod scaling;
 
