@@ -149,6 +149,33 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or((0, String::new()))
 }
 
+/// Start `workerctl exporter args --listen <free port>` with `env` (and no other broker
+/// variable); return it, once `/livez` answers, and its address.
+async fn exporter(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, std::net::SocketAddr) {
+    let addr = system_tests::free_addr();
+    let listen = addr.to_string();
+    let child = tokio::process::Command::new(binary("workerctl"))
+        .arg("exporter")
+        .args(args)
+        .args(["--listen", &listen])
+        .env_remove("REDIS_URL")
+        .env_remove("AMQP_URL")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("workerctl exporter: {e}"));
+    worker_core::testing::eventually(Duration::from_secs(30), "exporter answers", || async {
+        get(addr, "/livez").await.0 == 200
+    })
+    .await;
+    (child, addr)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_exporter_serves_the_pool_s_backlog_and_an_error_while_the_broker_is_down() {
     let mut redis = system_tests::RedisServer::start();
@@ -165,11 +192,8 @@ async fn the_exporter_serves_the_pool_s_backlog_and_an_error_while_the_broker_is
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 
-    let addr = system_tests::free_addr();
-    let listen = addr.to_string();
-    let mut exporter = tokio::process::Command::new(binary("workerctl"))
-        .args([
-            "exporter",
+    let (mut exporter, addr) = exporter(
+        &[
             "--pool",
             "gpu",
             "--queues",
@@ -178,20 +202,9 @@ async fn the_exporter_serves_the_pool_s_backlog_and_an_error_while_the_broker_is
             "2",
             "--max-replicas",
             "3",
-            "--listen",
-            &listen,
-        ])
-        .env_remove("AMQP_URL")
-        .env("REDIS_URL", &url)
-        .env("REDIS_PREFIX", "exp")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("workerctl exporter: {e}"));
-    worker_core::testing::eventually(Duration::from_secs(30), "exporter answers", || async {
-        get(addr, "/livez").await.0 == 200
-    })
+        ],
+        &[("REDIS_URL", url.as_str()), ("REDIS_PREFIX", "exp")],
+    )
     .await;
 
     let (status, body) = get(addr, "/scaling").await;
@@ -239,6 +252,28 @@ async fn the_exporter_serves_the_pool_s_backlog_and_an_error_while_the_broker_is
         },
     )
     .await;
+    let _ = exporter.start_kill();
+    let _ = exporter.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exporter_started_while_rabbitmq_is_unreachable_answers_503_and_stays_up() {
+    // Nothing listens on port 1.
+    let (mut exporter, addr) = exporter(
+        &["--queues", "jobs"],
+        &[("AMQP_URL", "amqp://guest:s3cret@127.0.0.1:1/%2f")],
+    )
+    .await;
+    for _ in 0..2 {
+        let (status, body) = get(addr, "/scaling").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("amqp connect"), "{body}");
+        assert!(!body.contains("s3cret"), "{body}");
+    }
+    assert!(
+        exporter.try_wait().ok().flatten().is_none(),
+        "the exporter exited"
+    );
     let _ = exporter.start_kill();
     let _ = exporter.wait().await;
 }

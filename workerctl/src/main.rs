@@ -181,28 +181,46 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn connect(cli: &Cli) -> Result<Arc<dyn Broker>, Failure> {
-    let amqp = std::env::var_os("AMQP_URL").is_some_and(|v| !v.is_empty());
-    match (&cli.redis_url, amqp) {
-        (Some(_), true) => Err(Failure::Usage(
-            "both REDIS_URL and AMQP_URL are set: set the one broker the pool uses".into(),
-        )),
-        (Some(url), false) => Ok(Arc::new(
-            worker_redis::RedisConfig::new(url)
-                .prefix(&cli.redis_prefix)
-                .connect()
-                .await?,
-        )),
-        (None, true) => {
-            let config =
-                worker_amqp::AmqpConfig::from_env().map_err(|e| Failure::Usage(e.to_string()))?;
-            Ok(Arc::new(config.connect().await?))
+/// The pool's broker, as configured; opened by [`Spec::open`].
+#[derive(Clone)]
+enum Spec {
+    Redis { url: String, prefix: String },
+    Amqp(worker_amqp::AmqpConfig),
+}
+
+impl Spec {
+    /// Which broker the settings name; a usage error when they name none, or two.
+    fn from_cli(cli: &Cli) -> Result<Self, Failure> {
+        let amqp = std::env::var_os("AMQP_URL").is_some_and(|v| !v.is_empty());
+        match (&cli.redis_url, amqp) {
+            (Some(_), true) => Err(Failure::Usage(
+                "both REDIS_URL and AMQP_URL are set: set the one broker the pool uses".into(),
+            )),
+            (Some(url), false) => Ok(Spec::Redis {
+                url: url.clone(),
+                prefix: cli.redis_prefix.clone(),
+            }),
+            (None, true) => Ok(Spec::Amqp(
+                worker_amqp::AmqpConfig::from_env().map_err(|e| Failure::Usage(e.to_string()))?,
+            )),
+            (None, false) => Err(Failure::Usage(
+                "no broker: set REDIS_URL (redis://host:6379) or AMQP_URL \
+                 (amqp://user:password@host:5672/vhost)"
+                    .into(),
+            )),
         }
-        (None, false) => Err(Failure::Usage(
-            "no broker: set REDIS_URL (redis://host:6379) or AMQP_URL \
-             (amqp://user:password@host:5672/vhost)"
-                .into(),
-        )),
+    }
+
+    async fn open(self) -> Result<Arc<dyn Broker>, worker_core::BrokerError> {
+        Ok(match self {
+            Spec::Redis { url, prefix } => Arc::new(
+                worker_redis::RedisConfig::new(url)
+                    .prefix(prefix)
+                    .connect()
+                    .await?,
+            ),
+            Spec::Amqp(config) => Arc::new(config.connect().await?),
+        })
     }
 }
 
@@ -211,7 +229,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     if let Command::Enqueue { payloads, .. } = &cli.command {
         check_json(payloads.iter().map(String::as_str), "argument")?;
     }
-    let broker = connect(&cli).await?;
+    let spec = Spec::from_cli(&cli)?;
+    if let Command::Exporter {
+        pool,
+        queues,
+        capacity,
+        min_replicas,
+        max_replicas,
+        listen,
+    } = &cli.command
+    {
+        // The exporter opens the broker on the first request, and again on each one
+        // until it can: a broker down at start is a 503, not an exit.
+        let connect: worker_core::telemetry::exporter::Connect = Arc::new(move || {
+            let spec = spec.clone();
+            Box::pin(spec.open())
+        });
+        let exporter =
+            Exporter::connecting(connect, pool.as_str(), (*capacity).max(1), queues.clone())
+                .replicas(*min_replicas, *max_replicas);
+        return serve_exporter(exporter, *listen).await;
+    }
+    let broker = spec.open().await?;
     let out = match &cli.command {
         Command::Depth { queues } => depth(broker.as_ref(), queues, cli.json).await?,
         Command::Workers { pool } => workers(broker.as_ref(), pool.as_deref(), cli.json).await?,
@@ -254,46 +293,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Dead { action } => dead(broker.as_ref(), action, cli.json).await?,
-        Command::Exporter {
-            pool,
-            queues,
-            capacity,
-            min_replicas,
-            max_replicas,
-            listen,
-        } => {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|e| Failure::Usage(format!("cannot listen on {listen}: {e}")))?;
-            let stop = worker_core::CancellationToken::new();
-            let on_signal = stop.clone();
-            tokio::spawn(async move {
-                let _ = tokio::signal::ctrl_c().await;
-                on_signal.cancel();
-            });
-            #[cfg(unix)]
-            {
-                let on_term = stop.clone();
-                if let Ok(mut term) =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                {
-                    tokio::spawn(async move {
-                        term.recv().await;
-                        on_term.cancel();
-                    });
-                }
-            }
-            Exporter::new(
-                broker.clone(),
-                pool.as_str(),
-                (*capacity).max(1),
-                queues.clone(),
-            )
-            .replicas(*min_replicas, *max_replicas)
-            .serve(listener, stop)
-            .await?;
-            String::new()
-        }
+        // Served above; it does not return here.
+        Command::Exporter { .. } => String::new(),
     };
     broker.close().await;
     let mut stdout = tokio::io::stdout();
@@ -302,6 +303,32 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         stdout.write_all(b"\n").await?;
     }
     stdout.flush().await?;
+    Ok(())
+}
+
+async fn serve_exporter(exporter: Exporter, listen: std::net::SocketAddr) -> Result<(), Failure> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Failure::Usage(format!("cannot listen on {listen}: {e}")))?;
+    let stop = worker_core::CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        on_signal.cancel();
+    });
+    #[cfg(unix)]
+    {
+        let on_term = stop.clone();
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::spawn(async move {
+                term.recv().await;
+                on_term.cancel();
+            });
+        }
+    }
+    exporter.serve(listener, stop).await?;
     Ok(())
 }
 

@@ -17,6 +17,15 @@ use super::http::{publish_depths, render_metrics};
 use super::names;
 use super::scaling::ScalingDoc;
 use crate::broker::Broker;
+use crate::BrokerError;
+
+/// Opens the broker; tried again on each request until it succeeds.
+pub type Connect = Arc<
+    dyn Fn() -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Arc<dyn Broker>, BrokerError>> + Send>,
+        > + Send
+        + Sync,
+>;
 
 /// What the exporter serves for: one pool, the queues that feed it, and its bounds.
 ///
@@ -34,7 +43,8 @@ use crate::broker::Broker;
 /// ```
 #[derive(Clone)]
 pub struct Exporter {
-    broker: Arc<dyn Broker>,
+    broker: Arc<tokio::sync::OnceCell<Arc<dyn Broker>>>,
+    connect: Option<Connect>,
     pool: String,
     capacity: u32,
     queues: Vec<String>,
@@ -52,7 +62,28 @@ impl Exporter {
         queues: Vec<String>,
     ) -> Self {
         Self {
-            broker,
+            broker: Arc::new(tokio::sync::OnceCell::new_with(Some(broker))),
+            connect: None,
+            pool: pool.into(),
+            capacity: capacity_per_replica,
+            queues,
+            min_replicas: 0,
+            max_replicas: None,
+        }
+    }
+
+    /// An exporter that opens its broker with `connect` on the first request, and on
+    /// each later one until it succeeds: a broker that is down when the exporter starts
+    /// is answered with 503 like one that goes down later.
+    pub fn connecting(
+        connect: Connect,
+        pool: impl Into<String>,
+        capacity_per_replica: u32,
+        queues: Vec<String>,
+    ) -> Self {
+        Self {
+            broker: Arc::new(tokio::sync::OnceCell::new()),
+            connect: Some(connect),
             pool: pool.into(),
             capacity: capacity_per_replica,
             queues,
@@ -91,14 +122,18 @@ impl Exporter {
             .await
     }
 
-    async fn read(&self) -> Result<ScalingDoc, crate::BrokerError> {
-        let (mut doc, depths) = ScalingDoc::read(
-            self.broker.as_ref(),
-            &self.pool,
-            self.capacity,
-            &self.queues,
-        )
-        .await?;
+    async fn read(&self) -> Result<ScalingDoc, BrokerError> {
+        let broker = self
+            .broker
+            .get_or_try_init(|| async {
+                match &self.connect {
+                    Some(connect) => connect().await,
+                    None => Err(BrokerError::Protocol("exporter has no broker".into())),
+                }
+            })
+            .await?;
+        let (mut doc, depths) =
+            ScalingDoc::read(broker.as_ref(), &self.pool, self.capacity, &self.queues).await?;
         publish_depths(&self.pool, &depths);
         doc.desired_replicas = doc.desired_replicas.max(self.min_replicas);
         if let Some(max) = self.max_replicas {
