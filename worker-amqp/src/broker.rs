@@ -631,11 +631,13 @@ impl Broker for AmqpBroker {
             have >= plan.total as usize
         };
         let holding = |inner: &Inner| queues.iter().any(|q| inner.ready_len(q) > 0);
-        let none_ready = !holding(inner);
-        let owed = queues
-            .iter()
-            .any(|q| inner.held_on_consumer(q) < inner.config.prefetch as usize);
-        if none_ready && owed {
+        // Checked only when nothing is here: it walks the leases.
+        let owed = || {
+            queues
+                .iter()
+                .any(|q| inner.held_on_consumer(q) < inner.config.prefetch as usize)
+        };
+        if !holding(inner) && owed() {
             // Under load, the delivery that replaces an acked one is usually on the
             // wire: give it a moment before asking the broker what is ready.
             let deadline = tokio::time::Instant::now() + OWED_WAIT;
@@ -918,13 +920,13 @@ impl Broker for AmqpBroker {
             } else {
                 "the management API does not list the queue yet"
             };
-            d.sources.insert(
-                "in_flight".into(),
-                format!("this process's leases only ({why}: other workers' jobs are not counted)"),
+            d.read_from(
+                &["in_flight"],
+                &format!("this process's leases only ({why}: other workers' jobs are not counted)"),
             );
-            d.sources.insert(
-                "oldest_age".into(),
-                format!("deliveries this process holds ({why})"),
+            d.read_from(
+                &["oldest_age"],
+                &format!("deliveries this process holds ({why})"),
             );
         }
         Ok(d)

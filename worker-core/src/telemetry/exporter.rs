@@ -44,7 +44,7 @@ pub type Connect = Arc<
 #[derive(Clone)]
 pub struct Exporter {
     broker: Arc<tokio::sync::OnceCell<Arc<dyn Broker>>>,
-    connect: Option<Connect>,
+    connect: Connect,
     pool: String,
     capacity: u32,
     queues: Vec<String>,
@@ -61,15 +61,11 @@ impl Exporter {
         capacity_per_replica: u32,
         queues: Vec<String>,
     ) -> Self {
-        Self {
-            broker: Arc::new(tokio::sync::OnceCell::new_with(Some(broker))),
-            connect: None,
-            pool: pool.into(),
-            capacity: capacity_per_replica,
-            queues,
-            min_replicas: 0,
-            max_replicas: None,
-        }
+        let connect: Connect = Arc::new(move || {
+            let broker = broker.clone();
+            Box::pin(async move { Ok(broker) })
+        });
+        Self::connecting(connect, pool, capacity_per_replica, queues)
     }
 
     /// An exporter that opens its broker with `connect` on the first request, and on
@@ -83,7 +79,7 @@ impl Exporter {
     ) -> Self {
         Self {
             broker: Arc::new(tokio::sync::OnceCell::new()),
-            connect: Some(connect),
+            connect,
             pool: pool.into(),
             capacity: capacity_per_replica,
             queues,
@@ -123,15 +119,7 @@ impl Exporter {
     }
 
     async fn read(&self) -> Result<ScalingDoc, BrokerError> {
-        let broker = self
-            .broker
-            .get_or_try_init(|| async {
-                match &self.connect {
-                    Some(connect) => connect().await,
-                    None => Err(BrokerError::Protocol("exporter has no broker".into())),
-                }
-            })
-            .await?;
+        let broker = self.broker.get_or_try_init(|| (self.connect)()).await?;
         let (mut doc, depths) =
             ScalingDoc::read(broker.as_ref(), &self.pool, self.capacity, &self.queues).await?;
         publish_depths(&self.pool, &depths);
