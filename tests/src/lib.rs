@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -24,13 +24,55 @@ pub fn binary(package: &str) -> PathBuf {
         assert!(status.success(), "cargo build -p {package} failed");
         built.push(package.to_owned());
     }
-    // Test binaries live in target/<profile>/deps; workspace binaries one level up.
+    // Test binaries live in target/<profile>/deps, workspace binaries one level up,
+    // beside this crate's own binaries.
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
     let dir = exe
         .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap_or_else(|| panic!("unexpected test binary path {exe:?}"));
+        .and_then(|dir| {
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dir.parent()
+            } else {
+                Some(dir)
+            }
+        })
+        .unwrap_or_else(|| panic!("unexpected binary path {exe:?}"));
     dir.join(package)
+}
+
+pub mod sim;
+
+/// Milliseconds from the first call in this process to `at`: the `_at_ms` field each
+/// [`DemoWorker`] event gets when it is read (0 for instants before the first call).
+pub fn since_epoch_ms(at: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(at.saturating_duration_since(epoch).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Start `workerctl exporter args --listen <free port>` with `env` (and no other broker
+/// variable); return it, once `/livez` answers, and its address.
+pub async fn start_exporter(args: &[&str], env: &[(&str, &str)]) -> (Child, SocketAddr) {
+    let addr = free_addr();
+    let child = Command::new(binary("workerctl"))
+        .arg("exporter")
+        .args(args)
+        .args(["--listen", &addr.to_string()])
+        .env_remove("REDIS_URL")
+        .env_remove("AMQP_URL")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("workerctl exporter: {e}"));
+    worker_core::testing::eventually(Duration::from_secs(30), "exporter answers", || async {
+        worker_core::testing::http_get(addr, "/livez")
+            .await
+            .is_ok_and(|(status, _)| status == 200)
+    })
+    .await;
+    (child, addr)
 }
 
 /// A free loopback port (bound and released; good enough for a test's own process).
@@ -51,8 +93,14 @@ pub struct DemoWorker {
 impl DemoWorker {
     /// Start `demo-worker` with these environment variables (plus an HTTP port of its own).
     pub fn start(env: &[(&str, &str)]) -> Self {
+        Self::start_binary("demo-worker", env)
+    }
+
+    /// Start another worker binary of the workspace that prints event lines the same
+    /// way (`gpu-inference`, say).
+    pub fn start_binary(package: &str, env: &[(&str, &str)]) -> Self {
         let http = free_addr();
-        let mut cmd = Command::new(binary("demo-worker"));
+        let mut cmd = Command::new(binary(package));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")
@@ -64,7 +112,7 @@ impl DemoWorker {
             .kill_on_drop(true);
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn demo-worker: {e}"));
+            .unwrap_or_else(|e| panic!("spawn {package}: {e}"));
         let events = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         if let Some(out) = child.stdout.take() {
@@ -72,7 +120,13 @@ impl DemoWorker {
             tokio::spawn(async move {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if let Ok(mut v) = serde_json::from_str::<Value>(&line) {
+                        if let Some(fields) = v.as_object_mut() {
+                            fields.insert(
+                                "_at_ms".into(),
+                                Value::from(since_epoch_ms(Instant::now())),
+                            );
+                        }
                         events.lock().unwrap_or_else(|p| p.into_inner()).push(v);
                     }
                 }
@@ -104,6 +158,11 @@ impl DemoWorker {
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
+    }
+
+    /// Its exit status if it has exited, without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Every event line so far.
@@ -205,6 +264,15 @@ impl DemoWorker {
             .find(|e| e["event"] == "stopped")
             .unwrap_or_else(|| panic!("no stopped event\nstderr:\n{}", self.stderr()))
     }
+}
+
+/// A broker on the shared Redis (127.0.0.1:6379) under key prefix `prefix`.
+pub async fn redis_broker(prefix: &str) -> worker_redis::RedisBroker {
+    worker_redis::RedisConfig::new("redis://127.0.0.1:6379")
+        .prefix(prefix)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("redis: {e}"))
 }
 
 /// Enqueue `n` jobs with `payload` (JSON) to `queue`; their ids.
@@ -565,6 +633,29 @@ pub fn make_certificates(dir: &Path) {
     );
 }
 
+/// A TLS acceptor serving `server.crt` / `server.key` of `certs` (see
+/// [`make_certificates`]).
+pub fn tls_acceptor(certs: &Path) -> tokio_rustls::TlsAcceptor {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(certs.join("server.crt"))
+            .unwrap_or_else(|e| panic!("server.crt: {e}"))
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| panic!("server.crt: {e}"));
+    let key = PrivateKeyDer::from_pem_file(certs.join("server.key"))
+        .unwrap_or_else(|e| panic!("server.key: {e}"));
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|e| panic!("tls versions: {e}"))
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap_or_else(|e| panic!("tls certificate: {e}"));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
 /// A TLS endpoint on a port of its own that forwards each connection, decrypted, to a
 /// plain TCP server: `amqps://` in front of the shared RabbitMQ without touching its
 /// configuration. It stops when dropped.
@@ -578,24 +669,7 @@ impl TlsProxy {
     /// Serve the certificate `server.crt` / `server.key` of `certs` (see
     /// [`make_certificates`]) and forward to `upstream`.
     pub async fn start(certs: &Path, upstream: SocketAddr) -> Self {
-        use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(certs.join("server.crt"))
-                .unwrap_or_else(|e| panic!("server.crt: {e}"))
-                .collect::<Result<_, _>>()
-                .unwrap_or_else(|e| panic!("server.crt: {e}"));
-        let key = PrivateKeyDer::from_pem_file(certs.join("server.key"))
-            .unwrap_or_else(|e| panic!("server.key: {e}"));
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap_or_else(|e| panic!("tls versions: {e}"))
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap_or_else(|e| panic!("tls certificate: {e}"));
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = tls_acceptor(certs);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("bind: {e}"));

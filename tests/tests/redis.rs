@@ -8,16 +8,12 @@ use serde_json::{json, Value};
 use system_tests::DemoWorker;
 use worker_core::testing::unique;
 use worker_core::{Broker, NewJob};
-use worker_redis::{RedisBroker, RedisConfig};
+use worker_redis::RedisBroker;
 
 const URL: &str = "redis://127.0.0.1:6379";
 
 async fn broker(prefix: &str) -> RedisBroker {
-    RedisConfig::new(URL)
-        .prefix(prefix)
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("redis: {e}"))
+    system_tests::redis_broker(prefix).await
 }
 
 async fn enqueue(b: &RedisBroker, queue: &str, payload: Value, n: usize) -> Vec<String> {

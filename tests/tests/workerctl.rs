@@ -149,31 +149,11 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or((0, String::new()))
 }
 
-/// Start `workerctl exporter args --listen <free port>` with `env` (and no other broker
-/// variable); return it, once `/livez` answers, and its address.
 async fn exporter(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> (tokio::process::Child, std::net::SocketAddr) {
-    let addr = system_tests::free_addr();
-    let listen = addr.to_string();
-    let child = tokio::process::Command::new(binary("workerctl"))
-        .arg("exporter")
-        .args(args)
-        .args(["--listen", &listen])
-        .env_remove("REDIS_URL")
-        .env_remove("AMQP_URL")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("workerctl exporter: {e}"));
-    worker_core::testing::eventually(Duration::from_secs(30), "exporter answers", || async {
-        get(addr, "/livez").await.0 == 200
-    })
-    .await;
-    (child, addr)
+    system_tests::start_exporter(args, env).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

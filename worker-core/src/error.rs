@@ -173,6 +173,15 @@ pub enum ConfigError {
         /// The accepted form.
         expected: String,
     },
+    /// A setting that is on needs things that are not there: variables unset, files
+    /// that cannot be read.
+    #[error("{setting} needs what is missing: {}", .missing.join("; "))]
+    Missing {
+        /// The setting that needs them, e.g. `WORKER_POD_DELETION_COST=true`.
+        setting: String,
+        /// Each missing thing, named with why it is needed or why it cannot be used.
+        missing: Vec<String>,
+    },
 }
 
 impl ConfigError {
@@ -186,6 +195,14 @@ impl ConfigError {
             variable: variable.into(),
             value: value.into(),
             expected: expected.into(),
+        }
+    }
+
+    /// `setting` is on but needs each of `missing`.
+    pub fn missing(setting: impl Into<String>, missing: Vec<String>) -> Self {
+        Self::Missing {
+            setting: setting.into(),
+            missing,
         }
     }
 }
@@ -242,6 +259,17 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "WORKER_CONCURRENCY=\"lots\" is invalid: expected a positive integer"
+        );
+        let e = ConfigError::missing(
+            "WORKER_POD_DELETION_COST=true",
+            vec![
+                "POD_NAME (not set)".into(),
+                "POD_NAMESPACE (not set)".into(),
+            ],
+        );
+        assert_eq!(
+            e.to_string(),
+            "WORKER_POD_DELETION_COST=true needs what is missing: POD_NAME (not set); POD_NAMESPACE (not set)"
         );
     }
 }

@@ -272,6 +272,7 @@ pub struct JobContext {
     pub(crate) enqueued_at: SystemTime,
     pub(crate) headers: Arc<BTreeMap<String, String>>,
     pub(crate) cancel: CancellationToken,
+    pub(crate) drain: CancellationToken,
 }
 
 impl JobContext {
@@ -322,6 +323,14 @@ impl JobContext {
     /// Whether [`cancellation`](Self::cancellation) has fired.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
+    }
+
+    /// Fires when the worker begins to drain (the first SIGTERM): the job may still
+    /// finish, until [`cancellation`](Self::cancellation) fires at the drain deadline.
+    /// A handler that can stop at a safe point (a checkpoint, a batch boundary) may
+    /// use it to stop early instead of being cut short.
+    pub fn drain_started(&self) -> &CancellationToken {
+        &self.drain
     }
 }
 

@@ -24,6 +24,14 @@
 //! }
 //! ```
 //!
+//! A [`batch::BatchHandler`] runs jobs in dynamic micro-batches (up to a size, or
+//! what arrived within a wait), with an outcome per job; [`batch::Batched`] makes it a
+//! [`Handler`].
+//!
+//! On Kubernetes, a worker can also keep its pod's `controller.kubernetes.io/pod-deletion-cost`
+//! annotation equal to its jobs in flight, so a scale-down removes idle pods first
+//! ([`PodDeletionCost`], `WORKER_POD_DELETION_COST=true`; off by default).
+//!
 //! Backends implement [`Broker`]; [`MemoryBroker`] is the in-process one. With the
 //! `testing` feature, `worker_core::testing` holds the conformance suite every backend
 //! passes unchanged.
@@ -31,11 +39,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod broker;
 pub mod config;
 pub mod error;
 pub mod handler;
 pub mod job;
+mod kubernetes;
 pub mod lifecycle;
 mod runtime;
 mod scheduler;
@@ -48,7 +58,9 @@ pub use broker::memory::MemoryBroker;
 pub use broker::{
     Broker, DeadLetter, Delivery, FetchPlan, FetchShare, Lease, LeaseToken, QueueDepth, WorkerInfo,
 };
-pub use config::{redact, Backoff, QueueSpec, Scheduling, WorkerConfig, WorkerConfigBuilder};
+pub use config::{
+    redact, Backoff, PodDeletionCost, QueueSpec, Scheduling, WorkerConfig, WorkerConfigBuilder,
+};
 pub use error::{BrokerError, ConfigError, JobError, Transience, WorkerError};
 pub use handler::{handler_fn, Handler, HandlerFn};
 pub use job::{Envelope, Job, JobContext, JobId, NewJob};

@@ -75,6 +75,9 @@ enum Command {
         /// Attempts before the job is dead-lettered (the worker's setting otherwise).
         #[arg(long)]
         max_attempts: Option<u32>,
+        /// Budget units each job holds while it runs (MiB under WORKER_MEMORY_BUDGET).
+        #[arg(long)]
+        cost: Option<u32>,
     },
     /// Serve `/scaling` and `/metrics` for a pool from the broker alone (for KEDA's
     /// `metrics-api` trigger: it exists at zero replicas). It never touches a job; when
@@ -259,6 +262,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             payloads,
             delay,
             max_attempts,
+            cost,
         } => {
             let payloads = if payloads.is_empty() {
                 let lines = stdin_lines().await?;
@@ -278,6 +282,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         }
                         if let Some(n) = max_attempts {
                             job = job.max_attempts(*n);
+                        }
+                        if let Some(units) = cost {
+                            job = job.cost(*units);
                         }
                         job
                     })

@@ -13,18 +13,16 @@
 //!
 //! It prints one JSON line per event on stdout — `start` and `end` per job, and
 //! `stopped` with the run report and the jobs left in the broker — so system tests
-//! can follow it; logs go to stderr.
+//! can follow it; logs go to stderr. It exits 0 after a drain, 2 on a configuration
+//! error, 1 when the worker failed otherwise.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
+use example_support::event;
 use serde::Deserialize;
 use serde_json::json;
-use worker_core::{
-    async_trait, Broker, FetchPlan, Handler, Job, JobError, MemoryBroker, NewJob, RunReport,
-    Worker, WorkerConfig,
-};
+use worker_core::{async_trait, Broker, Handler, Job, JobError, NewJob, Worker, WorkerConfig};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -46,10 +44,6 @@ enum Outcome {
 }
 
 struct Demo;
-
-fn event(value: serde_json::Value) {
-    println!("{value}");
-}
 
 #[async_trait]
 impl Handler for Demo {
@@ -106,52 +100,9 @@ fn seed_jobs(config: &WorkerConfig) -> Result<Vec<NewJob>, String> {
         .collect())
 }
 
-/// What is left in the in-memory broker at exit: each queue's depth and the
-/// attempt number of every pending job.
-async fn leftovers(broker: &MemoryBroker, config: &WorkerConfig) -> serde_json::Value {
-    let mut queues = serde_json::Map::new();
-    for q in config.queue_names() {
-        let depth = broker.depth(&q).await.ok();
-        let plan = FetchPlan::single(&q, u32::MAX, Duration::from_secs(60));
-        let pending = broker.fetch(&plan).await.unwrap_or_default();
-        let attempts: Vec<serde_json::Value> = pending
-            .iter()
-            .map(|d| json!({"id": d.envelope.id.as_str(), "attempt": d.envelope.attempt}))
-            .collect();
-        for d in &pending {
-            let _ = broker.release(&d.lease).await;
-        }
-        let dead: Vec<serde_json::Value> = broker
-            .dead_letters(&q, usize::MAX)
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .map(|d| json!({"id": d.envelope.id.as_str(), "reason": d.reason}))
-            .collect();
-        queues.insert(
-            q,
-            json!({"depth": depth, "pending": attempts, "dead": dead}),
-        );
-    }
-    serde_json::Value::Object(queues)
-}
-
-fn report_json(r: &RunReport) -> serde_json::Value {
-    json!({"ok": r.ok, "retried": r.retried, "dead": r.dead, "released": r.released,
-           "failed": r.failed, "clean_drain": r.clean_drain})
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            // lapin logs the broker's routine "no such queue" answer to a passive
-            // declare as an error; worker-amqp logs what matters from the connection.
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,lapin=off".into()),
-        )
-        .init();
+    example_support::init_tracing();
     let config = match WorkerConfig::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -159,44 +110,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let memory = MemoryBroker::new();
-    let redis_url = std::env::var("REDIS_URL").ok();
-    let amqp = std::env::var_os("AMQP_URL").is_some();
-    let broker: Arc<dyn Broker> = match (redis_url, amqp) {
-        (Some(_), true) => {
-            tracing::error!("both REDIS_URL and AMQP_URL are set: set the one broker to use");
+    let connected = match example_support::broker_from_env(&config).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
             return ExitCode::from(2);
         }
-        (Some(url), false) => {
-            let prefix = std::env::var("REDIS_PREFIX").unwrap_or_else(|_| "wp".into());
-            match worker_redis::RedisConfig::new(url)
-                .prefix(prefix)
-                .connect()
-                .await
-            {
-                Ok(redis) => Arc::new(redis),
-                Err(e) => {
-                    tracing::error!("REDIS_URL: {e}");
-                    return ExitCode::from(2);
-                }
-            }
-        }
-        (None, true) => {
-            let connected = match worker_amqp::AmqpConfig::from_env() {
-                Ok(c) => c.worker(&config).connect().await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match connected {
-                Ok(amqp) => Arc::new(amqp),
-                Err(e) => {
-                    tracing::error!("AMQP_URL: {e}");
-                    return ExitCode::from(2);
-                }
-            }
-        }
-        (None, false) => Arc::new(memory.clone()),
     };
-    let in_memory = std::env::var_os("REDIS_URL").is_none() && !amqp;
+    let broker = connected.broker.clone();
     let jobs = match seed_jobs(&config) {
         Ok(jobs) => jobs,
         Err(e) => {
@@ -213,20 +134,5 @@ async fn main() -> ExitCode {
         tracing::info!(jobs = n, "seeded the broker from DEMO_JOBS");
     }
     let worker = Worker::with_shared_broker(broker, config.clone(), Demo);
-    match worker.run_until_signal().await {
-        Ok(report) => {
-            // The in-memory broker dies with the process: report what it still held.
-            let queues = if in_memory {
-                leftovers(&memory, &config).await
-            } else {
-                serde_json::Value::Null
-            };
-            event(json!({"event": "stopped", "report": report_json(&report), "queues": queues}));
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!("{e}");
-            ExitCode::from(1)
-        }
-    }
+    example_support::finish(worker.run_until_signal().await, &connected, &config).await
 }

@@ -4,12 +4,13 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use super::{Backoff, QueueSpec, Scheduling, WorkerConfig};
+use super::{Backoff, PodDeletionCost, QueueSpec, Scheduling, WorkerConfig};
 use crate::error::ConfigError;
 
 const DURATION: &str = "a duration such as 30s, 500ms, 2m or 1h";
 const POSITIVE: &str = "a positive integer";
 const QUEUES: &str = "name[:weight][,name[:weight]...] with positive integer weights";
+const SWITCH: &str = "true or false (or 1 or 0)";
 
 pub(super) fn from_lookup(
     lookup: impl Fn(&str) -> Option<String>,
@@ -66,6 +67,22 @@ pub(super) fn from_lookup(
             .map_err(|_| ConfigError::invalid("WORKER_PREFETCH", v, "a non-negative integer"))?;
     }
     c.budget = positive("WORKER_BUDGET")?;
+    if let Some(v) = get("WORKER_MEMORY_BUDGET") {
+        if c.budget.is_some() {
+            return Err(ConfigError::invalid(
+                "WORKER_MEMORY_BUDGET",
+                v,
+                "unset while WORKER_BUDGET is set (both set the one budget)",
+            ));
+        }
+        c.budget = Some(parse_mib(&v).ok_or_else(|| {
+            ConfigError::invalid(
+                "WORKER_MEMORY_BUDGET",
+                v,
+                "a size such as 512MiB, 8GiB or 2048 (MiB), at least 1MiB",
+            )
+        })?);
+    }
     if let Some(n) = positive("WORKER_MAX_ATTEMPTS")? {
         c.max_attempts = n;
     }
@@ -100,6 +117,16 @@ pub(super) fn from_lookup(
             })?)
         };
     }
+    if let Some(v) = get("WORKER_POD_DELETION_COST") {
+        let on = match v.to_ascii_lowercase().as_str() {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => return Err(ConfigError::invalid("WORKER_POD_DELETION_COST", v, SWITCH)),
+        };
+        if on {
+            c.pod_deletion_cost = Some(PodDeletionCost::from_lookup(&lookup)?);
+        }
+    }
     c.validate().map_err(|e| match e {
         // Name the variable behind the setting that failed.
         ConfigError::Invalid {
@@ -107,12 +134,15 @@ pub(super) fn from_lookup(
             value,
             expected,
         } => ConfigError::invalid(env_name(&variable), value, expected),
+        other @ ConfigError::Missing { .. } => other,
     })?;
     Ok(c)
 }
 
 fn env_name(setting: &str) -> String {
     match setting {
+        // Already a variable's name (the pod-deletion-cost settings).
+        s if s.bytes().all(|b| b.is_ascii_uppercase() || b == b'_') => s.into(),
         "queues" => "WORKER_QUEUES".into(),
         "backoff" => "WORKER_RETRY_BASE/WORKER_RETRY_CAP".into(),
         s if s.starts_with("max_in_flight") => "WORKER_QUEUE_LIMITS".into(),
@@ -160,6 +190,23 @@ fn apply_queue_limits(queues: &mut [QueueSpec], v: &str) -> Result<(), ConfigErr
         q.max_in_flight = Some(limit);
     }
     Ok(())
+}
+
+/// A size in MiB: `512MiB`, `8GiB`, `1TiB` (also `M`, `G`, `T`, `MB`, `GB`, `TB`, read
+/// as powers of 1024), or a bare number of MiB. `None` below 1 MiB or above `u32::MAX` MiB.
+fn parse_mib(v: &str) -> Option<u32> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (number, unit) = v.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mi" | "mib" => 1,
+        "g" | "gb" | "gi" | "gib" => 1024,
+        "t" | "tb" | "ti" | "tib" => 1024 * 1024,
+        _ => return None,
+    };
+    let mib = number.checked_mul(factor)?;
+    u32::try_from(mib).ok().filter(|&m| m > 0)
 }
 
 #[cfg(test)]
@@ -239,6 +286,7 @@ mod tests {
             ("WORKER_QUEUES", "a:x", QUEUES),
             ("WORKER_QUEUES", "a,,b", QUEUES),
             ("WORKER_SCHEDULING", "random", "weighted or priority"),
+            ("WORKER_POD_DELETION_COST", "yes", SWITCH),
             (
                 "WORKER_HTTP_ADDR",
                 "nowhere",
@@ -260,5 +308,88 @@ mod tests {
         assert!(e.to_string().starts_with("WORKER_QUEUES="), "{e}");
         let e = read(&[("WORKER_QUEUE_LIMITS", "nope:3")]).unwrap_err();
         assert!(e.to_string().starts_with("WORKER_QUEUE_LIMITS="), "{e}");
+    }
+
+    #[test]
+    fn pod_deletion_cost_is_off_unless_switched_on() {
+        assert_eq!(read(&[]).unwrap().pod_deletion_cost, None);
+        // Off: the pod's variables are not needed.
+        for off in ["false", "0", "FALSE"] {
+            let c = read(&[("WORKER_POD_DELETION_COST", off)]).unwrap();
+            assert_eq!(c.pod_deletion_cost, None, "{off}");
+        }
+        let pod = [
+            ("POD_NAME", "gpu-0"),
+            ("POD_NAMESPACE", "workers"),
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+            ("KUBERNETES_SERVICEACCOUNT_DIR", "/tmp/sa"),
+        ];
+        for on in ["true", "1", "True"] {
+            let mut vars = pod.to_vec();
+            vars.push(("WORKER_POD_DELETION_COST", on));
+            let cost = read(&vars).unwrap().pod_deletion_cost.unwrap();
+            assert_eq!(
+                cost,
+                PodDeletionCost::new("gpu-0", "workers", "10.96.0.1", 443)
+                    .service_account_dir("/tmp/sa")
+            );
+        }
+    }
+
+    #[test]
+    fn pod_deletion_cost_on_names_what_is_missing() {
+        let e = read(&[
+            ("WORKER_POD_DELETION_COST", "true"),
+            ("POD_NAMESPACE", "workers"),
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            ("KUBERNETES_SERVICE_PORT", "443"),
+        ])
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("WORKER_POD_DELETION_COST=true needs what is missing: POD_NAME ("),
+            "{text}"
+        );
+        assert!(!text.contains("POD_NAMESPACE"), "{text}");
+    }
+
+    #[test]
+    fn a_memory_budget_is_read_in_mib_and_excludes_the_unit_budget() {
+        let lookup = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(key, _)| *key == k)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        for (v, mib) in [
+            ("512MiB", 512),
+            ("8GiB", 8192),
+            ("2048", 2048),
+            ("1 G", 1024),
+        ] {
+            let pairs: &'static [(&'static str, &'static str)] =
+                Box::leak(vec![("WORKER_MEMORY_BUDGET", v)].into_boxed_slice());
+            let c = from_lookup(lookup(pairs)).unwrap();
+            assert_eq!(c.budget, Some(mib), "{v}");
+        }
+        for v in ["0", "12KiB", "lots", "99999999TiB"] {
+            let pairs: &'static [(&'static str, &'static str)] =
+                Box::leak(vec![("WORKER_MEMORY_BUDGET", v)].into_boxed_slice());
+            let e = from_lookup(lookup(pairs)).unwrap_err().to_string();
+            assert!(
+                e.contains("WORKER_MEMORY_BUDGET") && e.contains("MiB"),
+                "{e}"
+            );
+        }
+        let e = from_lookup(lookup(&[
+            ("WORKER_BUDGET", "10"),
+            ("WORKER_MEMORY_BUDGET", "1GiB"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("WORKER_BUDGET"), "{e}");
     }
 }

@@ -1,13 +1,19 @@
 //! Worker configuration: a builder in code, and [`WorkerConfig::from_env`] reading the
 //! same settings from environment variables, so a pool is configured by its chart alone.
 
+mod deletion_cost;
 mod env;
+mod gpu;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::broker::validate_queue_name;
 use crate::error::ConfigError;
+
+pub use deletion_cost::PodDeletionCost;
+pub(crate) use deletion_cost::SETTING as POD_DELETION_COST_SETTING;
+pub use gpu::{visible_gpus, visible_gpus_from};
 
 /// How the scheduler shares free capacity between queues.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -130,6 +136,9 @@ pub struct WorkerConfig {
     pub reap_interval: Duration,
     /// Longest idle wait before fetching again when the broker gives no wake-up.
     pub idle_wait: Duration,
+    /// Keep this pod's pod-deletion-cost annotation equal to its jobs in flight;
+    /// `None` (the default) leaves the pod alone.
+    pub pod_deletion_cost: Option<PodDeletionCost>,
 }
 
 impl Default for WorkerConfig {
@@ -150,6 +159,7 @@ impl Default for WorkerConfig {
             http_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
             reap_interval: Duration::from_secs(5),
             idle_wait: Duration::from_secs(1),
+            pod_deletion_cost: None,
         }
     }
 }
@@ -259,6 +269,9 @@ impl WorkerConfig {
                 "a retry base no larger than the retry cap",
             ));
         }
+        if let Some(cost) = &self.pod_deletion_cost {
+            cost.validate()?;
+        }
         Ok(())
     }
 }
@@ -326,6 +339,24 @@ impl WorkerConfigBuilder {
         http_addr: Option<SocketAddr>,
         /// Longest idle wait between fetches.
         idle_wait: Duration,
+    }
+
+    /// Keep this pod's `controller.kubernetes.io/pod-deletion-cost` annotation equal to
+    /// its jobs in flight, so a ReplicaSet scaling down removes idle pods first (see
+    /// [`PodDeletionCost`]). Off by default.
+    ///
+    /// ```no_run
+    /// use worker_core::{PodDeletionCost, WorkerConfig};
+    ///
+    /// // In a pod: POD_NAME and POD_NAMESPACE from the downward API.
+    /// let config = WorkerConfig::builder()
+    ///     .pod_deletion_cost(PodDeletionCost::in_cluster()?)
+    ///     .build()?;
+    /// # Ok::<(), worker_core::ConfigError>(())
+    /// ```
+    pub fn pod_deletion_cost(mut self, cost: PodDeletionCost) -> Self {
+        self.config.pod_deletion_cost = Some(cost);
+        self
     }
 
     /// How often to reap expired leases (default: half the lease, 100 ms to 5 s).

@@ -143,6 +143,7 @@ async fn supervise<H: Handler>(
             enqueued_at: UNIX_EPOCH + Duration::from_millis(envelope.enqueued_at_ms),
             headers: Arc::new(envelope.headers.clone()),
             cancel: cancel.clone(),
+            drain: shared.life.drain.clone(),
         },
     };
     let labels = [

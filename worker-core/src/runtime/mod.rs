@@ -1,6 +1,7 @@
 //! The worker: fetch loop, job supervision, background tasks, drain.
 
 mod background;
+mod deletion_cost;
 mod fetcher;
 mod job;
 pub(crate) mod limits;
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -18,6 +19,7 @@ use crate::broker::{Broker, WorkerInfo};
 use crate::config::WorkerConfig;
 use crate::error::WorkerError;
 use crate::handler::Handler;
+use crate::kubernetes::PodApi;
 use crate::lifecycle::{install_signal_handlers, Lifecycle, ShutdownHandle, State};
 use crate::scheduler::Scheduler;
 use crate::telemetry::{self, http, names, Outcome};
@@ -65,6 +67,8 @@ pub(crate) struct Shared<H> {
     /// Signalled when a job settles, so a fetcher blocked on per-queue limits retries.
     pub(crate) job_done: Notify,
     pub(crate) running: AtomicU32,
+    /// `running` as last published, for tasks that follow it (the pod-deletion cost).
+    in_flight: watch::Sender<u32>,
     pub(crate) worker_id: String,
     counts: Counts,
 }
@@ -96,6 +100,14 @@ impl<H> Shared<H> {
         // Only a gauge reading; no data is published through this counter.
         let running = self.running.load(Ordering::Relaxed);
         metrics::gauge!(names::IN_FLIGHT, names::POOL => pool.clone()).set(f64::from(running));
+        // Loaded again under the channel's lock: of two jobs ending together, the one
+        // publishing last sends the newer count, never a stale one.
+        self.in_flight.send_if_modified(|seen| {
+            let now = self.running.load(Ordering::Relaxed);
+            let changed = *seen != now;
+            *seen = now;
+            changed
+        });
         metrics::gauge!(names::UTILIZATION, names::POOL => pool.clone())
             .set(f64::from(running) / f64::from(self.config.concurrency));
         if let Some((used, total)) = self.limits.budget_used() {
@@ -198,9 +210,15 @@ impl<H: Handler> Worker<H> {
     }
 
     /// Start the worker in the background: bind the HTTP listener, register, and
-    /// begin fetching. Configuration and listener errors are returned here.
+    /// begin fetching. Configuration and listener errors are returned here, as are
+    /// service-account files that [`pod_deletion_cost`](WorkerConfig::pod_deletion_cost)
+    /// needs and cannot read.
     pub async fn spawn(self) -> Result<RunningWorker, WorkerError> {
         self.config.validate()?;
+        let pod_api = match &self.config.pod_deletion_cost {
+            Some(cost) => Some((PodApi::connect(cost).await?, cost.interval)),
+            None => None,
+        };
         let listener = match self.config.http_addr {
             Some(addr) => Some(
                 http::bind(addr)
@@ -218,6 +236,7 @@ impl<H: Handler> Worker<H> {
             limits: Limits::new(&self.config),
             job_done: Notify::new(),
             running: AtomicU32::new(0),
+            in_flight: watch::Sender::new(0),
             worker_id: format!(
                 "{}-{}-{:08x}",
                 self.config.pool,
@@ -244,6 +263,14 @@ impl<H: Handler> Worker<H> {
                 queues: shared.config.queue_names(),
             };
             background.push(http::serve(listener, state, stop.clone()));
+        }
+        if let Some((api, interval)) = pod_api {
+            background.push(tokio::spawn(deletion_cost::keep_current(
+                api,
+                shared.in_flight.subscribe(),
+                interval,
+                stop.clone(),
+            )));
         }
         shared.publish_load();
         metrics::gauge!(names::DRAINING, names::POOL => shared.config.pool.clone()).set(0.0);

@@ -1,0 +1,146 @@
+//! What the example workers share: their logging, the broker chosen from the
+//! environment, the JSON event lines they print for tests, and their exit codes.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use worker_core::{Broker, FetchPlan, MemoryBroker, RunReport, WorkerConfig, WorkerError};
+
+/// Logs to stderr at `info` (or `RUST_LOG`), with lapin's own lines off: it logs the
+/// broker's routine "no such queue" answer to a passive declare as an error, and
+/// worker-amqp logs what matters from the connection.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lapin=off".into()),
+        )
+        .init();
+}
+
+/// The broker a worker runs on.
+pub struct Connected {
+    /// The broker.
+    pub broker: Arc<dyn Broker>,
+    /// The in-memory broker when neither `REDIS_URL` nor `AMQP_URL` is set (it dies
+    /// with the process, so the worker reports what it still holds).
+    pub memory: Option<MemoryBroker>,
+}
+
+/// Redis when `REDIS_URL` is set (key prefix `REDIS_PREFIX`, default `wp`), RabbitMQ
+/// when `AMQP_URL` is set (the other `AMQP_*` settings, see
+/// `worker_amqp::AmqpConfig::from_env`), else the embedded in-memory broker. The
+/// error says which variable is wrong (both set, or a bad URL).
+pub async fn broker_from_env(config: &WorkerConfig) -> Result<Connected, String> {
+    let redis_url = std::env::var("REDIS_URL").ok().filter(|v| !v.is_empty());
+    let amqp = std::env::var_os("AMQP_URL").is_some_and(|v| !v.is_empty());
+    match (redis_url, amqp) {
+        (Some(_), true) => {
+            Err("both REDIS_URL and AMQP_URL are set: set the one broker to use".into())
+        }
+        (Some(url), false) => {
+            let prefix = std::env::var("REDIS_PREFIX").unwrap_or_else(|_| "wp".into());
+            let redis = worker_redis::RedisConfig::new(url)
+                .prefix(prefix)
+                .connect()
+                .await
+                .map_err(|e| format!("REDIS_URL: {e}"))?;
+            Ok(Connected {
+                broker: Arc::new(redis),
+                memory: None,
+            })
+        }
+        (None, true) => {
+            let amqp = worker_amqp::AmqpConfig::from_env()
+                .map_err(|e| format!("AMQP_URL: {e}"))?
+                .worker(config)
+                .connect()
+                .await
+                .map_err(|e| format!("AMQP_URL: {e}"))?;
+            Ok(Connected {
+                broker: Arc::new(amqp),
+                memory: None,
+            })
+        }
+        (None, false) => {
+            let memory = MemoryBroker::new();
+            Ok(Connected {
+                broker: Arc::new(memory.clone()),
+                memory: Some(memory),
+            })
+        }
+    }
+}
+
+/// Print one event line on stdout (system tests follow them).
+pub fn event(value: Value) {
+    println!("{value}");
+}
+
+/// A run report as JSON.
+pub fn report_json(r: &RunReport) -> Value {
+    json!({"ok": r.ok, "retried": r.retried, "dead": r.dead, "released": r.released,
+           "failed": r.failed, "clean_drain": r.clean_drain})
+}
+
+/// What is left in an in-memory broker at exit: each queue's depth, the attempt
+/// number of every pending job, and the dead letters with their reasons.
+pub async fn leftovers(broker: &MemoryBroker, config: &WorkerConfig) -> Value {
+    let mut queues = serde_json::Map::new();
+    for q in config.queue_names() {
+        let depth = broker.depth(&q).await.ok();
+        let plan = FetchPlan::single(&q, u32::MAX, Duration::from_secs(60));
+        let pending = broker.fetch(&plan).await.unwrap_or_default();
+        let attempts: Vec<Value> = pending
+            .iter()
+            .map(|d| json!({"id": d.envelope.id.as_str(), "attempt": d.envelope.attempt}))
+            .collect();
+        for d in &pending {
+            let _ = broker.release(&d.lease).await;
+        }
+        let dead: Vec<Value> = broker
+            .dead_letters(&q, usize::MAX)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| json!({"id": d.envelope.id.as_str(), "reason": d.reason}))
+            .collect();
+        queues.insert(
+            q,
+            json!({"depth": depth, "pending": attempts, "dead": dead}),
+        );
+    }
+    Value::Object(queues)
+}
+
+/// Print the `stopped` event and choose the exit code: 0 after a drain, 2 for a
+/// configuration error, 1 when the worker failed otherwise.
+pub async fn finish(
+    result: Result<RunReport, WorkerError>,
+    connected: &Connected,
+    config: &WorkerConfig,
+) -> ExitCode {
+    match result {
+        Ok(report) => {
+            let queues = match &connected.memory {
+                Some(memory) => leftovers(memory, config).await,
+                None => Value::Null,
+            };
+            event(json!({"event": "stopped", "report": report_json(&report), "queues": queues}));
+            ExitCode::SUCCESS
+        }
+        // Configuration found wrong only at start (a service-account file the
+        // pod-deletion cost needs) exits like any other configuration error.
+        Err(e @ WorkerError::Config(_)) => {
+            tracing::error!("{e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Autoscaling on real processes: KEDA and HPA semantics (see `system_tests::sim`)
+//! drive real `demo-worker` replicas on the real Redis through a bursty load of mixed
+//! job lengths, some longer than the scale-down stabilization window. Scale-down sends
+//! SIGTERM to a random replica.
+//!
+//! Time is compressed: polling 1 s, stabilization window 6 s, cooldown 4 s, long jobs
+//! 9 s. Each test prints its report.
+
+use std::time::Duration;
+
+use system_tests::sim::{self, Report, ScalerSpec, Scenario, Signal, Victims, Why};
+
+/// One run at a time: their timings should not share the machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const CONCURRENCY: u32 = 4;
+const LONG_JOB_MS: u64 = 9_000;
+
+fn scaler() -> ScalerSpec {
+    ScalerSpec::compressed(CONCURRENCY)
+}
+
+fn scenario(name: &str, signal: Signal, drain: Duration) -> Scenario {
+    Scenario {
+        name: name.into(),
+        signal,
+        scaler: scaler(),
+        concurrency: CONCURRENCY,
+        drain_timeout: drain,
+        load: sim::bursty_load(7, LONG_JOB_MS),
+        outage: None,
+        seed: 11,
+        victims: Victims::Random,
+        limit: Duration::from_secs(120),
+    }
+}
+
+fn print(reports: &[&Report]) {
+    eprintln!("\n{}", sim::table(reports));
+    for r in reports {
+        eprintln!("{}", r.json());
+    }
+}
+
+/// Nothing lost, nothing done twice, and the run ended with the pool back at zero.
+fn assert_sound(r: &Report) {
+    assert!(r.finished, "{}: did not finish: {}", r.name, r.json());
+    assert_eq!(r.lost, 0, "{}: lost jobs: {}", r.name, r.json());
+    assert_eq!(r.duplicated, 0, "{}: {}", r.name, r.json());
+    assert_eq!(r.completed, r.jobs, "{}: {}", r.name, r.json());
+    assert_eq!(r.polls.last().map(|p| p.desired), Some(0), "{}", r.name);
+}
+
+/// The pool woke from zero at the first poll after the first enqueue.
+fn assert_woke_within_one_poll(r: &Report) {
+    assert!(r.woke_on_first_poll, "{}: {}", r.name, r.json());
+    let wake = r.wake_ms.unwrap_or(u64::MAX);
+    assert!(
+        wake <= u64::try_from(scaler().polling.as_millis()).unwrap_or(u64::MAX),
+        "{}: woke {wake} ms after the first enqueue",
+        r.name
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_signal_interrupts_nothing_when_the_drain_covers_the_longest_job() {
+    let _serial = SERIAL.lock().await;
+    let drain = Duration::from_secs(12);
+    let exact = scenario("backlog, drain 12 s", Signal::Backlog, drain);
+    let naive = scenario("pending only, drain 12 s", Signal::PendingOnly, drain);
+    let (exact, naive) = tokio::join!(sim::run(&exact), sim::run(&naive));
+    print(&[&exact, &naive]);
+
+    assert_sound(&exact);
+    assert_woke_within_one_poll(&exact);
+    assert_eq!(exact.interrupted, 0, "{}", exact.json());
+    assert_eq!(exact.released, 0, "{}", exact.json());
+    assert_eq!(exact.restarts, 0, "{}", exact.json());
+    assert!(exact.max_replicas >= 2, "{}", exact.json());
+    assert!(exact.replica_seconds >= exact.ideal_replica_seconds);
+
+    // The pending-only signal loses nothing either (the drain covers every job), but
+    // it stops replicas in the middle of their jobs: with the long jobs in flight and
+    // nothing pending it sees an idle pool.
+    assert_sound(&naive);
+    assert!(naive.stopped_busy >= 1, "{}", naive.json());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_drain_shorter_than_the_longest_job_the_pending_only_signal_interrupts_jobs() {
+    let _serial = SERIAL.lock().await;
+    let drain = Duration::from_secs(3);
+    let exact = scenario("backlog, drain 3 s", Signal::Backlog, drain);
+    let mut naive = scenario("pending only, drain 3 s", Signal::PendingOnly, drain);
+    naive.limit = Duration::from_secs(60);
+    let (exact, naive) = tokio::join!(sim::run(&exact), sim::run(&naive));
+    print(&[&exact, &naive]);
+
+    // Interrupted jobs are released and run again: nothing is lost either way.
+    assert_sound(&exact);
+    // The pending-only signal sees the pool idle whenever only long jobs run, stops
+    // it after the cooldown, and the drain cuts those jobs short; released, they wake
+    // the pool again, and the cycle repeats. Jobs it never finishes stay in the queue.
+    assert!(naive.interrupted >= 1, "{}", naive.json());
+    assert!(naive.restarts >= 1, "{}", naive.json());
+    assert_eq!(naive.lost, 0, "{}", naive.json());
+    assert_eq!(naive.duplicated, 0, "{}", naive.json());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_broker_holds_the_pool_and_it_recovers_when_the_broker_returns() {
+    let _serial = SERIAL.lock().await;
+    let mut s = scenario(
+        "backlog, exporter cut 3-9 s",
+        Signal::Backlog,
+        Duration::from_secs(12),
+    );
+    s.outage = Some((Duration::from_secs(3), Duration::from_secs(9)));
+    let r = sim::run(&s).await;
+    print(&[&r]);
+
+    assert_sound(&r);
+    assert_woke_within_one_poll(&r);
+    assert_eq!(r.interrupted, 0, "{}", r.json());
+    let failed: Vec<_> = r.polls.iter().filter(|p| p.reading.is_none()).collect();
+    assert!(
+        failed.len() >= 4,
+        "{} failed reads: {}",
+        failed.len(),
+        r.json()
+    );
+    for p in &failed {
+        // The exporter answers an error, never a 0: the pool is held, never shrunk.
+        assert!(p.desired >= p.current, "{p:?}");
+        assert!(matches!(p.why, Why::Hold | Why::Fallback), "{p:?}");
+    }
+    let fallbacks: Vec<_> = failed.iter().filter(|p| p.why == Why::Fallback).collect();
+    assert!(!fallbacks.is_empty(), "no fallback: {:?}", r.polls);
+    for p in fallbacks {
+        assert_eq!(p.desired, p.current.max(1), "{p:?}");
+    }
+    // Readings came back after the outage and drove the pool again.
+    let last_failure = failed.last().map_or(0, |p| p.at_ms);
+    assert!(
+        r.polls
+            .iter()
+            .any(|p| p.at_ms > last_failure && p.reading.is_some() && p.why == Why::Hpa),
+        "{:?}",
+        r.polls
+    );
+}

@@ -1,0 +1,186 @@
+//! A stand-in for the Kubernetes API server: HTTPS with a test certificate, HTTP/1.1
+//! with keep-alive, every request recorded with its answer. It answers 403 (a
+//! Kubernetes `Status`, as RBAC does) while told to refuse, else 200.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// One request the server received, and its answer.
+#[derive(Clone, Debug)]
+pub struct ApiRequest {
+    /// When it arrived.
+    pub at: Instant,
+    /// `PATCH`, `GET`, ...
+    pub method: String,
+    /// The request target, e.g. `/api/v1/namespaces/ns/pods/name`.
+    pub path: String,
+    /// Header names in lower case, with their values, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body as text.
+    pub body: String,
+    /// The status answered.
+    pub status: u16,
+}
+
+impl ApiRequest {
+    /// The value of header `name` (any case), if sent once or more.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The fake API server; it stops when dropped.
+pub struct FakeKubeApi {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    requests: Arc<Mutex<Vec<ApiRequest>>>,
+    refuse: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeKubeApi {
+    /// Serve the certificate `server.crt` / `server.key` of `certs` (see
+    /// [`make_certificates`](system_tests::make_certificates)) on a free port,
+    /// answering 403 while `refusing`.
+    pub async fn start(certs: &Path, refusing: bool) -> Self {
+        let acceptor = system_tests::tls_acceptor(certs);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local addr: {e}"))
+            .port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let refuse = Arc::new(AtomicBool::new(refusing));
+        let (recorded, refused) = (requests.clone(), refuse.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let (recorded, refused) = (recorded.clone(), refused.clone());
+                conns.spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        serve(tls, recorded, refused).await;
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            requests,
+            refuse,
+            task,
+        }
+    }
+
+    /// Answer 403 from now on (`true`) or 200 (`false`).
+    pub fn refuse(&self, refusing: bool) {
+        self.refuse.store(refusing, Ordering::SeqCst);
+    }
+
+    /// Every request so far, in order of arrival.
+    pub fn requests(&self) -> Vec<ApiRequest> {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for FakeKubeApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Requests on one connection, one after another, until the client closes it.
+async fn serve(
+    mut conn: impl AsyncRead + AsyncWrite + Unpin,
+    recorded: Arc<Mutex<Vec<ApiRequest>>>,
+    refuse: Arc<AtomicBool>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(head_end) = read_until_head_end(&mut conn, &mut buf).await else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let mut first = lines.next().unwrap_or("").split(' ');
+        let method = first.next().unwrap_or("").to_owned();
+        let path = first.next().unwrap_or("").to_owned();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let length = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        let body_start = head_end + 4;
+        while buf.len() < body_start + length {
+            let mut chunk = [0u8; 4096];
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = String::from_utf8_lossy(&buf[body_start..body_start + length]).into_owned();
+        buf.drain(..body_start + length);
+
+        let (status, answer) = if refuse.load(Ordering::SeqCst) {
+            (
+                403,
+                r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"pods is forbidden: User \"system:serviceaccount:test:default\" cannot patch resource \"pods\"","reason":"Forbidden","code":403}"#,
+            )
+        } else {
+            (200, r#"{"kind":"Pod","apiVersion":"v1","metadata":{}}"#)
+        };
+        recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(ApiRequest {
+                at: Instant::now(),
+                method,
+                path,
+                headers,
+                body,
+                status,
+            });
+        let reason = if status == 200 { "OK" } else { "Forbidden" };
+        let response = format!(
+            "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+            answer.len()
+        );
+        if conn.write_all(response.as_bytes()).await.is_err() || conn.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Read until `buf` holds a whole request head; the offset of its `\r\n\r\n`.
+async fn read_until_head_end(
+    conn: &mut (impl AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> Option<usize> {
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(i);
+        }
+        let mut chunk = [0u8; 4096];
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
