@@ -773,6 +773,19 @@ impl Broker for AmqpBroker {
         inner.hand_back(&s, r).await
     }
 
+    /// Refused: a published message cannot be changed, and storing progress beside it
+    /// would need a second store that RabbitMQ does not have. A redelivered job starts
+    /// from the beginning (see the crate documentation).
+    async fn checkpoint(&self, lease: &Lease, job: &Envelope) -> Result<(), BrokerError> {
+        let _ = (lease, job);
+        Err(BrokerError::Unsupported {
+            operation: "checkpoint",
+            reason: "a RabbitMQ message cannot be changed once published, so a job \
+                     redelivered from RabbitMQ starts from the beginning"
+                .into(),
+        })
+    }
+
     async fn extend_lease(&self, lease: &Lease, lease_for: Duration) -> Result<(), BrokerError> {
         let mut st = self.inner.state();
         match st.leases.get_mut(&lease.token) {

@@ -75,6 +75,10 @@
 //!   (`x-consumer-timeout`, honoured from RabbitMQ 3.12), warns at start-up when its job
 //!   timeout, lease or drain timeout is longer, and logs an error naming the cause
 //!   when the broker closes a channel for it.
+//! - **No checkpoints.** A published message cannot be changed, so
+//!   `JobContext::checkpoint` is refused with `BrokerError::Unsupported` and changes
+//!   nothing; a job redelivered from RabbitMQ starts from the beginning. Pools whose
+//!   jobs must resume where they stopped (preemptible batch) run on Redis.
 //! - **The worker registry** needs the management API to list queues by name.
 //! - **Atomicity.** A batch is refused as a whole for an invalid queue name or an
 //!   oversized payload; once publishing starts, a broker failure may leave part of a

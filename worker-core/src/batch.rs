@@ -398,6 +398,7 @@ mod tests {
                 headers: Arc::new(BTreeMap::new()),
                 cancel: CancellationToken::new(),
                 drain: drain.clone(),
+                progress: None,
             },
         }
     }

@@ -24,6 +24,16 @@ pub enum JobError {
         /// What went wrong, kept in the dead letter.
         reason: String,
     },
+    /// Not a failure: the handler stopped at a safe point because the worker is
+    /// draining (see [`JobContext::drain_started`](crate::JobContext::drain_started)),
+    /// usually right after a [`checkpoint`](crate::JobContext::checkpoint). The job
+    /// goes back to its queue at once with its attempt unchanged, for another worker
+    /// to resume. Returned while the worker is not draining, it counts as a retry, so
+    /// a handler cannot hand a job back forever.
+    Interrupted {
+        /// Where the handler stopped, for the log.
+        reason: String,
+    },
 }
 
 impl JobError {
@@ -50,10 +60,20 @@ impl JobError {
         }
     }
 
+    /// The handler stopped early at a safe point because the worker is draining: the
+    /// job is released, attempt unchanged, to resume elsewhere from its checkpoint.
+    pub fn interrupted(reason: impl fmt::Display) -> Self {
+        Self::Interrupted {
+            reason: reason.to_string(),
+        }
+    }
+
     /// The failure's text.
     pub fn reason(&self) -> &str {
         match self {
-            Self::Retry { reason, .. } | Self::Fatal { reason } => reason,
+            Self::Retry { reason, .. } | Self::Fatal { reason } | Self::Interrupted { reason } => {
+                reason
+            }
         }
     }
 }
@@ -63,6 +83,7 @@ impl fmt::Display for JobError {
         match self {
             Self::Retry { reason, .. } => write!(f, "retryable: {reason}"),
             Self::Fatal { reason } => write!(f, "fatal: {reason}"),
+            Self::Interrupted { reason } => write!(f, "interrupted: {reason}"),
         }
     }
 }
@@ -127,6 +148,14 @@ pub enum BrokerError {
     /// The broker answered something the backend did not expect.
     #[error("broker protocol error: {0}")]
     Protocol(String),
+    /// The backend cannot do this operation; nothing was changed.
+    #[error("{operation} is not supported by this broker: {reason}")]
+    Unsupported {
+        /// The operation asked for.
+        operation: &'static str,
+        /// Why the backend cannot do it.
+        reason: String,
+    },
 }
 
 impl BrokerError {
@@ -149,7 +178,8 @@ impl BrokerError {
             | Self::PayloadTooLarge { .. }
             | Self::InvalidQueueName { .. }
             | Self::DuplicateJob { .. }
-            | Self::Protocol(_) => Transience::Permanent,
+            | Self::Protocol(_)
+            | Self::Unsupported { .. } => Transience::Permanent,
         }
     }
 

@@ -10,6 +10,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::error::BrokerError;
+
 /// A job's stable identity, kept across retries, releases and redeliveries, so a
 /// handler can make its side effects idempotent under at-least-once delivery.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -184,6 +186,14 @@ pub struct Envelope {
     pub headers: BTreeMap<String, String>,
     /// The most recent failures, oldest first (at most [`MAX_HISTORY`]).
     pub history: Vec<AttemptRecord>,
+    /// The progress a handler last saved with [`JobContext::checkpoint`]; it stays with
+    /// the job through a release, a reclaimed lease and a retry, until the job is acked.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "checkpoint_serde"
+    )]
+    pub checkpoint: Option<Bytes>,
 }
 
 impl Envelope {
@@ -202,6 +212,7 @@ impl Envelope {
             due_at_ms: now + delay,
             headers: job.headers,
             history: Vec::new(),
+            checkpoint: None,
         }
     }
 
@@ -254,6 +265,25 @@ mod payload_serde {
     }
 }
 
+mod checkpoint_serde {
+    //! A checkpoint is stored as the payload is: text when it is UTF-8, bytes otherwise.
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &Option<Bytes>, s: S) -> Result<S::Ok, S::Error> {
+        match b {
+            Some(b) => super::payload_serde::serialize(b, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bytes>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrapped(#[serde(with = "super::payload_serde")] Bytes);
+        Ok(Option::<Wrapped>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -273,6 +303,44 @@ pub struct JobContext {
     pub(crate) headers: Arc<BTreeMap<String, String>>,
     pub(crate) cancel: CancellationToken,
     pub(crate) drain: CancellationToken,
+    pub(crate) progress: Option<Arc<Progress>>,
+}
+
+/// What a job's context needs to save checkpoints: its broker, its lease and the
+/// envelope it was delivered as.
+pub(crate) struct Progress {
+    broker: Arc<dyn crate::Broker>,
+    lease: crate::Lease,
+    envelope: Arc<Envelope>,
+    /// The checkpoint last saved (or delivered); saves are taken one at a time.
+    saved: tokio::sync::Mutex<Option<Bytes>>,
+    /// A copy of `saved` readable without waiting.
+    last: std::sync::Mutex<Option<Bytes>>,
+}
+
+impl Progress {
+    pub(crate) fn new(
+        broker: Arc<dyn crate::Broker>,
+        lease: crate::Lease,
+        envelope: Arc<Envelope>,
+    ) -> Self {
+        let checkpoint = envelope.checkpoint.clone();
+        Self {
+            broker,
+            lease,
+            envelope,
+            saved: tokio::sync::Mutex::new(checkpoint.clone()),
+            last: std::sync::Mutex::new(checkpoint),
+        }
+    }
+}
+
+impl fmt::Debug for Progress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Progress")
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
 }
 
 impl JobContext {
@@ -331,6 +399,75 @@ impl JobContext {
     /// use it to stop early instead of being cut short.
     pub fn drain_started(&self) -> &CancellationToken {
         &self.drain
+    }
+
+    /// The progress saved by the latest [`checkpoint`](Self::checkpoint) of this job,
+    /// on this attempt or an earlier one; `None` when the job starts from the beginning.
+    ///
+    /// A job released by a drain, reclaimed after its worker crashed, or retried after
+    /// a failure is delivered with its last checkpoint, so a handler reads it first and
+    /// resumes from there.
+    pub fn last_checkpoint(&self) -> Option<Bytes> {
+        let progress = self.progress.as_ref()?;
+        progress
+            .last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Save the job's progress with the job itself, so that its next delivery (after a
+    /// drain released it, a crash, or a retry) can resume from here through
+    /// [`last_checkpoint`](Self::last_checkpoint) instead of starting over.
+    ///
+    /// Returns once the broker has stored it. Fenced by the job's lease: after the
+    /// lease was lost to another worker it fails with [`BrokerError::LeaseLost`] and
+    /// changes nothing, and the handler should stop. A backend that cannot store
+    /// progress (AMQP) answers [`BrokerError::Unsupported`]; the job then runs on
+    /// without checkpoints. Saves from one job are taken one at a time, in the order
+    /// they are made. The checkpoint is stored as the payload is, so keep it small: a
+    /// position, a cursor, a partial result, not the work itself.
+    ///
+    /// ```no_run
+    /// use worker_core::{async_trait, Handler, Job, JobError};
+    ///
+    /// struct Count;
+    ///
+    /// #[async_trait]
+    /// impl Handler for Count {
+    ///     type Payload = u64;
+    ///
+    ///     async fn handle(&self, job: Job<u64>) -> Result<(), JobError> {
+    ///         // Resume after the last item saved, or start at 0.
+    ///         let mut next: u64 = match job.ctx().last_checkpoint() {
+    ///             Some(saved) => std::str::from_utf8(&saved)?.parse()?,
+    ///             None => 0,
+    ///         };
+    ///         while next < job.payload {
+    ///             next += 1; // one unit of real work
+    ///             if next % 100 == 0 || job.ctx().drain_started().is_cancelled() {
+    ///                 job.ctx().checkpoint(next.to_string()).await?;
+    ///             }
+    ///         }
+    ///         Ok(())
+    ///     }
+    /// }
+    /// ```
+    pub async fn checkpoint(&self, progress: impl Into<Bytes>) -> Result<(), BrokerError> {
+        let Some(p) = &self.progress else {
+            return Err(BrokerError::Unsupported {
+                operation: "checkpoint",
+                reason: "this job context has no broker behind it".into(),
+            });
+        };
+        let data = progress.into();
+        let mut saved = p.saved.lock().await;
+        let mut job = Envelope::clone(&p.envelope);
+        job.checkpoint = Some(data.clone());
+        p.broker.checkpoint(&p.lease, &job).await?;
+        *saved = Some(data.clone());
+        *p.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(data);
+        Ok(())
     }
 }
 

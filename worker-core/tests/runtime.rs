@@ -958,3 +958,68 @@ async fn scaling_and_metrics_equal_the_true_state_while_jobs_run() {
     let r = stop(w).await;
     assert_eq!(r.ok, 10);
 }
+
+/// A handler that saves its place and stops when the drain begins hands its job back
+/// at once (not at the drain deadline), attempt unchanged, checkpoint kept. The same
+/// answer while the worker is not draining counts as a retry.
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_job_is_released_with_its_checkpoint_only_while_draining() {
+    let broker = MemoryBroker::new();
+    put(
+        &broker,
+        "default",
+        [serde_json::json!("early"), serde_json::json!("long")],
+    )
+    .await;
+    let early_attempts = Arc::new(AtomicU32::new(0));
+    let seen = early_attempts.clone();
+    let handler = handler_fn(move |job: Job<String>| {
+        let seen = seen.clone();
+        async move {
+            if job.payload == "early" {
+                seen.fetch_add(1, Ordering::SeqCst);
+                return match job.ctx.attempt() {
+                    1 => Err(JobError::interrupted("stopped without a drain")),
+                    _ => Ok(()),
+                };
+            }
+            assert_eq!(job.ctx.last_checkpoint(), None);
+            job.ctx.checkpoint("half").await?;
+            assert_eq!(job.ctx.last_checkpoint().as_deref(), Some(&b"half"[..]));
+            job.ctx.drain_started().cancelled().await;
+            job.ctx.checkpoint("most").await?;
+            Err(JobError::interrupted("drain"))
+        }
+    });
+    let cfg = config()
+        .concurrency(2)
+        .backoff(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(10),
+        ))
+        .drain_timeout(Duration::from_secs(3600));
+    let w = Worker::new(broker.clone(), cfg.build().unwrap(), handler)
+        .spawn()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "the early job retried", || async {
+        early_attempts.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let began = tokio::time::Instant::now();
+    let r = stop(w).await;
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!((r.ok, r.retried, r.released), (1, 1, 1), "{r:?}");
+    assert!(r.clean_drain);
+    let left = broker
+        .fetch(&FetchPlan::single("default", 10, Duration::from_secs(9)))
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].envelope.attempt, 1);
+    assert_eq!(left[0].envelope.checkpoint.as_deref(), Some(&b"most"[..]));
+}

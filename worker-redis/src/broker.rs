@@ -573,6 +573,21 @@ impl Broker for RedisBroker {
         .await
     }
 
+    async fn checkpoint(&self, lease: &Lease, job: &Envelope) -> Result<(), BrokerError> {
+        let size = job.checkpoint.as_ref().map_or(0, |c| c.len()) + job.payload.len();
+        if size > self.max_payload {
+            return Err(BrokerError::PayloadTooLarge {
+                size,
+                limit: self.max_payload,
+            });
+        }
+        let stored = job.to_bytes();
+        self.fenced("checkpoint", &scripts::CHECKPOINT, lease, |inv| {
+            inv.arg(stored);
+        })
+        .await
+    }
+
     async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError> {
         let mut total = 0;
         for q in queues {

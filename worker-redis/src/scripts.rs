@@ -28,6 +28,7 @@ scripts! {
     DEAD = "dead.lua",
     RELEASE = "release.lua",
     EXTEND = "extend.lua",
+    CHECKPOINT = "checkpoint.lua",
     REAP = "reap.lua",
     DEPTH = "depth.lua",
     DEAD_LIST = "dead_list.lua",

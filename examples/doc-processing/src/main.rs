@@ -29,7 +29,7 @@ use std::time::Duration;
 use example_support::event;
 use serde::Deserialize;
 use serde_json::json;
-use worker_core::{async_trait, Handler, Job, JobError, NewJob, Worker, WorkerConfig};
+use worker_core::{async_trait, Handler, Job, JobError, NewJob, Worker};
 
 const MIB: u64 = 1024 * 1024;
 /// The budget when none is configured.
@@ -183,12 +183,9 @@ fn sample_jobs(queue: &str, budget_mib: u32) -> std::io::Result<Vec<NewJob>> {
 #[tokio::main]
 async fn main() -> ExitCode {
     example_support::init_tracing();
-    let mut config = match WorkerConfig::from_env() {
+    let mut config = match example_support::config_from_env() {
         Ok(c) => c,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let budget = *config.budget.get_or_insert(DEFAULT_BUDGET_MIB);
     tracing::info!(
@@ -196,27 +193,13 @@ async fn main() -> ExitCode {
         concurrency = config.concurrency,
         "doc-processing pool"
     );
-    let connected = match example_support::broker_from_env(&config).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(2);
-        }
+    let samples = |queue: &str| {
+        sample_jobs(queue, budget).map_err(|e| format!("cannot write the sample documents: {e}"))
     };
-    if connected.memory.is_some() {
-        let queue = config.queue_names().into_iter().next().unwrap_or_default();
-        let jobs = match sample_jobs(&queue, budget) {
-            Ok(jobs) => jobs,
-            Err(e) => {
-                tracing::error!("cannot write the sample documents: {e}");
-                return ExitCode::from(1);
-            }
-        };
-        if let Err(e) = connected.broker.enqueue(jobs).await {
-            tracing::error!("cannot seed the in-memory broker: {e}");
-            return ExitCode::from(1);
-        }
-    }
+    let connected = match example_support::connect_with_samples(&config, samples).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let worker = Worker::with_shared_broker(connected.broker.clone(), config.clone(), Documents);
     example_support::finish(worker.run_until_signal().await, &connected, &config).await
 }

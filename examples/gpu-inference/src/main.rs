@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use worker_core::batch::{Batch, BatchConfig, BatchHandler, Batched, Formed};
 use worker_core::config::visible_gpus;
-use worker_core::{async_trait, JobError, NewJob, Worker, WorkerConfig};
+use worker_core::{async_trait, JobError, NewJob, Worker};
 
 /// Largest matrix a request may ask for.
 const MAX_SIZE: usize = 1024;
@@ -169,12 +169,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut config = match WorkerConfig::from_env() {
+    let mut config = match example_support::config_from_env() {
         Ok(c) => c,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if std::env::var_os("WORKER_CONCURRENCY").is_none() {
         config.concurrency = batch.concurrency();
@@ -187,29 +184,20 @@ async fn main() -> ExitCode {
         concurrency = config.concurrency,
         "gpu-inference pool"
     );
-    let connected = match example_support::broker_from_env(&config).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(2);
-        }
+    // Something to run on the embedded broker: a burst of requests, one bad.
+    let samples = |queue: &str| {
+        (0..20u32)
+            .map(|i| {
+                let payload = json!({"size": 128, "steps": 4, "fail": i == 7});
+                NewJob::json(queue, &payload).map(|job| job.max_attempts(1))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())
     };
-    if connected.memory.is_some() {
-        // Something to run on the embedded broker: a burst of requests, one bad.
-        let queue = config.queue_names().into_iter().next().unwrap_or_default();
-        let mut jobs = Vec::new();
-        for i in 0..20u32 {
-            let payload = json!({"size": 128, "steps": 4, "fail": i == 7});
-            match NewJob::json(&queue, &payload) {
-                Ok(job) => jobs.push(job.max_attempts(1)),
-                Err(e) => tracing::error!("{e}"),
-            }
-        }
-        if let Err(e) = connected.broker.enqueue(jobs).await {
-            tracing::error!("cannot seed the in-memory broker: {e}");
-            return ExitCode::from(1);
-        }
-    }
+    let connected = match example_support::connect_with_samples(&config, samples).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let worker = Worker::with_shared_broker(
         connected.broker.clone(),
         config.clone(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use worker_core::{Broker, FetchPlan, MemoryBroker, RunReport, WorkerConfig, WorkerError};
+use worker_core::{Broker, FetchPlan, MemoryBroker, NewJob, RunReport, WorkerConfig, WorkerError};
 
 /// Logs to stderr at `info` (or `RUST_LOG`), with lapin's own lines off: it logs the
 /// broker's routine "no such queue" answer to a passive declare as an error, and
@@ -73,6 +73,47 @@ pub async fn broker_from_env(config: &WorkerConfig) -> Result<Connected, String>
             })
         }
     }
+}
+
+/// The worker's configuration from the environment; on an error, logs it (it names
+/// the variable and the accepted form) and gives exit code 2.
+pub fn config_from_env() -> Result<WorkerConfig, ExitCode> {
+    WorkerConfig::from_env().map_err(|e| {
+        tracing::error!("{e}");
+        ExitCode::from(2)
+    })
+}
+
+/// The broker of [`broker_from_env`] (exit code 2 on an error, logged). On the
+/// in-memory broker it also stores `samples(first queue)`, so the example has work
+/// to show; exit code 1 when they cannot be made or stored.
+pub async fn connect_with_samples<F>(
+    config: &WorkerConfig,
+    samples: F,
+) -> Result<Connected, ExitCode>
+where
+    F: FnOnce(&str) -> Result<Vec<NewJob>, String>,
+{
+    let connected = broker_from_env(config).await.map_err(|e| {
+        tracing::error!("{e}");
+        ExitCode::from(2)
+    })?;
+    if connected.memory.is_some() {
+        let queue = config.queue_names().into_iter().next().unwrap_or_default();
+        let stored = match samples(&queue) {
+            Ok(jobs) => connected
+                .broker
+                .enqueue(jobs)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            tracing::error!("cannot seed the in-memory broker: {e}");
+            return Err(ExitCode::from(1));
+        }
+    }
+    Ok(connected)
 }
 
 /// Print one event line on stdout (system tests follow them).

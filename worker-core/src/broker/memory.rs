@@ -326,6 +326,20 @@ impl Broker for MemoryBroker {
         }
     }
 
+    async fn checkpoint(&self, lease: &Lease, job: &Envelope) -> Result<(), BrokerError> {
+        let mut state = self.state();
+        let q = Self::owned_queue(&mut state, lease)?;
+        match q.in_flight.get(&lease.job_id) {
+            Some((token, _)) if *token == lease.token => {
+                q.envelope_mut(&lease.job_id)?.envelope.checkpoint = job.checkpoint.clone();
+                Ok(())
+            }
+            _ => Err(BrokerError::LeaseLost {
+                job_id: lease.job_id.clone(),
+            }),
+        }
+    }
+
     async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError> {
         let now = Instant::now();
         let mut state = self.state();

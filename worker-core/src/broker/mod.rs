@@ -15,6 +15,10 @@
 //!
 //! **Attempts.** [`Envelope::attempt`] is 1 on first delivery, counts up on
 //! `retry_after` and on a reaped lease, and is unchanged by `release`.
+//!
+//! **Checkpoints.** [`Broker::checkpoint`] stores a handler's progress with the
+//! in-flight job (fenced like every other step); it travels with the job through every
+//! state until the ack, so the next delivery resumes where the last one stopped.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -339,6 +343,22 @@ pub trait Broker: Send + Sync + 'static {
     /// Push the lease deadline to now + `lease`.
     async fn extend_lease(&self, lease: &Lease, lease_for: Duration) -> Result<(), BrokerError>;
 
+    /// Store `job.checkpoint` as the in-flight job's saved progress, replacing any
+    /// earlier one. `job` is the envelope `lease` delivered, with only its checkpoint
+    /// changed: a backend that stores envelopes whole may write it back as it is. The
+    /// checkpoint is delivered with the job again after a release, a reclaimed lease,
+    /// a retry and a dead-letter requeue, until the job is acked.
+    ///
+    /// The default refuses with [`BrokerError::Unsupported`], changing nothing: a
+    /// backend whose stored jobs cannot be changed in place (AMQP) keeps it.
+    async fn checkpoint(&self, lease: &Lease, job: &Envelope) -> Result<(), BrokerError> {
+        let _ = (lease, job);
+        Err(BrokerError::Unsupported {
+            operation: "checkpoint",
+            reason: "this backend cannot change a stored job".into(),
+        })
+    }
+
     /// Move every job of `queues` whose lease deadline has passed back to pending,
     /// counting an attempt. Safe to run from many workers at once: each expired
     /// lease is reclaimed exactly once. Returns how many were reclaimed.
@@ -468,6 +488,9 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
     }
     async fn extend_lease(&self, lease: &Lease, lease_for: Duration) -> Result<(), BrokerError> {
         (**self).extend_lease(lease, lease_for).await
+    }
+    async fn checkpoint(&self, lease: &Lease, job: &Envelope) -> Result<(), BrokerError> {
+        (**self).checkpoint(lease, job).await
     }
     async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError> {
         (**self).reap_expired(queues).await

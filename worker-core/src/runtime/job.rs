@@ -27,7 +27,7 @@ use super::Shared;
 use crate::broker::{Delivery, Lease};
 use crate::error::{BrokerError, JobError};
 use crate::handler::Handler;
-use crate::job::{now_ms, Envelope, Job, JobContext};
+use crate::job::{now_ms, Envelope, Job, JobContext, Progress};
 use crate::telemetry::{names, Outcome};
 
 pub(crate) async fn run<H: Handler>(
@@ -130,6 +130,7 @@ async fn supervise<H: Handler>(
     };
 
     // 4. run
+    let envelope = Arc::new(envelope);
     let cancel = shared.life.hard.child_token();
     let job = Job {
         payload,
@@ -144,6 +145,11 @@ async fn supervise<H: Handler>(
             headers: Arc::new(envelope.headers.clone()),
             cancel: cancel.clone(),
             drain: shared.life.drain.clone(),
+            progress: Some(Arc::new(Progress::new(
+                shared.broker.clone(),
+                lease.clone(),
+                envelope.clone(),
+            ))),
         },
     };
     let labels = [
@@ -177,6 +183,16 @@ async fn supervise<H: Handler>(
         }
         RunEnd::Finished(Ok(Err(JobError::Retry { reason, after }))) => {
             fail(shared, &lease, &envelope, max_attempts, &reason, after).await
+        }
+        RunEnd::Finished(Ok(Err(JobError::Interrupted { reason }))) => {
+            if shared.life.drain.is_cancelled() {
+                tracing::info!(%reason, "handler stopped for the drain; job released");
+                release(shared, &lease).await
+            } else {
+                tracing::warn!(%reason, "handler interrupted while not draining; counted as a retry");
+                let reason = format!("interrupted while not draining: {reason}");
+                fail(shared, &lease, &envelope, max_attempts, &reason, None).await
+            }
         }
         RunEnd::Finished(Err(e)) => {
             let reason = if e.is_panic() {

@@ -281,6 +281,75 @@ pub async fn retry_without_delay_is_pending_at_once(b: &dyn Broker) {
     assert_eq!(again[0].envelope.attempt, 2);
 }
 
+/// A checkpoint stays with the job through a release, a reclaimed lease, a retry and
+/// a dead-letter requeue, until the ack; a stale token cannot save one. A backend that
+/// refuses checkpoints ([`BrokerError::Unsupported`]) must change nothing by refusing.
+pub async fn checkpoint_travels_with_the_job_until_ack(b: &dyn Broker) {
+    let q = unique("checkpoint");
+    put(b, &q, 1).await;
+    let first = take(b, &q, 1, LONG).await.remove(0);
+    assert_eq!(first.envelope.checkpoint, None);
+    let mut saved = first.envelope.clone();
+    saved.checkpoint = Some(Bytes::from_static(b"{\"done\":10}"));
+    match b.checkpoint(&first.lease, &saved).await {
+        Ok(()) => {}
+        Err(BrokerError::Unsupported { .. }) => {
+            b.ack(&first.lease).await.unwrap();
+            assert_eq!(b.depth(&q).await.unwrap().backlog(), 0);
+            return;
+        }
+        Err(e) => panic!("checkpoint: {e}"),
+    }
+
+    // Released (a drain): delivered again with it, attempt unchanged.
+    b.release(&first.lease).await.unwrap();
+    let second = take(b, &q, 1, Duration::from_millis(150)).await.remove(0);
+    assert_eq!(second.envelope.attempt, 1);
+    assert_eq!(second.envelope.checkpoint, saved.checkpoint);
+    assert_eq!(second.envelope.payload, first.envelope.payload);
+
+    // A later save replaces it (bytes that are not UTF-8 too); reclaimed after a
+    // crash, the job comes back with the latest one and its attempt counted.
+    let mut later = second.envelope.clone();
+    later.checkpoint = Some(Bytes::from_static(&[0xff, 0x00, 0x7f]));
+    b.checkpoint(&second.lease, &later).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(b.reap_expired(std::slice::from_ref(&q)).await.unwrap(), 1);
+    let third = take(b, &q, 1, LONG).await.remove(0);
+    assert_eq!(third.envelope.attempt, 2);
+    assert_eq!(third.envelope.checkpoint, later.checkpoint);
+
+    // The stale delivery cannot overwrite it.
+    let mut stale = second.envelope.clone();
+    stale.checkpoint = Some(Bytes::from_static(b"stale"));
+    assert!(is_lease_lost(b.checkpoint(&second.lease, &stale).await));
+
+    // Retried: still there, beside the failure in the history.
+    b.retry_after(&third.lease, Duration::ZERO, "flaky")
+        .await
+        .unwrap();
+    let fourth = take(b, &q, 1, LONG).await.remove(0);
+    assert_eq!(fourth.envelope.attempt, 3);
+    assert_eq!(
+        fourth.envelope.history.last().map(|r| r.error.as_str()),
+        Some("flaky")
+    );
+    assert_eq!(fourth.envelope.checkpoint, later.checkpoint);
+
+    // Dead-lettered and requeued: still there.
+    b.dead_letter(&fourth.lease, "inspect").await.unwrap();
+    let dead = b.dead_letters(&q, 10).await.unwrap();
+    assert_eq!(dead[0].envelope.checkpoint, later.checkpoint);
+    assert_eq!(b.requeue_dead(&q, &[]).await.unwrap(), 1);
+    let fifth = take(b, &q, 1, LONG).await.remove(0);
+    assert_eq!(fifth.envelope.checkpoint, later.checkpoint);
+
+    // Acked: gone with the job.
+    b.ack(&fifth.lease).await.unwrap();
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.pending, d.in_flight, d.delayed, d.dead), (0, 0, 0, 0));
+}
+
 /// A released job is next in line and keeps its attempt.
 pub async fn release_keeps_the_attempt_and_goes_first(b: &dyn Broker) {
     let q = unique("release");

@@ -69,6 +69,7 @@ macro_rules! __conformance_cases {
             retry_after_delays_and_counts_the_attempt,
             retry_without_delay_is_pending_at_once,
             release_keeps_the_attempt_and_goes_first,
+            checkpoint_travels_with_the_job_until_ack,
             dead_letters_keep_reason_and_history,
             delayed_enqueue_waits_for_its_time,
             depth_counts_every_state,
