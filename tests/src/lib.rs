@@ -275,6 +275,65 @@ pub async fn redis_broker(prefix: &str) -> worker_redis::RedisBroker {
         .unwrap_or_else(|e| panic!("redis: {e}"))
 }
 
+/// The shared RabbitMQ on 127.0.0.1:5672, as guest.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The broker of a pool's test, and the variables that point a worker process at it:
+/// the shared Redis under a key prefix of the test's own, or the shared RabbitMQ,
+/// where the test's queue names (from `unique`) keep it apart.
+pub struct PoolBroker {
+    /// For the test's own enqueues and checks.
+    pub broker: Arc<dyn worker_core::Broker>,
+    env: Vec<(&'static str, String)>,
+    /// Queue-name prefix to delete from RabbitMQ when the test is done.
+    rabbit_queues: Option<String>,
+}
+
+impl PoolBroker {
+    /// The shared Redis under `prefix`.
+    pub async fn redis(prefix: &str) -> Self {
+        Self {
+            broker: Arc::new(redis_broker(prefix).await),
+            env: vec![
+                ("REDIS_URL", "redis://127.0.0.1:6379".into()),
+                ("REDIS_PREFIX", prefix.into()),
+            ],
+            rabbit_queues: None,
+        }
+    }
+
+    /// The shared RabbitMQ (classic queues); `queues` is the prefix of every queue
+    /// the test uses, deleted by [`cleanup`](Self::cleanup).
+    pub async fn rabbitmq(queues: &str) -> Self {
+        let broker = worker_amqp::AmqpConfig::new(AMQP_URL)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("rabbitmq: {e}"));
+        Self {
+            broker: Arc::new(broker),
+            env: vec![("AMQP_URL", AMQP_URL.into())],
+            rabbit_queues: Some(queues.into()),
+        }
+    }
+
+    /// The broker's variables followed by `extra`, for `DemoWorker::start_binary`.
+    pub fn env<'a>(&'a self, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        self.env
+            .iter()
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain(extra.iter().copied())
+            .collect()
+    }
+
+    /// Delete the test's RabbitMQ queues (nothing to do on Redis: its keys are the
+    /// test's own prefix).
+    pub async fn cleanup(&self) {
+        if let Some(prefix) = &self.rabbit_queues {
+            RabbitAdmin::new().delete_queues(prefix).await;
+        }
+    }
+}
+
 /// Enqueue `n` jobs with `payload` (JSON) to `queue`; their ids.
 pub async fn enqueue_json(
     b: &dyn worker_core::Broker,

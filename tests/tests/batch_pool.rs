@@ -2,12 +2,14 @@
 //! a job whose worker is killed with SIGKILL, and jobs whose worker gets a spot notice
 //! (SIGTERM with a short drain), resume on the next worker from their last checkpoint,
 //! not from zero, and end with the same result as a run that was never interrupted.
+//! On the real RabbitMQ, which keeps no checkpoints, the refusal is reported and a
+//! killed job starts over and completes.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use system_tests::DemoWorker;
+use system_tests::{DemoWorker, PoolBroker};
 use worker_core::testing::unique;
 use worker_core::{Broker, JobId, NewJob};
 
@@ -15,7 +17,7 @@ const QUEUE: &str = "batch";
 /// Jobs only the second worker consumes: the same work, never interrupted.
 const REFERENCE: &str = "batch-reference";
 
-async fn enqueue(b: &worker_redis::RedisBroker, queue: &str, payloads: &[Value]) -> Vec<JobId> {
+async fn enqueue(b: &dyn Broker, queue: &str, payloads: &[Value]) -> Vec<JobId> {
     let jobs = payloads
         .iter()
         .map(|p| NewJob::json(queue, p).unwrap_or_else(|e| panic!("{e}")))
@@ -185,4 +187,48 @@ async fn a_spot_notice_checkpoints_and_releases_every_running_job() {
         "batch, spot notice: exited {exited_after:?} after SIGTERM (drain timeout 3s); \
          resumed at items {at:?} of 400"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_rabbitmq_checkpoints_are_refused_and_a_killed_job_starts_over() {
+    let queue = unique("batch");
+    let on = PoolBroker::rabbitmq(&queue).await;
+    let work = json!({"items": 200, "item_ms": 10, "seed": 5});
+    let id = enqueue(on.broker.as_ref(), &queue, &[work]).await.remove(0);
+    let env = [
+        ("WORKER_QUEUES", queue.as_str()),
+        ("CHECKPOINT_EVERY", "20"),
+    ];
+
+    let mut first = DemoWorker::start_binary("batch", &on.env(&env));
+    first
+        .wait_for(Duration::from_secs(60), "the refusal", |ev| {
+            ev.iter().any(|e| e["event"] == "checkpoints_refused")
+        })
+        .await;
+    let refused = of(&first.events(), "checkpoints_refused", &id);
+    assert!(
+        refused[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("cannot be changed once published")),
+        "{refused:?}"
+    );
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(10)).await;
+    assert!(of(&first.events(), "checkpoint", &id).is_empty());
+
+    let mut second = DemoWorker::start_binary("batch", &on.env(&env));
+    second
+        .wait_for(Duration::from_secs(60), "the job ends", |ev| {
+            ev.iter().any(|e| e["event"] == "end")
+        })
+        .await;
+    let after = second.events();
+    let start = &of(&after, "start", &id)[0];
+    assert_eq!(start["attempt"], 2, "{start}");
+    assert_eq!(start["from"], 0, "{start}");
+    assert_eq!(end_of(&after, &id)["done"], 200);
+    second.signal("TERM");
+    assert!(second.wait_exit(Duration::from_secs(30)).await.success());
+    on.cleanup().await;
 }

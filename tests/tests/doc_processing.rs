@@ -1,5 +1,6 @@
 //! The high-memory document pool (`examples/doc-processing`) as a real process on the
-//! real Redis: under a burst of documents of mixed sizes its memory budget is never
+//! real Redis and the real RabbitMQ: under a burst of documents of mixed sizes its
+//! memory budget is never
 //! exceeded (from its own events and from `/metrics`), its peak RSS stays within the
 //! budget plus its own baseline, and a document larger than the whole budget is
 //! dead-lettered with that reason.
@@ -9,11 +10,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::json;
-use system_tests::DemoWorker;
+use system_tests::{DemoWorker, PoolBroker};
 use worker_core::testing::unique;
-use worker_core::{Broker, NewJob};
+use worker_core::NewJob;
 
-const QUEUE: &str = "documents";
 const MIB: u64 = 1024 * 1024;
 const BUDGET_MIB: u64 = 64;
 /// Slack over the budget and the process's own baseline for the peak RSS: the
@@ -56,9 +56,19 @@ fn gauge(page: &str, name: &str) -> Option<f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_budget_holds_under_a_burst_and_an_oversize_document_is_dead_lettered() {
-    let prefix = unique("docs");
-    let b = system_tests::redis_broker(&prefix).await;
-    let dir = std::env::temp_dir().join(&prefix);
+    let queue = unique("documents");
+    budget_holds(PoolBroker::redis(&queue).await, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_rabbitmq_the_memory_budget_holds_and_an_oversize_document_is_dead_lettered() {
+    let queue = unique("documents");
+    budget_holds(PoolBroker::rabbitmq(&queue).await, &queue).await;
+}
+
+async fn budget_holds(on: PoolBroker, queue: &str) {
+    let b = &on.broker;
+    let dir = std::env::temp_dir().join(queue);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
 
     let sizes: [u64; 12] = [4, 12, 20, 8, 28, 16, 6, 24, 10, 2, 18, 14];
@@ -68,7 +78,7 @@ async fn the_memory_budget_holds_under_a_burst_and_an_oversize_document_is_dead_
         write_document(&path, mib);
         let payload = json!({"path": path, "meta": {"n": i}, "hold_ms": 400});
         jobs.push(
-            NewJob::json(QUEUE, &payload)
+            NewJob::json(queue, &payload)
                 .unwrap_or_else(|e| panic!("{e}"))
                 .cost(u32::try_from(mib).unwrap_or(u32::MAX)),
         );
@@ -77,20 +87,18 @@ async fn the_memory_budget_holds_under_a_burst_and_an_oversize_document_is_dead_
     let oversize_path = dir.join("oversize.txt");
     write_document(&oversize_path, 1);
     jobs.push(
-        NewJob::json(QUEUE, &json!({"path": oversize_path}))
+        NewJob::json(queue, &json!({"path": oversize_path}))
             .unwrap_or_else(|e| panic!("{e}"))
             .cost(u32::try_from(BUDGET_MIB + 1).unwrap_or(u32::MAX)),
     );
     let budget = format!("{BUDGET_MIB}MiB");
     let mut worker = DemoWorker::start_binary(
         "doc-processing",
-        &[
-            ("REDIS_URL", "redis://127.0.0.1:6379"),
-            ("REDIS_PREFIX", &prefix),
-            ("WORKER_QUEUES", QUEUE),
+        &on.env(&[
+            ("WORKER_QUEUES", queue),
             ("WORKER_CONCURRENCY", "8"),
             ("WORKER_MEMORY_BUDGET", &budget),
-        ],
+        ]),
     );
     worker.wait_listening().await;
     // The process's own baseline, before any document reaches it.
@@ -171,7 +179,7 @@ async fn the_memory_budget_holds_under_a_burst_and_an_oversize_document_is_dead_
         "the oversize document started"
     );
     let dead = b
-        .dead_letters(QUEUE, 10)
+        .dead_letters(queue, 10)
         .await
         .unwrap_or_else(|e| panic!("dead letters: {e}"));
     assert_eq!(dead.len(), 1, "{dead:?}");
@@ -197,4 +205,5 @@ async fn the_memory_budget_holds_under_a_burst_and_an_oversize_document_is_dead_
         "peak RSS {peak_kib} KiB > {limit_kib} KiB"
     );
     let _ = std::fs::remove_dir_all(&dir);
+    on.cleanup().await;
 }

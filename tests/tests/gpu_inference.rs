@@ -1,29 +1,22 @@
 //! The GPU inference pool (`examples/gpu-inference`) as a real process on the real
-//! Redis: batches form within their size and wait bounds, each request gets its own
+//! Redis (and, for batching and outcomes, the real RabbitMQ): batches form within their size and wait bounds, each request gets its own
 //! outcome, and a drain in the middle of a batch loses nothing.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use system_tests::{since_epoch_ms, DemoWorker};
+use system_tests::{since_epoch_ms, DemoWorker, PoolBroker};
 use worker_core::testing::unique;
-use worker_core::{Broker, NewJob};
-use worker_redis::RedisBroker;
+use worker_core::NewJob;
 
-const URL: &str = "redis://127.0.0.1:6379";
-const QUEUE: &str = "infer";
-
-async fn broker(prefix: &str) -> RedisBroker {
-    system_tests::redis_broker(prefix).await
-}
-
-async fn enqueue(b: &RedisBroker, payloads: &[Value]) -> Vec<String> {
+async fn enqueue(on: &PoolBroker, queue: &str, payloads: &[Value]) -> Vec<String> {
     let jobs = payloads
         .iter()
-        .map(|p| NewJob::json(QUEUE, p).unwrap_or_else(|e| panic!("{e}")))
+        .map(|p| NewJob::json(queue, p).unwrap_or_else(|e| panic!("{e}")))
         .collect();
-    b.enqueue(jobs)
+    on.broker
+        .enqueue(jobs)
         .await
         .unwrap_or_else(|e| panic!("enqueue: {e}"))
         .into_iter()
@@ -31,12 +24,8 @@ async fn enqueue(b: &RedisBroker, payloads: &[Value]) -> Vec<String> {
         .collect()
 }
 
-fn pool(prefix: &str, extra: &[(&str, &str)]) -> DemoWorker {
-    let mut env = vec![
-        ("REDIS_URL", URL),
-        ("REDIS_PREFIX", prefix),
-        ("WORKER_QUEUES", QUEUE),
-    ];
+fn pool(on: &PoolBroker, queue: &str, extra: &[(&str, &str)]) -> DemoWorker {
+    let mut env = on.env(&[("WORKER_QUEUES", queue)]);
     env.extend_from_slice(extra);
     DemoWorker::start_binary("gpu-inference", &env)
 }
@@ -62,15 +51,26 @@ fn ids(batch: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_form_within_size_and_wait_and_each_request_has_its_own_outcome() {
-    let prefix = unique("gpu-batches");
-    let b = broker(&prefix).await;
+    let queue = unique("infer");
+    batches_form(PoolBroker::redis(&queue).await, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_rabbitmq_batches_form_and_each_request_has_its_own_outcome() {
+    let queue = unique("infer");
+    batches_form(PoolBroker::rabbitmq(&queue).await, &queue).await;
+}
+
+async fn batches_form(on: PoolBroker, queue: &str) {
+    let b = &on.broker;
     let mut payloads = vec![json!({"size": 32, "steps": 1}); 10];
     payloads.push(json!({"size": 32, "steps": 1, "fail": true}));
-    let enqueued = enqueue(&b, &payloads).await;
+    let enqueued = enqueue(&on, queue, &payloads).await;
     let failing = enqueued[10].clone();
 
     let mut worker = pool(
-        &prefix,
+        &on,
+        queue,
         &[
             ("BATCH_MAX_SIZE", "4"),
             ("BATCH_MAX_WAIT", "300ms"),
@@ -83,7 +83,7 @@ async fn batches_form_within_size_and_wait_and_each_request_has_its_own_outcome(
         })
         .await;
     // A lone request: its batch waits for company as long as BATCH_MAX_WAIT, no longer.
-    let lone = enqueue(&b, &[json!({"size": 16})]).await.remove(0);
+    let lone = enqueue(&on, queue, &[json!({"size": 16})]).await.remove(0);
     worker
         .wait_for(Duration::from_secs(30), "the lone request ended", |e| {
             e.iter()
@@ -135,7 +135,7 @@ async fn batches_form_within_size_and_wait_and_each_request_has_its_own_outcome(
         "{failing_batch}"
     );
     let dead = b
-        .dead_letters(QUEUE, 10)
+        .dead_letters(queue, 10)
         .await
         .unwrap_or_else(|e| panic!("dead letters: {e}"));
     assert_eq!(dead.len(), 1);
@@ -145,21 +145,22 @@ async fn batches_form_within_size_and_wait_and_each_request_has_its_own_outcome(
         "{}",
         dead[0].reason
     );
-    let depth = b.depth(QUEUE).await.unwrap_or_else(|e| panic!("{e}"));
+    let depth = b.depth(queue).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((depth.pending, depth.in_flight), (0, 0));
+    on.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_mid_batch_finishes_the_batch_and_hands_back_the_rest() {
-    let prefix = unique("gpu-drain");
-    let b = broker(&prefix).await;
-    let enqueued = enqueue(&b, &vec![json!({"size": 160, "steps": 6}); 8]).await;
+    let queue = unique("infer");
+    let on = PoolBroker::redis(&queue).await;
+    let enqueued = enqueue(&on, &queue, &vec![json!({"size": 160, "steps": 6}); 8]).await;
     let settings = [
         ("BATCH_MAX_SIZE", "4"),
         ("BATCH_STREAMS", "1"),
         ("WORKER_PREFETCH", "0"),
     ];
-    let mut first = pool(&prefix, &settings);
+    let mut first = pool(&on, &queue, &settings);
     first
         .wait_for(Duration::from_secs(60), "a batch started", |e| {
             e.iter().any(|e| e["event"] == "batch")
@@ -185,7 +186,7 @@ async fn a_drain_mid_batch_finishes_the_batch_and_hands_back_the_rest() {
     assert_eq!(first.stopped()["report"]["ok"], 4);
 
     // The other four were never taken, or were handed back: another replica runs them.
-    let mut second = pool(&prefix, &settings);
+    let mut second = pool(&on, &queue, &settings);
     second
         .wait_for(Duration::from_secs(60), "the rest ended", |e| {
             e.iter().filter(|e| e["event"] == "end").count() >= 4
@@ -208,11 +209,13 @@ async fn a_drain_mid_batch_finishes_the_batch_and_hands_back_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_longer_than_the_drain_timeout_is_released_not_lost() {
-    let prefix = unique("gpu-cut");
-    let b = broker(&prefix).await;
-    let enqueued = enqueue(&b, &vec![json!({"size": 160, "steps": 400}); 2]).await;
+    let queue = unique("infer");
+    let on = PoolBroker::redis(&queue).await;
+    let b = &on.broker;
+    let enqueued = enqueue(&on, &queue, &vec![json!({"size": 160, "steps": 400}); 2]).await;
     let mut first = pool(
-        &prefix,
+        &on,
+        &queue,
         &[
             ("BATCH_MAX_SIZE", "2"),
             ("BATCH_STREAMS", "1"),
@@ -232,10 +235,11 @@ async fn a_batch_longer_than_the_drain_timeout_is_released_not_lost() {
     assert_eq!(report["ok"], 0, "{report}");
 
     // Both are back in the queue, their attempt not counted, and run elsewhere.
-    let depth = b.depth(QUEUE).await.unwrap_or_else(|e| panic!("{e}"));
+    let depth = b.depth(&queue).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((depth.pending, depth.in_flight, depth.dead), (2, 0, 0));
     let second = pool(
-        &prefix,
+        &on,
+        &queue,
         &[("BATCH_MAX_SIZE", "2"), ("BATCH_MAX_WAIT", "1ms")],
     );
     // Only that they start again elsewhere, as first attempts; no need to wait the run.

@@ -19,8 +19,9 @@
 //!   `WORKER_DRAIN_TIMEOUT`: every running job checkpoints and is released within it.
 //!
 //! It prints JSON lines on stdout for tests: `start` (attempt, the item it starts
-//! from), `checkpoint`, `interrupted` (released by the drain), `end` (with its result)
-//! per job, and `stopped` with the run report.
+//! from), `checkpoint`, `checkpoints_refused` (the broker keeps none), `interrupted`
+//! (released by the drain), `end` (with its result) per job, and `stopped` with the
+//! run report.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -81,7 +82,13 @@ impl Batch {
                              "next": at.next, "acc": at.acc}));
                 Ok(true)
             }
-            Err(BrokerError::Unsupported { .. }) => Ok(false),
+            Err(e @ BrokerError::Unsupported { .. }) => {
+                event(
+                    json!({"event": "checkpoints_refused", "id": job.id().to_string(),
+                             "reason": e.to_string()}),
+                );
+                Ok(false)
+            }
             // The lease is gone (another worker owns the job) or the broker failed:
             // stop; the runtime knows what became of the job.
             Err(e) => Err(JobError::retry(format!("checkpoint not saved: {e}"))),
