@@ -28,6 +28,11 @@
 //! what arrived within a wait), with an outcome per job; [`batch::Batched`] makes it a
 //! [`Handler`].
 //!
+//! A long job can save its progress with [`JobContext::checkpoint`]; the job's next
+//! delivery, after a drain, a crash or a retry, reads it back with
+//! [`JobContext::last_checkpoint`] and resumes there. A handler that saved its place
+//! when the drain began returns [`JobError::interrupted`] to hand the job back at once.
+//!
 //! On Kubernetes, a worker can also keep its pod's `controller.kubernetes.io/pod-deletion-cost`
 //! annotation equal to its jobs in flight, so a scale-down removes idle pods first
 //! ([`PodDeletionCost`], `WORKER_POD_DELETION_COST=true`; off by default).
