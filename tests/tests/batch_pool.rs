@@ -48,28 +48,23 @@ fn end_of(events: &[Value], id: &JobId) -> Value {
     ends[0].clone()
 }
 
-fn worker(prefix: &str, queues: &str, extra: &[(&str, &str)]) -> DemoWorker {
-    let mut env = vec![
-        ("REDIS_URL", "redis://127.0.0.1:6379"),
-        ("REDIS_PREFIX", prefix),
-        ("WORKER_QUEUES", queues),
-        ("WORKER_REAP_INTERVAL", "200ms"),
-    ];
+fn worker(on: &PoolBroker, queues: &str, extra: &[(&str, &str)]) -> DemoWorker {
+    let mut env = on.env(&[("WORKER_QUEUES", queues), ("WORKER_REAP_INTERVAL", "200ms")]);
     env.extend_from_slice(extra);
     DemoWorker::start_binary("batch", &env)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_killed_mid_way_resumes_from_its_last_checkpoint() {
-    let prefix = unique("batch-kill");
-    let b = system_tests::redis_broker(&prefix).await;
+    let on = PoolBroker::redis(&unique("batch-kill")).await;
+    let b = on.broker.as_ref();
     let work = json!({"items": 300, "item_ms": 10, "seed": 11});
-    let id = enqueue(&b, QUEUE, std::slice::from_ref(&work))
+    let id = enqueue(b, QUEUE, std::slice::from_ref(&work))
         .await
         .remove(0);
 
     let mut first = worker(
-        &prefix,
+        &on,
         QUEUE,
         &[("WORKER_LEASE", "1s"), ("CHECKPOINT_EVERY", "20")],
     );
@@ -92,8 +87,8 @@ async fn a_job_killed_mid_way_resumes_from_its_last_checkpoint() {
     assert!(last_saved >= 60, "{before:?}");
 
     // The reference job, the same work, goes to the second worker only.
-    let reference = enqueue(&b, REFERENCE, &[work]).await.remove(0);
-    let second = worker(&prefix, &format!("{QUEUE},{REFERENCE}"), &[]);
+    let reference = enqueue(b, REFERENCE, &[work]).await.remove(0);
+    let second = worker(&on, &format!("{QUEUE},{REFERENCE}"), &[]);
     second
         .wait_for(Duration::from_secs(60), "both jobs end", |ev| {
             ev.iter().filter(|e| e["event"] == "end").count() >= 2
@@ -121,16 +116,16 @@ async fn a_job_killed_mid_way_resumes_from_its_last_checkpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spot_notice_checkpoints_and_releases_every_running_job() {
-    let prefix = unique("batch-spot");
-    let b = system_tests::redis_broker(&prefix).await;
+    let on = PoolBroker::redis(&unique("batch-spot")).await;
+    let b = on.broker.as_ref();
     let works: Vec<Value> = (0..4)
         .map(|i| json!({"items": 400, "item_ms": 10, "seed": 20 + i}))
         .collect();
-    let ids = enqueue(&b, QUEUE, &works).await;
+    let ids = enqueue(b, QUEUE, &works).await;
 
     // No periodic checkpoint: only the one the notice makes.
     let mut first = worker(
-        &prefix,
+        &on,
         QUEUE,
         &[
             ("WORKER_CONCURRENCY", "4"),
@@ -164,8 +159,8 @@ async fn a_spot_notice_checkpoints_and_releases_every_running_job() {
     let depth = b.depth(QUEUE).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((depth.pending, depth.in_flight), (4, 0), "{depth:?}");
 
-    let references = enqueue(&b, REFERENCE, &works).await;
-    let second = worker(&prefix, &format!("{QUEUE},{REFERENCE}"), &[]);
+    let references = enqueue(b, REFERENCE, &works).await;
+    let second = worker(&on, &format!("{QUEUE},{REFERENCE}"), &[]);
     second
         .wait_for(Duration::from_secs(60), "eight jobs end", |ev| {
             ev.iter().filter(|e| e["event"] == "end").count() >= 8
@@ -195,12 +190,9 @@ async fn on_rabbitmq_checkpoints_are_refused_and_a_killed_job_starts_over() {
     let on = PoolBroker::rabbitmq(&queue).await;
     let work = json!({"items": 200, "item_ms": 10, "seed": 5});
     let id = enqueue(on.broker.as_ref(), &queue, &[work]).await.remove(0);
-    let env = [
-        ("WORKER_QUEUES", queue.as_str()),
-        ("CHECKPOINT_EVERY", "20"),
-    ];
+    let every = [("CHECKPOINT_EVERY", "20")];
 
-    let mut first = DemoWorker::start_binary("batch", &on.env(&env));
+    let mut first = worker(&on, &queue, &every);
     first
         .wait_for(Duration::from_secs(60), "the refusal", |ev| {
             ev.iter().any(|e| e["event"] == "checkpoints_refused")
@@ -217,7 +209,7 @@ async fn on_rabbitmq_checkpoints_are_refused_and_a_killed_job_starts_over() {
     first.wait_exit(Duration::from_secs(10)).await;
     assert!(of(&first.events(), "checkpoint", &id).is_empty());
 
-    let mut second = DemoWorker::start_binary("batch", &on.env(&env));
+    let mut second = worker(&on, &queue, &every);
     second
         .wait_for(Duration::from_secs(60), "the job ends", |ev| {
             ev.iter().any(|e| e["event"] == "end")

@@ -310,27 +310,28 @@ pub struct JobContext {
 /// envelope it was delivered as.
 pub(crate) struct Progress {
     broker: Arc<dyn crate::Broker>,
-    lease: crate::Lease,
+    /// The delivery's lease token (the lease's job and queue are the envelope's).
+    token: crate::broker::LeaseToken,
     envelope: Arc<Envelope>,
-    /// The checkpoint last saved (or delivered); saves are taken one at a time.
-    saved: tokio::sync::Mutex<Option<Bytes>>,
-    /// A copy of `saved` readable without waiting.
+    /// Held across a save, so saves are taken one at a time, in order.
+    saving: tokio::sync::Mutex<()>,
+    /// The checkpoint last saved, or the one delivered.
     last: std::sync::Mutex<Option<Bytes>>,
 }
 
 impl Progress {
     pub(crate) fn new(
         broker: Arc<dyn crate::Broker>,
-        lease: crate::Lease,
+        token: crate::broker::LeaseToken,
         envelope: Arc<Envelope>,
     ) -> Self {
-        let checkpoint = envelope.checkpoint.clone();
+        let last = std::sync::Mutex::new(envelope.checkpoint.clone());
         Self {
             broker,
-            lease,
+            token,
             envelope,
-            saved: tokio::sync::Mutex::new(checkpoint.clone()),
-            last: std::sync::Mutex::new(checkpoint),
+            saving: tokio::sync::Mutex::new(()),
+            last,
         }
     }
 }
@@ -338,7 +339,7 @@ impl Progress {
 impl fmt::Debug for Progress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Progress")
-            .field("lease", &self.lease)
+            .field("token", &self.token)
             .finish_non_exhaustive()
     }
 }
@@ -461,11 +462,11 @@ impl JobContext {
             });
         };
         let data = progress.into();
-        let mut saved = p.saved.lock().await;
+        let _one_at_a_time = p.saving.lock().await;
+        let lease = crate::Lease::new(p.envelope.id.clone(), p.envelope.queue.clone(), p.token);
         let mut job = Envelope::clone(&p.envelope);
         job.checkpoint = Some(data.clone());
-        p.broker.checkpoint(&p.lease, &job).await?;
-        *saved = Some(data.clone());
+        p.broker.checkpoint(&lease, &job).await?;
         *p.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(data);
         Ok(())
     }

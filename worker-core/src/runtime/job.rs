@@ -147,7 +147,7 @@ async fn supervise<H: Handler>(
             drain: shared.life.drain.clone(),
             progress: Some(Arc::new(Progress::new(
                 shared.broker.clone(),
-                lease.clone(),
+                lease.token,
                 envelope.clone(),
             ))),
         },
