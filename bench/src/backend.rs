@@ -10,10 +10,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use clap::ValueEnum;
 use tokio::sync::{Notify, Semaphore};
-use worker_amqp::AmqpConfig;
+use worker_amqp::{AmqpConfig, FetchMode};
 use worker_core::{
-    Broker, BrokerError, DeadLetter, Delivery, FetchPlan, JobId, Lease, MemoryBroker, NewJob,
-    QueueDepth, WorkerInfo,
+    Broker, BrokerError, DeadLetter, Delivery, Envelope, FetchPlan, JobId, Lease, MemoryBroker,
+    NewJob, QueueDepth, WorkerInfo,
 };
 use worker_redis::RedisConfig;
 
@@ -231,7 +231,8 @@ pub async fn cleanup(urls: &Urls) {
 
 /// The framework's broker for `kind`. `prefix` isolates the run: the Redis key
 /// prefix, RabbitMQ's virtual host (made here when missing). A RabbitMQ consumer's
-/// prefetch is `prefetch`.
+/// prefetch is `prefetch`; `AMQP_FETCH=get` takes RabbitMQ's jobs with `basic.get`
+/// instead (see `worker_amqp::FetchMode`).
 pub async fn connect(
     kind: Kind,
     urls: &Urls,
@@ -243,13 +244,15 @@ pub async fn connect(
             Management::new(&urls.amqp_management_url)?
                 .create_vhost(prefix)
                 .await?;
-            Arc::new(
-                AmqpConfig::new(urls.amqp_url_in(prefix))
-                    .management_url(&urls.amqp_management_url)
-                    .prefetch(prefetch.clamp(1, u32::from(u16::MAX)) as u16)
-                    .connect()
-                    .await?,
-            )
+            let mut config = AmqpConfig::new(urls.amqp_url_in(prefix))
+                .management_url(&urls.amqp_management_url)
+                .prefetch(prefetch.clamp(1, u32::from(u16::MAX)) as u16);
+            if let Ok(v) = std::env::var("AMQP_FETCH") {
+                let mode = FetchMode::parse(&v)
+                    .ok_or_else(|| format!("AMQP_FETCH={v}: expected consume or get"))?;
+                config = config.fetch_mode(mode);
+            }
+            Arc::new(config.connect().await?)
         }
         Kind::Memory => Arc::new(MemoryBroker::new()),
         Kind::Redis => Arc::new(
@@ -431,6 +434,18 @@ impl Broker for Probe {
     }
     async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
         self.inner.wait_for_work(queues, timeout).await
+    }
+    async fn checkpoint(&self, lease: &Lease, job: &Envelope) -> Result<(), BrokerError> {
+        self.inner.checkpoint(lease, job).await
+    }
+    async fn stop_fetching(&self, queues: &[String]) {
+        self.inner.stop_fetching(queues).await
+    }
+    async fn close(&self) {
+        self.inner.close().await
+    }
+    fn refuses_duplicate_ids(&self) -> bool {
+        self.inner.refuses_duplicate_ids()
     }
 }
 

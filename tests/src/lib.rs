@@ -334,6 +334,20 @@ impl PoolBroker {
     }
 }
 
+/// Most jobs running at once, counted from a worker's start and end events.
+pub fn most_at_once<'a>(events: impl IntoIterator<Item = &'a Value>) -> usize {
+    let (mut now, mut most) = (0usize, 0usize);
+    for e in events {
+        if e["event"] == "start" {
+            now += 1;
+            most = most.max(now);
+        } else if e["event"] == "end" {
+            now = now.saturating_sub(1);
+        }
+    }
+    most
+}
+
 /// Enqueue `n` jobs with `payload` (JSON) to `queue`; their ids.
 pub async fn enqueue_json(
     b: &dyn worker_core::Broker,

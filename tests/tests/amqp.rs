@@ -403,3 +403,84 @@ async fn a_job_timeout_beyond_the_consumer_timeout_is_warned_at_start_up() {
     );
     RabbitAdmin::new().delete_queues(&queue).await;
 }
+
+/// A worker of concurrency 2 on queues `<base>-hi` (weight 3) and `<base>-lo`
+/// (weight 1), 8 one-second jobs each: how many jobs it held while its first two
+/// ran, sampled; the worker; `base`.
+async fn holds_only_what_it_can_start(fetch: &str) -> (Vec<u64>, DemoWorker, String) {
+    let base = unique("hold");
+    let (hi, lo) = (format!("{base}-hi"), format!("{base}-lo"));
+    let b = broker(QueueType::Classic).await;
+    let n = 8;
+    enqueue(&b, &hi, json!({"sleep_ms": 1000}), n).await;
+    enqueue(&b, &lo, json!({"sleep_ms": 1000}), n).await;
+    let mut env = vec![("WORKER_CONCURRENCY", "2")];
+    if !fetch.is_empty() {
+        env.push(("AMQP_FETCH", fetch));
+    }
+    let w = worker(&format!("{hi}:3,{lo}:1"), QueueType::Classic, &env);
+    w.wait_for(Duration::from_secs(20), "two jobs running", |ev| {
+        ev.iter().filter(|e| e["event"] == "start").count() >= 2
+    })
+    .await;
+    // Until a job ends, each job is ready in RabbitMQ or held by the worker.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let ready = b.depth(&hi).await.map(|d| d.pending).unwrap_or(0)
+            + b.depth(&lo).await.map(|d| d.pending).unwrap_or(0);
+        if w.count("end") > 0 {
+            break;
+        }
+        held.push(2 * n as u64 - ready);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!held.is_empty(), "sampled before the first job ended");
+    (held, w, base)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_consuming_two_queues_holds_only_the_jobs_it_can_start() {
+    let (held, mut w, base) = holds_only_what_it_can_start("").await;
+    assert!(
+        held.iter().all(|&h| h == 2),
+        "a worker running 2 jobs held {held:?}"
+    );
+    let (hi, lo) = (format!("{base}-hi"), format!("{base}-lo"));
+    w.wait_for(Duration::from_secs(30), "every job ends", |ev| {
+        ev.iter().filter(|e| e["event"] == "end").count() == 16
+    })
+    .await;
+    let order: Vec<String> = w
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "start")
+        .map(|e| e["queue"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let first_hi = order[..8].iter().filter(|q| **q == hi).count();
+    assert!(
+        first_hi >= 5,
+        "weights 3:1, the first 8 starts: {first_hi} from {hi}"
+    );
+    assert_eq!(
+        system_tests::most_at_once(w.events().iter().filter(|e| e["queue"] == lo.as_str())),
+        2,
+        "once {hi} is empty, {lo} has both slots"
+    );
+    w.signal("TERM");
+    assert!(w.wait_exit(Duration::from_secs(20)).await.success());
+    RabbitAdmin::new().delete_queues(&base).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consuming_two_queues_holds_a_prefetch_per_queue() {
+    // What AMQP_FETCH=get (the default for several queues) avoids: RabbitMQ's
+    // prefetch is per consumer, so two consumers hold 2 + 2.
+    let (held, mut w, base) = holds_only_what_it_can_start("consume").await;
+    assert!(
+        held.iter().all(|&h| h == 4),
+        "two consumers of prefetch 2 held {held:?}"
+    );
+    w.signal("TERM");
+    assert!(w.wait_exit(Duration::from_secs(20)).await.success());
+    RabbitAdmin::new().delete_queues(&base).await;
+}

@@ -21,12 +21,14 @@ use worker_core::{
     NewJob, QueueDepth, WorkerInfo,
 };
 
-use crate::config::AmqpConfig;
+use crate::config::{AmqpConfig, FetchMode};
 use crate::error::{from_lapin, is_ack_timeout};
 use crate::management::Management;
 use crate::message::{dead_fields, decode, properties};
 use crate::session::{passive_count, Session, Sessions};
 use crate::topology::{self, QueueType};
+
+mod get;
 
 /// How long a fetch waits for deliveries the broker has said are on their way.
 const ARRIVAL_WAIT: Duration = Duration::from_millis(200);
@@ -60,6 +62,7 @@ enum Target<'a> {
     Dead(&'a str),
 }
 
+#[derive(Clone)]
 struct Consuming {
     gen: u64,
     channel: Channel,
@@ -80,6 +83,24 @@ struct QueueState {
 struct State {
     queues: HashMap<String, QueueState>,
     leases: HashMap<LeaseToken, Held>,
+    /// Get mode: the channel of every get and doorbell.
+    pull: Option<get::PullChannel>,
+}
+
+impl State {
+    /// Lease `r` until `deadline`: the delivery the runtime gets.
+    fn lease(&mut self, r: Received, deadline: Instant) -> Delivery {
+        let token = LeaseToken::random();
+        let delivery = Delivery::new(r.envelope.clone(), token);
+        self.leases.insert(
+            token,
+            Held {
+                received: r,
+                deadline,
+            },
+        );
+        delivery
+    }
 }
 
 struct Inner {
@@ -88,6 +109,10 @@ struct Inner {
     management: Option<Management>,
     state: Mutex<State>,
     arrived: Notify,
+    /// Get mode: one doorbell change at a time.
+    turn: tokio::sync::Mutex<()>,
+    /// Get mode: fetches in progress.
+    fetching: std::sync::atomic::AtomicUsize,
 }
 
 /// A [`Broker`] on RabbitMQ.
@@ -137,6 +162,8 @@ impl AmqpConfig {
             management,
             state: Mutex::new(State::default()),
             arrived: Notify::new(),
+            turn: tokio::sync::Mutex::new(()),
+            fetching: std::sync::atomic::AtomicUsize::new(0),
         });
         inner.sessions.get().await?;
         for warning in inner.config.consumer_timeout_warnings() {
@@ -156,6 +183,11 @@ impl AmqpBroker {
     pub fn config(&self) -> &AmqpConfig {
         &self.inner.config
     }
+}
+
+/// A consumer tag of this process.
+fn consumer_tag() -> String {
+    format!("wp-{}-{:08x}", std::process::id(), fastrand::u32(..))
 }
 
 fn protocol(what: impl Into<String>) -> BrokerError {
@@ -304,7 +336,7 @@ impl Inner {
                         // What an earlier connection or channel held, the broker
                         // gives to a consumer again.
                         qs.consuming = None;
-                        qs.ready.clear();
+                        qs.ready.retain(|r| r.channel.status().connected());
                     }
                     !current
                 }
@@ -316,25 +348,37 @@ impl Inner {
         Ok(())
     }
 
-    async fn consume(&self, s: &Session, queue: &str) -> Result<(), BrokerError> {
-        validate_queue_name(queue)?;
-        self.declare_work(s, queue).await?;
-        let channel = s
-            .conn
-            .create_channel()
-            .await
-            .map_err(|e| self.failed(s, "open channel", e))?;
-        channel
-            .basic_qos(self.config.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| self.failed(s, "qos", e))?;
-        let tag = format!("wp-{}-{:08x}", std::process::id(), fastrand::u32(..));
+    /// The arguments of every consumer: the consumer timeout, when one is set.
+    fn consumer_args(&self) -> FieldTable {
         let mut args = FieldTable::default();
         if let Some(limit) = self.config.consumer_timeout {
             // Honoured from RabbitMQ 3.12 (3.11.15); older brokers ignore it.
             let ms = i64::try_from(limit.as_millis()).unwrap_or(i64::MAX);
             args.insert("x-consumer-timeout".into(), AMQPValue::LongLongInt(ms));
         }
+        args
+    }
+
+    /// A new channel on `s` whose consumers get `prefetch`.
+    async fn open_channel(&self, s: &Session, prefetch: u16) -> Result<Channel, BrokerError> {
+        let channel = s
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| self.failed(s, "open channel", e))?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| self.failed(s, "qos", e))?;
+        Ok(channel)
+    }
+
+    async fn consume(&self, s: &Session, queue: &str) -> Result<(), BrokerError> {
+        validate_queue_name(queue)?;
+        self.declare_work(s, queue).await?;
+        let channel = self.open_channel(s, self.config.prefetch).await?;
+        let tag = consumer_tag();
+        let args = self.consumer_args();
         let consumer = channel
             .basic_consume(queue, &tag, BasicConsumeOptions::default(), args)
             .await
@@ -370,18 +414,18 @@ impl Inner {
     /// Move what the consumer of `queue` has received into its ready list, without
     /// waiting. Returns how many moved.
     fn pull(&self, queue: &str) -> usize {
-        let consumer = {
+        let from = {
             let st = self.state();
             match st.queues.get(queue).and_then(|q| q.consuming.as_ref()) {
-                Some(c) => (c.tag.clone(), c.consumer.clone()),
+                Some(c) => c.clone(),
                 None => return 0,
             }
         };
-        let (tag, mut consumer) = consumer;
+        let mut consumer = from.consumer.clone();
         let mut moved = 0;
         while let Some(item) = consumer.next().now_or_never() {
             let more = matches!(item, Some(Ok(_)));
-            self.accept(queue, &tag, item);
+            self.accept(queue, &from, item);
             if !more {
                 break;
             }
@@ -390,35 +434,36 @@ impl Inner {
         moved
     }
 
-    /// Put what the consumer tagged `tag` of `queue` yielded where it belongs: a
-    /// delivery at the back of the ready list; an error or the consumer's end drops
-    /// the consumer, to be started again (the broker redelivers what it held).
+    /// Put what the consumer `from` of `queue` yielded where it belongs: a delivery at
+    /// the back of the ready list; an error or the consumer's end drops the consumer,
+    /// to be started again (the broker redelivers what it held).
     fn accept(
         &self,
         queue: &str,
-        tag: &str,
+        from: &Consuming,
         item: Option<lapin::Result<lapin::message::Delivery>>,
     ) {
         let mut st = self.state();
-        let Some(qs) = st.queues.get_mut(queue) else {
-            return;
-        };
-        let Some(c) = qs.consuming.as_ref().filter(|c| c.tag == tag) else {
-            // From a consumer already replaced: its channel is closed and the broker
-            // delivers the message again.
-            return;
-        };
+        let qs = st.queues.entry(queue.to_owned()).or_default();
+        let current = qs.consuming.as_ref().is_some_and(|c| c.tag == from.tag);
         match item {
-            Some(Ok(d)) => {
+            Some(Ok(d)) if current || from.channel.status().connected() => {
+                // From a consumer being cancelled, on a channel still open, the job is
+                // ours all the same: whoever cancels hands it out or back.
                 let envelope = decode(queue, d.data, &d.properties, d.redelivered).envelope;
                 let received = Received {
                     tag: d.delivery_tag,
-                    channel: c.channel.clone(),
-                    gen: c.gen,
+                    channel: from.channel.clone(),
+                    gen: from.gen,
                     envelope,
                 };
                 qs.ready.push_back(received);
             }
+            Some(Ok(_)) => {
+                // From a consumer already replaced whose channel is closed: the broker
+                // delivers the message again.
+            }
+            _ if !current => {}
             Some(Err(e)) if is_ack_timeout(&e) => {
                 tracing::error!(
                     queue,
@@ -431,17 +476,17 @@ impl Inner {
                      consumer_timeout)"
                 );
                 qs.consuming = None;
-                qs.ready.clear();
+                qs.ready.retain(|r| r.channel.status().connected());
             }
             Some(Err(e)) => {
                 tracing::warn!(queue, error = %e, "amqp: consumer failed; it will be restarted");
                 qs.consuming = None;
-                qs.ready.clear();
+                qs.ready.retain(|r| r.channel.status().connected());
             }
             None => {
                 tracing::warn!(queue, "amqp: the broker cancelled the consumer (queue deleted?); it will be restarted");
                 qs.consuming = None;
-                qs.ready.clear();
+                qs.ready.retain(|r| r.channel.status().connected());
             }
         }
     }
@@ -499,7 +544,7 @@ impl Inner {
     /// Wait until a delivery arrives on any of `queues`' consumers (it goes to its
     /// ready list), the connection is lost, or `deadline`.
     async fn arrival(&self, queues: &[String], deadline: tokio::time::Instant) {
-        let consumers: Vec<(String, String, Consumer)> = {
+        let consumers: Vec<(String, Consuming)> = {
             let st = self.state();
             queues
                 .iter()
@@ -507,7 +552,7 @@ impl Inner {
                     st.queues
                         .get(q)
                         .and_then(|qs| qs.consuming.as_ref())
-                        .map(|c| (q.clone(), c.tag.clone(), c.consumer.clone()))
+                        .map(|c| (q.clone(), c.clone()))
                 })
                 .collect()
         };
@@ -517,14 +562,15 @@ impl Inner {
         }
         // A pending `next()` that is dropped takes nothing: only the winner's item is
         // taken, and it goes to the ready list.
-        let next = futures::future::select_all(consumers.into_iter().map(|(q, tag, mut c)| {
+        let next = futures::future::select_all(consumers.into_iter().map(|(q, from)| {
             Box::pin(async move {
+                let mut c = from.consumer.clone();
                 let item = c.next().await;
-                (q, tag, item)
+                (q, from, item)
             })
         }));
         tokio::select! {
-            ((q, tag, item), _, _) = next => self.accept(&q, &tag, item),
+            ((q, from, item), _, _) = next => self.accept(&q, &from, item),
             _ = self.arrived.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {}
         }
@@ -534,13 +580,46 @@ impl Inner {
     /// attempt unchanged, then acked. (A requeue through AMQP would mark it redelivered,
     /// which counts an attempt.)
     async fn hand_back(&self, s: &Session, r: Received) -> Result<(), BrokerError> {
+        self.hand_back_or_keep(s, r).await.map_err(|(e, _)| e)
+    }
+
+    /// [`hand_back`](Self::hand_back), giving `r` back to the caller when it failed.
+    async fn hand_back_or_keep(
+        &self,
+        s: &Session,
+        r: Received,
+    ) -> Result<(), (BrokerError, Received)> {
         if r.gen != s.gen || !r.channel.status().connected() {
             // The broker already took it back when that channel closed.
             return Ok(());
         }
-        self.publish(s, Target::Queue, &r.envelope).await?;
+        if let Err(e) = self.publish(s, Target::Queue, &r.envelope).await {
+            return Err((e, r));
+        }
         settle_ack(&r).await;
         Ok(())
+    }
+
+    /// Lease what the ready lists of `queues` (the plan's, in order) hold, as `plan`
+    /// divides it.
+    fn hand_out(&self, plan: &FetchPlan, queues: &[String]) -> Vec<Delivery> {
+        let lease_until = Instant::now() + plan.lease;
+        let mut st = self.state();
+        let available: Vec<u64> = queues
+            .iter()
+            .map(|q| st.queues.get(q).map_or(0, |qs| qs.ready.len() as u64))
+            .collect();
+        let take = plan.allocate(&available);
+        let mut out = Vec::with_capacity(take.iter().sum::<u32>() as usize);
+        for (q, n) in queues.iter().zip(take) {
+            for _ in 0..n {
+                let Some(r) = st.queues.get_mut(q).and_then(|qs| qs.ready.pop_front()) else {
+                    break;
+                };
+                out.push(st.lease(r, lease_until));
+            }
+        }
+        out
     }
 
     /// Take the lease `lease` out of the table, checking it names the job.
@@ -620,6 +699,9 @@ impl Broker for AmqpBroker {
 
     async fn fetch(&self, plan: &FetchPlan) -> Result<Vec<Delivery>, BrokerError> {
         let inner = &self.inner;
+        if inner.getting() {
+            return inner.fetch_by_get(plan).await;
+        }
         let s = inner.sessions.get().await?;
         let queues: Vec<String> = plan.shares.iter().map(|sh| sh.queue.clone()).collect();
         inner.ensure_consuming(&s, &queues).await?;
@@ -683,31 +765,7 @@ impl Broker for AmqpBroker {
                 inner.arrival(&queues, deadline).await;
             }
         }
-        let lease_until = Instant::now() + plan.lease;
-        let mut st = inner.state();
-        let available: Vec<u64> = queues
-            .iter()
-            .map(|q| st.queues.get(q).map_or(0, |qs| qs.ready.len() as u64))
-            .collect();
-        let take = plan.allocate(&available);
-        let mut out = Vec::with_capacity(take.iter().sum::<u32>() as usize);
-        for (q, n) in queues.iter().zip(take) {
-            for _ in 0..n {
-                let Some(r) = st.queues.get_mut(q).and_then(|qs| qs.ready.pop_front()) else {
-                    break;
-                };
-                let token = LeaseToken::random();
-                out.push(Delivery::new(r.envelope.clone(), token));
-                st.leases.insert(
-                    token,
-                    Held {
-                        received: r,
-                        deadline: lease_until,
-                    },
-                );
-            }
-        }
-        Ok(out)
+        Ok(inner.hand_out(plan, &queues))
     }
 
     async fn ack(&self, lease: &Lease) -> Result<(), BrokerError> {
@@ -754,13 +812,17 @@ impl Broker for AmqpBroker {
         }
         // Still consuming on that channel: the job goes first in this process's
         // ready list, untouched in the broker.
+        // In get mode, on the channel it came from: the next fetch starts it, or
+        // hands it back when it cannot.
         let r = {
             let mut st = inner.state();
+            let on_pull = inner.getting() && st.pull.as_ref().is_some_and(|p| p.holds(&r));
             let qs = st.queues.entry(lease.queue.clone()).or_default();
-            let same = qs
-                .consuming
-                .as_ref()
-                .is_some_and(|c| !qs.stopped && c.gen == r.gen && c.channel.id() == r.channel.id());
+            let same = !qs.stopped
+                && (on_pull
+                    || qs.consuming.as_ref().is_some_and(|c| {
+                        !inner.getting() && c.gen == r.gen && c.channel.id() == r.channel.id()
+                    }));
             if same {
                 qs.ready.push_front(r);
                 drop(st);
@@ -841,11 +903,13 @@ impl Broker for AmqpBroker {
         let inner = &self.inner;
         validate_queue_name(queue)?;
         let s = inner.sessions.get().await?;
-        let consumed = inner
-            .state()
-            .queues
-            .get(queue)
-            .is_some_and(|q| q.consuming.is_some());
+        // A doorbell holds nothing it has not delivered: a passive declare is exact.
+        let consumed = !inner.getting()
+            && inner
+                .state()
+                .queues
+                .get(queue)
+                .is_some_and(|q| q.consuming.is_some());
         let ready = if consumed {
             inner.sync(&s, queue).await?
         } else {
@@ -937,10 +1001,13 @@ impl Broker for AmqpBroker {
                 &["in_flight"],
                 &format!("this process's leases only ({why}: other workers' jobs are not counted)"),
             );
-            d.read_from(
-                &["oldest_age"],
-                &format!("deliveries this process holds ({why})"),
-            );
+            let age = if d.oldest_pending_age.is_none() && d.pending > 0 {
+                // Get mode holds no pending job to read its age from.
+                format!("unknown: no delivery of this process is pending ({why})")
+            } else {
+                format!("deliveries this process holds ({why})")
+            };
+            d.read_from(&["oldest_age"], &age);
         }
         Ok(d)
     }
@@ -1132,7 +1199,20 @@ impl Broker for AmqpBroker {
                 return;
             }
         };
-        if let Err(e) = inner.ensure_consuming(&s, queues).await {
+        let listening = if inner.getting() {
+            // In a task of its own: a caller that stops waiting must not leave a
+            // doorbell started in the broker and unknown here.
+            let ring = {
+                let inner = inner.clone();
+                let queues = queues.to_vec();
+                tokio::spawn(async move { inner.ring_on(&queues).await })
+            };
+            ring.await
+                .unwrap_or_else(|e| Err(protocol(format!("doorbells: {e}"))))
+        } else {
+            inner.ensure_consuming(&s, queues).await
+        };
+        if let Err(e) = listening {
             tracing::debug!(error = %e, "amqp: cannot consume yet");
             tokio::time::sleep(timeout.min(Duration::from_secs(1))).await;
             return;
@@ -1148,6 +1228,12 @@ impl Broker for AmqpBroker {
 
     async fn stop_fetching(&self, queues: &[String]) {
         let inner = &self.inner;
+        // Get mode: after any doorbell change still running.
+        let _turn = if inner.getting() {
+            Some(inner.turn.lock().await)
+        } else {
+            None
+        };
         let mut stopped = Vec::new();
         {
             let mut st = inner.state();
@@ -1173,22 +1259,30 @@ impl Broker for AmqpBroker {
             }
             // After cancel-ok nothing more arrives: take what did.
             let mut consumer = c.consumer.clone();
-            let mut left: Vec<Received> = {
-                let mut st = inner.state();
-                st.queues
-                    .get_mut(&q)
-                    .map(|qs| qs.ready.drain(..).collect())
-                    .unwrap_or_default()
-            };
             while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
                 let envelope = decode(&q, d.data, &d.properties, d.redelivered).envelope;
-                left.push(Received {
+                let received = Received {
                     tag: d.delivery_tag,
                     channel: c.channel.clone(),
                     gen: c.gen,
                     envelope,
-                });
+                };
+                let mut st = inner.state();
+                st.queues
+                    .entry(q.clone())
+                    .or_default()
+                    .ready
+                    .push_back(received);
             }
+        }
+        for q in queues {
+            let left: Vec<Received> = {
+                let mut st = inner.state();
+                st.queues
+                    .get_mut(q)
+                    .map(|qs| qs.ready.drain(..).collect())
+                    .unwrap_or_default()
+            };
             let count = left.len();
             for r in left {
                 if let Err(e) = inner.hand_back(&s, r).await {

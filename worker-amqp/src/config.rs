@@ -18,6 +18,47 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 128 * 1024 * 1024;
 /// before the broker closes its channel (30 minutes).
 pub const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// How a worker takes jobs from its queues.
+///
+/// ```
+/// use worker_amqp::{AmqpConfig, FetchMode};
+/// use worker_core::WorkerConfig;
+///
+/// let one = WorkerConfig::builder().queue("render").build()?;
+/// let two = WorkerConfig::builder().queue("interactive").queue("batch").build()?;
+/// let amqp = AmqpConfig::new(worker_amqp::DEFAULT_URL);
+/// assert_eq!(amqp.clone().worker(&one).fetch_mode_in_effect(), FetchMode::Consume);
+/// assert_eq!(amqp.worker(&two).fetch_mode_in_effect(), FetchMode::Get);
+/// # Ok::<(), worker_core::ConfigError>(())
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FetchMode {
+    /// One consumer per queue, whose prefetch is the worker's concurrency plus its
+    /// fetch-ahead: RabbitMQ streams deliveries ahead, the fastest way to take jobs.
+    /// Exact for one queue; a process consuming N queues may hold N times the
+    /// prefetch, because RabbitMQ's prefetch is per consumer.
+    #[default]
+    Consume,
+    /// `basic.get` of exactly the jobs the worker can start, as its weighted plan
+    /// divides them between queues; while it finds none, a consumer of prefetch 1 per
+    /// queue waits for the next job, and those consumers are cancelled as soon as one
+    /// delivers. The process never holds more jobs than it can start, across any
+    /// number of queues. Each fetch is one round trip.
+    Get,
+}
+
+impl FetchMode {
+    /// Parse `consume` or `get`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "consume" => Some(Self::Consume),
+            "get" => Some(Self::Get),
+            _ => None,
+        }
+    }
+}
+
 /// How long the worker may keep a delivery unacked, from its [`WorkerConfig`](worker_core::WorkerConfig).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Holding {
@@ -46,6 +87,8 @@ pub struct AmqpConfig {
     pub(crate) queue_types: HashMap<String, QueueType>,
     pub(crate) prefetch: u16,
     pub(crate) prefetch_set: bool,
+    pub(crate) fetch_mode: FetchMode,
+    pub(crate) fetch_mode_set: bool,
     pub(crate) max_payload: usize,
     pub(crate) ca_cert_pem: Option<String>,
     pub(crate) consumer_timeout: Option<Duration>,
@@ -64,6 +107,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("default_type", &self.default_type)
             .field("queue_types", &self.queue_types)
             .field("prefetch", &self.prefetch)
+            .field("fetch_mode", &self.fetch_mode)
             .field("max_payload", &self.max_payload)
             .field("ca_cert", &self.ca_cert_pem.is_some())
             .field("consumer_timeout", &self.consumer_timeout)
@@ -83,6 +127,8 @@ impl AmqpConfig {
             queue_types: HashMap::new(),
             prefetch: 16,
             prefetch_set: false,
+            fetch_mode: FetchMode::Consume,
+            fetch_mode_set: false,
             max_payload: DEFAULT_MAX_PAYLOAD,
             ca_cert_pem: None,
             consumer_timeout: None,
@@ -99,6 +145,7 @@ impl AmqpConfig {
     /// | `AMQP_QUEUE_TYPE` | `classic` or `quorum`, for every queue | `classic` |
     /// | `AMQP_QUORUM_QUEUES` | comma-separated queues declared as quorum queues | none |
     /// | `AMQP_PREFETCH` | deliveries held per queue | see [`worker`](Self::worker), else 16 |
+    /// | `AMQP_FETCH` | `consume` or `get`, see [`FetchMode`] | see [`worker`](Self::worker), else `consume` |
     /// | `AMQP_CA_FILE` | PEM file of the CA that signed the broker's certificate | system roots |
     /// | `AMQP_CONSUMER_TIMEOUT` | see [`consumer_timeout`](Self::consumer_timeout) | the broker's |
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -132,6 +179,11 @@ impl AmqpConfig {
                     ConfigError::invalid("AMQP_PREFETCH", &v, "an integer from 1 to 65535")
                 })?;
             config = config.prefetch(n);
+        }
+        if let Some(v) = var("AMQP_FETCH") {
+            let mode = FetchMode::parse(&v)
+                .ok_or_else(|| ConfigError::invalid("AMQP_FETCH", &v, "consume or get"))?;
+            config = config.fetch_mode(mode);
         }
         if let Some(path) = var("AMQP_CA_FILE") {
             let pem = std::fs::read_to_string(&path).map_err(|e| {
@@ -192,10 +244,24 @@ impl AmqpConfig {
         self
     }
 
+    /// How jobs are taken (see [`FetchMode`]).
+    pub fn fetch_mode(mut self, mode: FetchMode) -> Self {
+        self.fetch_mode = mode;
+        self.fetch_mode_set = true;
+        self
+    }
+
+    /// The fetch mode in effect.
+    pub fn fetch_mode_in_effect(&self) -> FetchMode {
+        self.fetch_mode
+    }
+
     /// Fit the prefetch to the worker that will consume: its concurrency plus its
-    /// fetch-ahead (`WORKER_PREFETCH`), unless a prefetch was set explicitly. Its job
-    /// timeout, lease and drain timeout are checked against the consumer timeout (see
-    /// [`consumer_timeout_warnings`](Self::consumer_timeout_warnings)).
+    /// fetch-ahead (`WORKER_PREFETCH`), unless a prefetch was set explicitly; and,
+    /// unless a fetch mode was set, take jobs with [`FetchMode::Get`] when the worker
+    /// consumes more than one queue, so that it never holds more than it can start.
+    /// Its job timeout, lease and drain timeout are checked against the consumer
+    /// timeout (see [`consumer_timeout_warnings`](Self::consumer_timeout_warnings)).
     ///
     /// ```
     /// use worker_amqp::AmqpConfig;
@@ -210,6 +276,13 @@ impl AmqpConfig {
         if !self.prefetch_set {
             let n = worker.concurrency.saturating_add(worker.prefetch);
             self.prefetch = n.clamp(1, u32::from(u16::MAX)) as u16;
+        }
+        if !self.fetch_mode_set {
+            self.fetch_mode = if worker.queues.len() > 1 {
+                FetchMode::Get
+            } else {
+                FetchMode::Consume
+            };
         }
         self.holding = Some(Holding {
             lease: worker.lease,
@@ -235,7 +308,10 @@ impl AmqpConfig {
     /// consumer (`x-consumer-timeout`), which RabbitMQ honours from 3.12 (and 3.11.15);
     /// older brokers ignore the argument and apply their server-wide
     /// `consumer_timeout`, so there set this to the broker's value. Unset, the worker
-    /// asks for nothing and assumes RabbitMQ's default, 30 minutes.
+    /// asks for nothing and assumes RabbitMQ's default, 30 minutes. With
+    /// [`FetchMode::Get`] most jobs come from `basic.get`, which has no consumer to carry
+    /// the argument: there the queue's `consumer-timeout` policy or the broker's setting
+    /// applies, so set this to that value.
     ///
     /// Start-up warns when the worker may hold a delivery longer than this: a
     /// `WORKER_JOB_TIMEOUT`, lease or drain timeout beyond it.

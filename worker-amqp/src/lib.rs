@@ -47,15 +47,24 @@
 //!   flag a message as redelivered, so a job that crashes its worker twice counts one
 //!   extra attempt, not two. Prefer quorum queues where a crash loop must end in the
 //!   dead letters.
-//! - **Prefetch is per queue.** Each work queue has a consumer of its own whose
-//!   prefetch is the worker's concurrency plus its fetch-ahead, so a process that
-//!   consumes one queue never holds more deliveries than it can start. One that
-//!   consumes N queues may hold up to N times that: the deliveries beyond what it can
-//!   start wait in its ready list, counted as in flight by the broker. Pools that
-//!   scale on the backlog are exact either way; a pool whose jobs are long should
-//!   consume one queue per process, or set `AMQP_PREFETCH` lower.
+//! - **Prefetch is per consumer.** RabbitMQ bounds what it sends ahead per consumer
+//!   (global QoS is deprecated and refused by quorum queues), so the worker takes jobs
+//!   one of two ways ([`FetchMode`], `AMQP_FETCH`):
+//!   - `consume`, the default for one queue: a consumer whose prefetch is the worker's
+//!     concurrency plus its fetch-ahead. RabbitMQ streams deliveries ahead and never
+//!     sends a replica more than it can start. A process consuming N queues this way
+//!     may hold N times that.
+//!   - `get`, the default for several queues: each fetch takes with `basic.get`
+//!     exactly what the worker can start, split between queues by its weights. While
+//!     it finds nothing, a consumer of prefetch 1 per queue waits for the next job;
+//!     the next fetch cancels them, keeps what they delivered that it can start and
+//!     hands the rest back. The replica holds only what it runs, across any number of
+//!     queues, at the price of a round trip per fetch and of RabbitMQ's cost per
+//!     `basic.get` (see BENCHMARKS.md). A pool of several high-rate queues that can
+//!     afford to hold a prefetch per queue may set `AMQP_FETCH=consume`.
 //! - **Release and hand-back.** A job released while this process still consumes its
-//!   queue goes first in this process's ready list. At drain, jobs received but not
+//!   queue goes first in this process's ready list (in get mode: the next fetch starts
+//!   it, or hands it back when it cannot). At drain, jobs received but not
 //!   started, and jobs released, are published again with their attempt unchanged and
 //!   then acked: they go to the back of the queue (a requeue through AMQP would put
 //!   them in front but mark them redelivered, which counts an attempt).
@@ -64,7 +73,8 @@
 //!   is false). Handlers must be idempotent by job id anyway.
 //! - **Delayed jobs are moved by RabbitMQ itself** when due, so `delayed_due` is 0.
 //! - **Depth.** `pending` is the ready count from a passive declare plus what this
-//!   process holds unstarted; `in_flight` is this process's leases plus, with the
+//!   process holds unstarted (in get mode, nothing: the age of the oldest pending job
+//!   then comes from the management API only); `in_flight` is this process's leases plus, with the
 //!   management API configured, the unacked count beyond them (other processes',
 //!   refreshed every statistics interval). Delay queues of other processes are found
 //!   through the management API. Each [`QueueDepth`](worker_core::QueueDepth) says in
@@ -98,5 +108,7 @@ mod session;
 mod topology;
 
 pub use broker::AmqpBroker;
-pub use config::{AmqpConfig, BROKER_CONSUMER_TIMEOUT, DEFAULT_MAX_PAYLOAD, DEFAULT_URL};
+pub use config::{
+    AmqpConfig, FetchMode, BROKER_CONSUMER_TIMEOUT, DEFAULT_MAX_PAYLOAD, DEFAULT_URL,
+};
 pub use topology::QueueType;

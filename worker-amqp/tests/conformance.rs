@@ -1,5 +1,6 @@
 //! The worker-core conformance suite against the real RabbitMQ (`AMQP_URL`, default
-//! local), once with classic queues and once with quorum queues. The run gets a
+//! local), with classic and with quorum queues, each consuming and taking jobs with
+//! `basic.get`. The run gets a
 //! virtual host of its own, made through the management API; the next run deletes
 //! it once its process is gone.
 
@@ -110,4 +111,35 @@ mod quorum {
     }
 
     worker_core::conformance_suite!(quorum());
+}
+
+/// The same suite taking jobs with `basic.get` ([`FetchMode::Get`]).
+mod get {
+    use super::*;
+    use worker_amqp::FetchMode;
+
+    async fn classic() -> AmqpBroker {
+        config()
+            .fetch_mode(FetchMode::Get)
+            .connect()
+            .await
+            .expect("connect to RabbitMQ")
+    }
+
+    worker_core::conformance_suite!(classic());
+
+    mod quorum {
+        use super::*;
+
+        async fn quorum() -> AmqpBroker {
+            config()
+                .fetch_mode(FetchMode::Get)
+                .default_queue_type(QueueType::Quorum)
+                .connect()
+                .await
+                .expect("connect to RabbitMQ")
+        }
+
+        worker_core::conformance_suite!(quorum());
+    }
 }

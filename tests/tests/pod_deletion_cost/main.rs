@@ -120,20 +120,6 @@ async fn broker(prefix: &str) -> RedisBroker {
     system_tests::redis_broker(prefix).await
 }
 
-/// Most jobs running at once, counted from the worker's start and end events.
-fn most_at_once(events: &[Value]) -> usize {
-    let (mut now, mut most) = (0usize, 0usize);
-    for e in events {
-        if e["event"] == "start" {
-            now += 1;
-            most = most.max(now);
-        } else if e["event"] == "end" {
-            now = now.saturating_sub(1);
-        }
-    }
-    most
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_annotation_follows_the_jobs_in_flight() {
     let cluster = Cluster::start(false).await;
@@ -169,7 +155,12 @@ async fn the_annotation_follows_the_jobs_in_flight() {
         .iter()
         .filter_map(|v| v.parse().ok())
         .collect();
-    assert_eq!(most_at_once(&w.events()), 3, "{:?}", w.events());
+    assert_eq!(
+        system_tests::most_at_once(&w.events()),
+        3,
+        "{:?}",
+        w.events()
+    );
     assert_eq!(values.iter().max(), Some(&3), "{values:?}");
     assert_eq!(values.first(), Some(&0), "{values:?}");
     assert!(
