@@ -88,6 +88,14 @@ struct State {
 }
 
 impl State {
+    /// How many deliveries each of `queues` has ready here.
+    fn ready_counts(&self, queues: &[String]) -> Vec<u64> {
+        queues
+            .iter()
+            .map(|q| self.queues.get(q).map_or(0, |qs| qs.ready.len() as u64))
+            .collect()
+    }
+
     /// Lease `r` until `deadline`: the delivery the runtime gets.
     fn lease(&mut self, r: Received, deadline: Instant) -> Delivery {
         let token = LeaseToken::random();
@@ -605,11 +613,7 @@ impl Inner {
     fn hand_out(&self, plan: &FetchPlan, queues: &[String]) -> Vec<Delivery> {
         let lease_until = Instant::now() + plan.lease;
         let mut st = self.state();
-        let available: Vec<u64> = queues
-            .iter()
-            .map(|q| st.queues.get(q).map_or(0, |qs| qs.ready.len() as u64))
-            .collect();
-        let take = plan.allocate(&available);
+        let take = plan.allocate(&st.ready_counts(queues));
         let mut out = Vec::with_capacity(take.iter().sum::<u32>() as usize);
         for (q, n) in queues.iter().zip(take) {
             for _ in 0..n {

@@ -213,11 +213,7 @@ impl Inner {
         // as the plan takes them; then gets.
         let (mut mine, open) = {
             let mut st = self.state();
-            let available: Vec<u64> = queues
-                .iter()
-                .map(|q| st.queues.get(q).map_or(0, |qs| qs.ready.len() as u64))
-                .collect();
-            let take = plan.allocate(&available);
+            let take = plan.allocate(&st.ready_counts(&queues));
             let mut mine: Vec<VecDeque<Received>> = Vec::with_capacity(queues.len());
             let mut open = Vec::with_capacity(queues.len());
             for (q, n) in queues.iter().zip(take) {
