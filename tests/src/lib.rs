@@ -505,6 +505,103 @@ impl Drop for RedisServer {
     }
 }
 
+/// A RabbitMQ node owned by one test, run from the installed server: a node name,
+/// loopback port and data directory of its own, with the test's settings; stopped
+/// and removed on drop. For what the shared broker must not be changed for.
+pub struct RabbitNode {
+    /// Its AMQP port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl RabbitNode {
+    /// Start one with `settings` (`rabbitmq.conf` lines) and `advanced` (the terms of
+    /// `advanced.config`, `[]` for none), and wait until it accepts connections.
+    pub fn start(settings: &[&str], advanced: &str) -> Self {
+        let port = free_addr().port();
+        let dist = free_addr().port();
+        let dir = std::env::temp_dir().join(format!("wp-rabbit-{port}-{}", std::process::id()));
+        for sub in ["mnesia", "log", "home"] {
+            std::fs::create_dir_all(dir.join(sub))
+                .unwrap_or_else(|e| panic!("mkdir {dir:?}/{sub}: {e}"));
+        }
+        let write = |name: &str, text: String| {
+            std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("write {name}: {e}"))
+        };
+        write("enabled_plugins", "[].".into());
+        write(
+            "rabbitmq.conf",
+            format!(
+                "listeners.tcp.default = 127.0.0.1:{port}\n{}\n",
+                settings.join("\n")
+            ),
+        );
+        write("advanced.config", format!("{advanced}.\n"));
+        // The packaged script, run as this user (the wrapper in /usr/sbin would
+        // switch to the rabbitmq user and drop the environment).
+        let script = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
+        let server = if script.exists() {
+            script
+        } else {
+            PathBuf::from("rabbitmq-server")
+        };
+        let child = std::process::Command::new(server)
+            .env("HOME", dir.join("home"))
+            .env("RABBITMQ_NODENAME", format!("wp{port}@localhost"))
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("rabbitmq-server: {e}"));
+        let node = Self {
+            port,
+            dir,
+            child: Some(child),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rabbitmq-server on {port} did not start (log in {:?})",
+                node.dir.join("log")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        node
+    }
+
+    /// Its URL, as guest on the default virtual host.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // The script stops the node cleanly on SIGTERM.
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The shared RabbitMQ's management API, for what a test must do from outside a
 /// worker: find and close its connections, and delete the queues it made.
 pub struct RabbitAdmin {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use system_tests::{DemoWorker, RabbitAdmin};
+use system_tests::{DemoWorker, RabbitAdmin, RabbitNode};
 use worker_amqp::{AmqpBroker, AmqpConfig, QueueType};
 use worker_core::testing::unique;
 use worker_core::{Broker, NewJob};
@@ -483,4 +483,51 @@ async fn consuming_two_queues_holds_a_prefetch_per_queue() {
     w.signal("TERM");
     assert!(w.wait_exit(Duration::from_secs(20)).await.success());
     RabbitAdmin::new().delete_queues(&base).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_closed_for_the_consumer_timeout_is_named_and_its_job_redelivered() {
+    // A node of the test's own: the shared broker's settings must not change. It
+    // checks unacked deliveries every half second against a 2 s timeout.
+    let node = tokio::task::spawn_blocking(|| {
+        RabbitNode::start(
+            &["consumer_timeout = 2000"],
+            "[{rabbit, [{channel_tick_interval, 500}]}]",
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("node: {e}"));
+    let url = node.url();
+    let b = AmqpConfig::new(&url)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("rabbitmq: {e}"));
+    // Two queues, consumed, then taken with gets.
+    for fetch in ["consume", "get"] {
+        let queue = unique("ctimeout");
+        let ids = enqueue(&b, &queue, json!({"sleep_ms": 3000}), 1).await;
+        let queues = format!("{queue},{queue}-other");
+        let w = DemoWorker::start(&[
+            ("AMQP_URL", url.as_str()),
+            ("AMQP_FETCH", fetch),
+            ("AMQP_CONSUMER_TIMEOUT", "2s"),
+            ("WORKER_QUEUES", queues.as_str()),
+            ("WORKER_CONCURRENCY", "1"),
+        ]);
+        w.wait_for(Duration::from_secs(30), "the job delivered again", |ev| {
+            ev.iter().filter(|e| e["event"] == "start").count() >= 2
+        })
+        .await;
+        assert_eq!(
+            w.starts()[..2],
+            [(ids[0].clone(), 1), (ids[0].clone(), 2)],
+            "{fetch}: delivered again with its attempt raised"
+        );
+        let log = w.stderr();
+        assert!(
+            log.contains("past its consumer timeout") && log.contains("PRECONDITION_FAILED"),
+            "{fetch}: the cause is named\n{log}"
+        );
+        w.signal("KILL");
+    }
 }

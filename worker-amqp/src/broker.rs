@@ -367,13 +367,36 @@ impl Inner {
         args
     }
 
-    /// A new channel on `s` whose consumers get `prefetch`.
-    async fn open_channel(&self, s: &Session, prefetch: u16) -> Result<Channel, BrokerError> {
+    /// A new channel on `s` whose consumers get `prefetch`, for `what` (a queue's
+    /// consumer, or get mode's). A close by the broker for the consumer timeout is
+    /// logged the moment it comes, whether or not a fetch is waiting on the channel.
+    async fn open_channel(
+        &self,
+        s: &Session,
+        what: &str,
+        prefetch: u16,
+    ) -> Result<Channel, BrokerError> {
         let channel = s
             .conn
             .create_channel()
             .await
             .map_err(|e| self.failed(s, "open channel", e))?;
+        let what = what.to_owned();
+        let limit = self.config.consumer_timeout_in_effect();
+        channel.on_error(move |e| {
+            if is_ack_timeout(&e) {
+                tracing::error!(
+                    channel = %what,
+                    error = %e,
+                    consumer_timeout = ?limit,
+                    "amqp: RabbitMQ closed the channel because a delivery stayed unacknowledged \
+                     past its consumer timeout; the broker delivers that channel's jobs again. \
+                     Set WORKER_JOB_TIMEOUT below the consumer timeout, or raise it \
+                     (AMQP_CONSUMER_TIMEOUT on RabbitMQ 3.12 or later, else the broker's \
+                     consumer_timeout or the queue's consumer-timeout policy)"
+                );
+            }
+        });
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
@@ -384,7 +407,7 @@ impl Inner {
     async fn consume(&self, s: &Session, queue: &str) -> Result<(), BrokerError> {
         validate_queue_name(queue)?;
         self.declare_work(s, queue).await?;
-        let channel = self.open_channel(s, self.config.prefetch).await?;
+        let channel = self.open_channel(s, queue, self.config.prefetch).await?;
         let tag = consumer_tag();
         let args = self.consumer_args();
         let consumer = channel
@@ -473,16 +496,7 @@ impl Inner {
             }
             _ if !current => {}
             Some(Err(e)) if is_ack_timeout(&e) => {
-                tracing::error!(
-                    queue,
-                    error = %e,
-                    consumer_timeout = ?self.config.consumer_timeout_in_effect(),
-                    "amqp: RabbitMQ closed the channel because a delivery stayed unacknowledged \
-                     past its consumer timeout; the broker delivers that channel's jobs again. \
-                     Set WORKER_JOB_TIMEOUT below the consumer timeout, or raise it \
-                     (AMQP_CONSUMER_TIMEOUT on RabbitMQ 3.12 or later, else the broker's \
-                     consumer_timeout)"
-                );
+                // Logged by the channel's error handler when the broker closed it.
                 qs.consuming = None;
                 qs.ready.retain(|r| r.channel.status().connected());
             }

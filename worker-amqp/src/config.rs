@@ -235,9 +235,10 @@ impl AmqpConfig {
         self
     }
 
-    /// Deliveries RabbitMQ may send ahead per consumed queue, counting those running.
-    /// Set it to the worker's concurrency (or the queue's limit): the broker then never
-    /// sends a replica more than it can start.
+    /// Deliveries RabbitMQ may send ahead per consumed queue, counting those running,
+    /// with [`FetchMode::Consume`] ([`FetchMode::Get`] takes exactly what the worker
+    /// asks for). Set it to the worker's concurrency (or the queue's limit): the broker
+    /// then never sends a replica more than it can start.
     pub fn prefetch(mut self, n: u16) -> Self {
         self.prefetch = n.max(1);
         self.prefetch_set = true;

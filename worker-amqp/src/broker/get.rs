@@ -48,7 +48,7 @@ impl Inner {
         if let Some(ch) = self.live_pull_channel(s.gen) {
             return Ok(ch);
         }
-        let channel = self.open_channel(s, 1).await?;
+        let channel = self.open_channel(s, "get mode", 1).await?;
         let mut st = self.state();
         // What the last channel held went back to the broker when it closed.
         for qs in st.queues.values_mut() {
@@ -63,7 +63,7 @@ impl Inner {
     }
 
     /// The get-mode channel of session `gen`, if it is open.
-    pub(super) fn live_pull_channel(&self, gen: u64) -> Option<Channel> {
+    fn live_pull_channel(&self, gen: u64) -> Option<Channel> {
         let st = self.state();
         st.pull
             .as_ref()
