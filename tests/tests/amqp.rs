@@ -100,11 +100,14 @@ async fn on_a_quorum_queue_a_killed_worker_s_job_completes_elsewhere() {
     killed_worker_s_job_completes_elsewhere(QueueType::Quorum).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_closed_by_the_broker_is_reopened_and_every_job_completes() {
+async fn connection_cut(fetch: &str) {
     let queue = unique("cut");
     let b = broker(QueueType::Classic).await;
-    let mut w = worker(&queue, QueueType::Classic, &[("WORKER_CONCURRENCY", "4")]);
+    let mut w = worker(
+        &queue,
+        QueueType::Classic,
+        &[("WORKER_CONCURRENCY", "4"), ("AMQP_FETCH", fetch)],
+    );
     w.wait_listening().await;
     let admin = RabbitAdmin::new();
     // The management API lists a connection some seconds after it opens: find the
@@ -145,6 +148,16 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_every_job_completes()
     w.signal("TERM");
     assert!(w.wait_exit(Duration::from_secs(20)).await.success());
     admin.delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_by_the_broker_is_reopened_and_every_job_completes() {
+    connection_cut("consume").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taking_jobs_with_gets_a_closed_connection_is_reopened_and_every_job_completes() {
+    connection_cut("get").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
