@@ -475,7 +475,10 @@ impl Inner {
         item: Option<lapin::Result<lapin::message::Delivery>>,
     ) {
         let mut st = self.state();
-        let qs = st.queues.entry(queue.to_owned()).or_default();
+        let Some(qs) = st.queues.get_mut(queue) else {
+            // Every consumed queue has its state from the consume on.
+            return;
+        };
         let current = qs.consuming.as_ref().is_some_and(|c| c.tag == from.tag);
         match item {
             Some(Ok(d)) if current || from.channel.status().connected() => {
@@ -510,6 +513,23 @@ impl Inner {
                 qs.consuming = None;
                 qs.ready.retain(|r| r.channel.status().connected());
             }
+        }
+    }
+
+    /// Move what the consumer `c` of `queue` received before its cancel-ok (after it
+    /// nothing more arrives) to the ready list.
+    fn take_cancelled(&self, queue: &str, c: &Consuming) {
+        let mut consumer = c.consumer.clone();
+        while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
+            let received = Received {
+                tag: d.delivery_tag,
+                channel: c.channel.clone(),
+                gen: c.gen,
+                envelope: decode(queue, d.data, &d.properties, d.redelivered).envelope,
+            };
+            let mut st = self.state();
+            let qs = st.queues.entry(queue.to_owned()).or_default();
+            qs.ready.push_back(received);
         }
     }
 
@@ -1275,23 +1295,7 @@ impl Broker for AmqpBroker {
             {
                 tracing::debug!(queue = %q, error = %e, "amqp: cancel consumer");
             }
-            // After cancel-ok nothing more arrives: take what did.
-            let mut consumer = c.consumer.clone();
-            while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
-                let envelope = decode(&q, d.data, &d.properties, d.redelivered).envelope;
-                let received = Received {
-                    tag: d.delivery_tag,
-                    channel: c.channel.clone(),
-                    gen: c.gen,
-                    envelope,
-                };
-                let mut st = inner.state();
-                st.queues
-                    .entry(q.clone())
-                    .or_default()
-                    .ready
-                    .push_back(received);
-            }
+            inner.take_cancelled(&q, &c);
         }
         for q in queues {
             let left: Vec<Received> = {

@@ -158,23 +158,8 @@ impl Inner {
             }
         }))
         .await;
-        for (q, c) in rung {
-            // After cancel-ok nothing more arrives: take what did.
-            let mut consumer = c.consumer.clone();
-            while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
-                let received = Received {
-                    tag: d.delivery_tag,
-                    channel: c.channel.clone(),
-                    gen: c.gen,
-                    envelope: decode(&q, d.data, &d.properties, d.redelivered).envelope,
-                };
-                self.state()
-                    .queues
-                    .entry(q.clone())
-                    .or_default()
-                    .ready
-                    .push_back(received);
-            }
+        for (q, c) in &rung {
+            self.take_cancelled(q, c);
         }
     }
 
