@@ -62,7 +62,6 @@ enum Target<'a> {
     Dead(&'a str),
 }
 
-#[derive(Clone)]
 struct Consuming {
     gen: u64,
     channel: Channel,
@@ -72,7 +71,8 @@ struct Consuming {
 
 #[derive(Default)]
 struct QueueState {
-    consuming: Option<Consuming>,
+    /// Shared with a fetch or wait polling it, cheaply.
+    consuming: Option<Arc<Consuming>>,
     /// Received, not handed out yet, oldest first.
     ready: VecDeque<Received>,
     /// `stop_fetching` was called: consume no more.
@@ -427,12 +427,12 @@ impl Inner {
                     prefetch = self.config.prefetch,
                     "amqp: consuming"
                 );
-                qs.consuming = Some(Consuming {
+                qs.consuming = Some(Arc::new(Consuming {
                     gen: s.gen,
                     channel,
                     consumer,
                     tag,
-                });
+                }));
                 None
             }
         };
@@ -586,7 +586,7 @@ impl Inner {
     /// Wait until a delivery arrives on any of `queues`' consumers (it goes to its
     /// ready list), the connection is lost, or `deadline`.
     async fn arrival(&self, queues: &[String], deadline: tokio::time::Instant) {
-        let consumers: Vec<(String, Consuming)> = {
+        let consumers: Vec<(String, Arc<Consuming>)> = {
             let st = self.state();
             queues
                 .iter()

@@ -608,14 +608,7 @@ mod tests {
 
     #[test]
     fn config_from_the_environment_names_a_bad_variable() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(key, _)| *key == k)
-                    .map(|(_, v)| (*v).to_owned())
-            }
-        };
+        let env = crate::config::lookup_of;
         let c = BatchConfig::from_lookup(env(&[]), 2).unwrap();
         assert_eq!(c, BatchConfig::new(8, Duration::from_millis(20)).streams(2));
         let c = BatchConfig::from_lookup(

@@ -182,13 +182,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut config = match example_support::config_from_env() {
+    let config = match example_support::config_from_env_with_concurrency(DEFAULT_CONCURRENCY) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if std::env::var_os("WORKER_CONCURRENCY").is_none() {
-        config.concurrency = DEFAULT_CONCURRENCY;
-    }
     tracing::info!(
         concurrency = config.concurrency,
         checkpoint_every,

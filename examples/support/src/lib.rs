@@ -84,6 +84,16 @@ pub fn config_from_env() -> Result<WorkerConfig, ExitCode> {
     })
 }
 
+/// [`config_from_env`], with `concurrency` when `WORKER_CONCURRENCY` is not set (a
+/// pool whose own settings decide how many jobs it can run).
+pub fn config_from_env_with_concurrency(concurrency: u32) -> Result<WorkerConfig, ExitCode> {
+    let mut config = config_from_env()?;
+    if std::env::var_os("WORKER_CONCURRENCY").is_none() {
+        config.concurrency = concurrency;
+    }
+    Ok(config)
+}
+
 /// The broker of [`broker_from_env`] (exit code 2 on an error, logged). On the
 /// in-memory broker it also stores `samples(first queue)`, so the example has work
 /// to show; exit code 1 when they cannot be made or stored.

@@ -121,12 +121,12 @@ impl Inner {
         for (q, tag, consumer) in started {
             match consumer {
                 Ok(consumer) => {
-                    st.queues.entry(q.clone()).or_default().consuming = Some(Consuming {
+                    st.queues.entry(q.clone()).or_default().consuming = Some(Arc::new(Consuming {
                         gen: s.gen,
                         channel: channel.clone(),
                         consumer,
                         tag,
-                    });
+                    }));
                 }
                 Err(e) => failed = Some((q, e)),
             }
@@ -140,7 +140,7 @@ impl Inner {
 
     /// Cancel every doorbell; what they delivered goes to the ready lists.
     async fn silence(&self) {
-        let rung: Vec<(String, Consuming)> = {
+        let rung: Vec<(String, Arc<Consuming>)> = {
             let mut st = self.state();
             st.queues
                 .iter_mut()

@@ -185,16 +185,10 @@ pub(crate) const SETTING: &str = "WORKER_POD_DELETION_COST=true";
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
     fn read(vars: &[(&str, &str)]) -> Result<PodDeletionCost, ConfigError> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        PodDeletionCost::from_lookup(|k| map.get(k).cloned())
+        PodDeletionCost::from_lookup(crate::config::lookup_of(vars))
     }
 
     const ALL: [(&str, &str); 4] = [

@@ -211,16 +211,10 @@ fn parse_mib(v: &str) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
     fn read(vars: &[(&str, &str)]) -> Result<WorkerConfig, ConfigError> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        from_lookup(|k| map.get(k).cloned())
+        from_lookup(crate::config::lookup_of(vars))
     }
 
     #[test]
@@ -356,14 +350,7 @@ mod tests {
 
     #[test]
     fn a_memory_budget_is_read_in_mib_and_excludes_the_unit_budget() {
-        let lookup = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(key, _)| *key == k)
-                    .map(|(_, v)| (*v).to_owned())
-            }
-        };
+        let lookup = crate::config::lookup_of;
         for (v, mib) in [
             ("512MiB", 512),
             ("8GiB", 8192),

@@ -44,18 +44,7 @@ fn count(value: &str) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let pairs: Vec<(String, String)> = pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        move |k| {
-            pairs
-                .iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.clone())
-        }
-    }
+    use crate::config::lookup_of as env;
 
     #[test]
     fn counts_lists_and_knows_the_special_values() {

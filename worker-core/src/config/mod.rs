@@ -11,6 +11,21 @@ use std::time::Duration;
 use crate::broker::validate_queue_name;
 use crate::error::ConfigError;
 
+/// A variable lookup over `pairs`, for tests of the readers that take one.
+#[cfg(test)]
+pub(crate) fn lookup_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let pairs: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    move |k| {
+        pairs
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.clone())
+    }
+}
+
 pub use deletion_cost::PodDeletionCost;
 pub(crate) use deletion_cost::SETTING as POD_DELETION_COST_SETTING;
 pub use gpu::{visible_gpus, visible_gpus_from};
