@@ -202,6 +202,28 @@ pub fn namespace(tag: &str) -> String {
     format!("bench-{}-{tag}-{}", std::process::id(), fastrand::u32(..))
 }
 
+/// The Redis server's own CPU time so far (user and system, seconds, from `INFO cpu`),
+/// for `kind` Redis; `None` for other backends or when it cannot be read. Every
+/// client's work counts, so it measures a run only on a server the run has to itself.
+pub async fn redis_cpu_seconds(kind: Kind, urls: &Urls) -> Option<f64> {
+    if kind != Kind::Redis {
+        return None;
+    }
+    let client = redis::Client::open(urls.redis_url.as_str()).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let field = |name: &str| -> Option<f64> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Some(field("used_cpu_user")? + field("used_cpu_sys")?)
+}
+
 /// Delete every key this process's runs left on Redis (a run that failed midway
 /// leaves its jobs behind). Best effort: the run's own result is what matters.
 pub async fn cleanup(urls: &Urls) {

@@ -78,7 +78,9 @@ pub async fn run(kind: Kind, urls: &Urls, args: &LatencyArgs) -> Result<Vec<Late
                 runs: 1,
                 only: None,
             };
-            throughput::framework(kind, urls, &drain, args.concurrency).await?
+            throughput::framework(kind, urls, &drain, args.concurrency)
+                .await?
+                .rate
         }
     };
     let mut points = Vec::new();

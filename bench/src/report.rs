@@ -204,6 +204,8 @@ pub fn points_from(output: &str) -> Vec<Point> {
                 raw: p["raw"].as_f64()?,
                 framework_runs: Vec::new(),
                 raw_runs: Vec::new(),
+                framework_redis_us: p["framework_redis_us"].as_f64(),
+                raw_redis_us: p["raw_redis_us"].as_f64(),
             })
         })
         .collect()

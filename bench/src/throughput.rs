@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::backend::{connect, fill, namespace, Kind, Probe, Raw, Urls};
+use crate::backend::{connect, fill, namespace, redis_cpu_seconds, Kind, Probe, Raw, Urls};
 use crate::child::{framework_worker, raw_drain_consumers, report, Child, Pool};
 use crate::clock::now_ns;
 use crate::report::{median, Table};
@@ -52,6 +52,16 @@ pub enum Side {
     Raw,
 }
 
+/// One drain's figures.
+#[derive(Clone, Copy, Debug)]
+pub struct Drain {
+    /// Jobs/s from the first start to the last ack.
+    pub rate: f64,
+    /// The Redis server's CPU per job over the drain (the enqueue before it left
+    /// out), µs; `None` off Redis.
+    pub redis_us_per_job: Option<f64>,
+}
+
 /// Throughput at one concurrency: framework and raw medians.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Point {
@@ -69,6 +79,10 @@ pub struct Point {
     pub framework_runs: Vec<f64>,
     /// Every raw run.
     pub raw_runs: Vec<f64>,
+    /// The Redis server's CPU per job while the framework drained, µs, median.
+    pub framework_redis_us: Option<f64>,
+    /// The same for the raw loop.
+    pub raw_redis_us: Option<f64>,
 }
 
 impl Point {
@@ -95,14 +109,21 @@ pub async fn run(kind: Kind, urls: &Urls, args: &DrainArgs) -> Result<Vec<Point>
                 raw.push(raw_loop(kind, urls, args, c).await?);
             }
         }
+        let rates = |d: &[Drain]| d.iter().map(|d| d.rate).collect::<Vec<_>>();
+        let cpu = |d: &[Drain]| {
+            let v: Option<Vec<f64>> = d.iter().map(|d| d.redis_us_per_job).collect();
+            v.filter(|v| !v.is_empty()).map(|v| median(&v))
+        };
         points.push(Point {
             backend: kind.name(),
             concurrency: c,
             processes: args.processes,
-            framework: median(&fw),
-            raw: median(&raw),
-            framework_runs: fw,
-            raw_runs: raw,
+            framework: median(&rates(&fw)),
+            raw: median(&rates(&raw)),
+            framework_runs: rates(&fw),
+            raw_runs: rates(&raw),
+            framework_redis_us: cpu(&fw),
+            raw_redis_us: cpu(&raw),
         });
     }
     let mut table = Table::new(&[
@@ -112,7 +133,10 @@ pub async fn run(kind: Kind, urls: &Urls, args: &DrainArgs) -> Result<Vec<Point>
         "framework jobs/s",
         "raw jobs/s",
         "ratio",
+        "redis µs/job fw",
+        "raw",
     ]);
+    let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
     for p in &points {
         table.row(vec![
             p.backend.to_string(),
@@ -121,6 +145,8 @@ pub async fn run(kind: Kind, urls: &Urls, args: &DrainArgs) -> Result<Vec<Point>
             format!("{:.0}", p.framework),
             format!("{:.0}", p.raw),
             format!("{:.3}", p.ratio()),
+            us(p.framework_redis_us),
+            us(p.raw_redis_us),
         ]);
     }
     println!(
@@ -137,6 +163,17 @@ pub async fn run(kind: Kind, urls: &Urls, args: &DrainArgs) -> Result<Vec<Point>
     Ok(points)
 }
 
+/// A drain's figures: its rate, and the Redis server's CPU per job since `cpu_before`.
+async fn drain(kind: Kind, urls: &Urls, rate: f64, jobs: u64, cpu_before: Option<f64>) -> Drain {
+    let after = redis_cpu_seconds(kind, urls).await;
+    Drain {
+        rate,
+        redis_us_per_job: cpu_before
+            .zip(after)
+            .map(|(b, a)| (a - b) * 1e6 / jobs.max(1) as f64),
+    }
+}
+
 fn rate(jobs: u64, from_ns: u64, to_ns: u64) -> Result<f64> {
     if to_ns <= from_ns {
         return Err("the run recorded no time between first start and last ack".into());
@@ -144,14 +181,16 @@ fn rate(jobs: u64, from_ns: u64, to_ns: u64) -> Result<f64> {
     Ok(jobs as f64 / ((to_ns - from_ns) as f64 / 1e9))
 }
 
-/// One framework drain; jobs/s.
-pub async fn framework(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Result<f64> {
+/// One framework drain.
+pub async fn framework(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Result<Drain> {
     let prefix = namespace("drain");
     let queue = "drain";
     let broker = connect(kind, urls, &prefix, c + args.prefetch).await?;
     fill(broker.as_ref(), queue, args.jobs, args.payload).await?;
+    let cpu = redis_cpu_seconds(kind, urls).await;
     if args.processes > 1 {
-        return framework_processes(kind, urls, args, c, &prefix, queue, broker).await;
+        let r = framework_processes(kind, urls, args, c, &prefix, queue, broker).await?;
+        return Ok(drain(kind, urls, r, args.jobs, cpu).await);
     }
     let probe = Probe::new(broker, args.jobs, 0);
     let first = Arc::new(AtomicU64::new(0));
@@ -174,11 +213,12 @@ pub async fn framework(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Res
     probe.wait(Duration::from_secs(600)).await?;
     worker.shutdown_handle().drain();
     worker.join().await?;
-    rate(
+    let r = rate(
         args.jobs,
         first.load(Ordering::Acquire),
         probe.last_ack_ns(),
-    )
+    )?;
+    Ok(drain(kind, urls, r, args.jobs, cpu).await)
 }
 
 async fn framework_processes(
@@ -227,8 +267,8 @@ async fn framework_processes(
     collect(children, true, args.jobs).await
 }
 
-/// One raw-loop drain; jobs/s.
-pub async fn raw_loop(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Result<f64> {
+/// One raw-loop drain.
+pub async fn raw_loop(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Result<Drain> {
     let name = namespace("raw");
     let raw = Raw::new(kind, urls, &name, c).await?;
     let item = vec![b'x'; args.payload.max(1)];
@@ -243,6 +283,7 @@ pub async fn raw_loop(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Resu
         })
         .collect();
     raw.push(items).await?;
+    let cpu = redis_cpu_seconds(kind, urls).await;
     if args.processes > 1 {
         let mut children = Vec::new();
         for _ in 0..args.processes {
@@ -262,13 +303,15 @@ pub async fn raw_loop(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Resu
                 .concat(),
             )?);
         }
-        return collect(children, false, args.jobs).await;
+        let r = collect(children, false, args.jobs).await?;
+        return Ok(drain(kind, urls, r, args.jobs, cpu).await);
     }
     let t = raw_drain_consumers(&raw, c, args.sleep_ms, now_ns).await?;
     if t.acked != args.jobs {
         return Err(format!("raw: {} of {} items were acked", t.acked, args.jobs).into());
     }
-    rate(t.acked, t.first_start, t.last_ack)
+    let r = rate(t.acked, t.first_start, t.last_ack)?;
+    Ok(drain(kind, urls, r, args.jobs, cpu).await)
 }
 
 /// Stop (when `term`) and wait for every child; jobs/s from the earliest first start

@@ -1,7 +1,9 @@
 //! Calls of one kind to one queue travel together. While one batch is on the wire, the
 //! calls that arrive wait and go as the next batch: one round trip and one script call
 //! for many of them under load, and no added wait when calls are sparse (a lone call
-//! goes at once). Acks and enqueues are batched this way.
+//! goes at once). Acks and enqueues are batched this way. Acks waiting behind a batch
+//! may instead be taken by the next fetch of their queue, which carries them in its
+//! own script call ([`Batches::take`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -92,16 +94,36 @@ impl<I, O> Batches<I, O> {
             queues.remove(queue);
             return None;
         }
+        let n = self.batch_len(&q.waiting);
+        Some(q.waiting.drain(..n).collect())
+    }
+
+    /// How many of `waiting`, from the front, fit in one script call.
+    fn batch_len(&self, waiting: &[Waiting<I, O>]) -> usize {
         let mut n = 0;
         let mut weight = 0;
-        for w in q.waiting.iter().take(self.max) {
+        for w in waiting.iter().take(self.max) {
             weight += (self.weight)(&w.item);
             if n > 0 && weight > self.max_weight {
                 break;
             }
             n += 1;
         }
-        Some(q.waiting.drain(..n).collect())
+        n
+    }
+
+    /// The calls of `queue` waiting behind a batch on the wire, taken to travel with
+    /// another script call now instead. The flush task, finding none left, ends.
+    pub(crate) fn take(&self, queue: &str) -> Taken<I, O> {
+        let mut queues = self.lock();
+        let waiting = match queues.get_mut(queue) {
+            Some(q) if !q.waiting.is_empty() => {
+                let n = self.batch_len(&q.waiting);
+                q.waiting.drain(..n).collect()
+            }
+            _ => Vec::new(),
+        };
+        Taken { waiting }
     }
 
     /// Fail every waiting call of `queue` with `error` (no connection to send them on).
@@ -122,26 +144,51 @@ impl<I, O> Batches<I, O> {
     {
         while let Some(batch) = self.next_batch(&queue) {
             let items: Vec<&I> = batch.iter().map(|w| &w.item).collect();
-            let n = items.len();
-            match send(items).await {
-                Ok(outcomes) if outcomes.len() == n => {
-                    for (w, o) in batch.into_iter().zip(outcomes) {
-                        let _ = w.done.send(Ok(o));
-                    }
+            let outcome = send(items).await;
+            Taken { waiting: batch }.settle(outcome);
+        }
+    }
+}
+
+/// Calls taken from a queue's waiting list by [`Batches::take`]: the sender owes each
+/// one its outcome through [`Taken::settle`].
+pub(crate) struct Taken<I, O> {
+    waiting: Vec<Waiting<I, O>>,
+}
+
+impl<I, O> Taken<I, O> {
+    /// The calls, in order.
+    pub(crate) fn items(&self) -> impl Iterator<Item = &I> {
+        self.waiting.iter().map(|w| &w.item)
+    }
+
+    /// How many calls were taken.
+    pub(crate) fn len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Hand each call its outcome: one per call, in order, or the error of the script
+    /// call that carried them.
+    pub(crate) fn settle(self, outcome: Result<Vec<O>, BrokerError>) {
+        let n = self.waiting.len();
+        match outcome {
+            Ok(outcomes) if outcomes.len() == n => {
+                for (w, o) in self.waiting.into_iter().zip(outcomes) {
+                    let _ = w.done.send(Ok(o));
                 }
-                Ok(outcomes) => {
-                    let e = BrokerError::Protocol(format!(
-                        "reply of {} items for {n} calls",
-                        outcomes.len()
-                    ));
-                    for w in batch {
-                        let _ = w.done.send(Err(for_each_waiter(&e)));
-                    }
+            }
+            Ok(outcomes) => {
+                let e = BrokerError::Protocol(format!(
+                    "reply of {} items for {n} calls",
+                    outcomes.len()
+                ));
+                for w in self.waiting {
+                    let _ = w.done.send(Err(for_each_waiter(&e)));
                 }
-                Err(e) => {
-                    for w in batch {
-                        let _ = w.done.send(Err(for_each_waiter(&e)));
-                    }
+            }
+            Err(e) => {
+                for w in self.waiting {
+                    let _ = w.done.send(Err(for_each_waiter(&e)));
                 }
             }
         }
@@ -158,6 +205,12 @@ async fn invoke<T: redis::FromRedisValue>(
     }
 }
 
+/// What an ack sends beside the job id: `|` and the token, the end of the meta of a
+/// job leased with it (see `lua/ack.lua`).
+pub(crate) fn ack_suffix(token: LeaseToken) -> String {
+    format!("|{}", token.0)
+}
+
 /// Send acks of `queue` until none waits.
 pub(crate) async fn flush_acks(
     batches: Arc<Batches<AckItem, AckOutcome>>,
@@ -171,7 +224,7 @@ pub(crate) async fn flush_acks(
             inv.key(k);
         }
         for (id, token) in items {
-            inv.arg(id.as_str()).arg(token.0.to_string());
+            inv.arg(id.as_str()).arg(ack_suffix(*token));
         }
         let conn = conn.clone();
         async move {

@@ -16,8 +16,8 @@ use worker_core::{
     NewJob, QueueDepth, WorkerInfo,
 };
 
-use crate::batch::{self, AckItem, AckOutcome, Batches, EnqueueItem, EnqueueOutcome};
-use crate::error::from_redis;
+use crate::batch::{self, AckItem, AckOutcome, Batches, EnqueueItem, EnqueueOutcome, Taken};
+use crate::error::{for_each_waiter, from_redis};
 use crate::scripts;
 use crate::wait::Waiter;
 use worker_core::redact;
@@ -313,14 +313,19 @@ impl RedisBroker {
         self.fetch_plan(&FetchPlan::single(queue, n, lease)).await
     }
 
-    /// Deliveries from a fetch reply: sextuples, then one "ms until the first delayed
-    /// job is due" per queue (-1: none), which is remembered for the idle wait.
+    /// Deliveries from a fetch reply: quadruples (id, envelope, meta, history), the
+    /// i-th leased with `tokens[i]`, then one "ms until the first delayed job is due"
+    /// per queue (-1: none), which is remembered for the idle wait.
     fn parse_fetched(
         &self,
         mut rows: Vec<Vec<u8>>,
         queues: &[&str],
+        tokens: &[u64],
     ) -> Result<Vec<Delivery>, BrokerError> {
-        if rows.len() < queues.len() || !(rows.len() - queues.len()).is_multiple_of(6) {
+        if rows.len() < queues.len()
+            || !(rows.len() - queues.len()).is_multiple_of(4)
+            || (rows.len() - queues.len()) / 4 > tokens.len()
+        {
             return Err(BrokerError::Protocol(format!(
                 "malformed fetch reply of {} items",
                 rows.len()
@@ -341,20 +346,22 @@ impl RedisBroker {
                 }
             }
         }
-        rows.chunks_exact(6)
-            .map(|r| {
+        rows.chunks_exact(4)
+            .zip(tokens)
+            .map(|(r, token)| {
                 let mut env = decode_envelope(&r[1])?;
-                env.attempt = parse_num(&r[2])? as u32;
+                let (attempt, due) = parse_meta(&r[2])?;
+                env.attempt = attempt;
                 env.history = decode_history(&r[3])?;
-                env.due_at_ms = parse_num(&r[4])?;
-                let token = LeaseToken(parse_num(&r[5])?);
-                Ok(Delivery::new(env, token))
+                env.due_at_ms = due;
+                Ok(Delivery::new(env, LeaseToken(*token)))
             })
             .collect()
     }
 
     /// A whole plan in one round trip; all its queues must be on one server (always
-    /// true without a cluster, and for one-queue plans).
+    /// true without a cluster, and for one-queue plans). Acks of the plan's queues that
+    /// wait behind an ack call on the wire travel with it.
     async fn fetch_plan(&self, plan: &FetchPlan) -> Result<Vec<Delivery>, BrokerError> {
         let keys: Vec<String> = plan
             .shares
@@ -364,10 +371,14 @@ impl RedisBroker {
                 QUEUE_KEYS.iter().map(move |k| format!("{tag}:{k}"))
             })
             .collect();
-        let tokens: Vec<String> = (0..plan.total)
-            .map(|_| LeaseToken::random().0.to_string())
+        let tokens: Vec<u64> = (0..plan.total).map(|_| LeaseToken::random().0).collect();
+        let acks: Vec<Taken<AckItem, AckOutcome>> = plan
+            .shares
+            .iter()
+            .map(|s| self.acks.take(&s.queue))
             .collect();
-        let rows: Vec<Vec<u8>> = self
+        let n_acks: usize = acks.iter().map(Taken::len).sum();
+        let reply: Result<Vec<Vec<u8>>, BrokerError> = self
             .call("fetch", &scripts::FETCH, &keys, |inv| {
                 inv.arg(plan.total)
                     .arg(plan.lease.as_millis() as u64)
@@ -379,12 +390,46 @@ impl RedisBroker {
                     inv.arg(s.max);
                 }
                 for t in &tokens {
-                    inv.arg(t);
+                    inv.arg(*t);
+                }
+                inv.arg(n_acks);
+                for (q, taken) in acks.iter().enumerate() {
+                    for (id, token) in taken.items() {
+                        inv.arg(q + 1)
+                            .arg(id.as_str())
+                            .arg(batch::ack_suffix(*token));
+                    }
                 }
             })
-            .await?;
+            .await;
+        let mut rows = match reply {
+            Ok(rows) if rows.len() >= n_acks => rows,
+            Ok(rows) => {
+                let e =
+                    BrokerError::Protocol(format!("malformed fetch reply of {} items", rows.len()));
+                for taken in acks {
+                    taken.settle(Err(for_each_waiter(&e)));
+                }
+                return Err(e);
+            }
+            Err(e) => {
+                for taken in acks {
+                    taken.settle(Err(for_each_waiter(&e)));
+                }
+                return Err(e);
+            }
+        };
+        let mut acked = rows.split_off(rows.len() - n_acks).into_iter();
+        for taken in acks {
+            let outcomes = acked
+                .by_ref()
+                .take(taken.len())
+                .map(|a| a == b"1")
+                .collect();
+            taken.settle(Ok(outcomes));
+        }
         let queues: Vec<&str> = plan.shares.iter().map(|s| s.queue.as_str()).collect();
-        self.parse_fetched(rows, &queues)
+        self.parse_fetched(rows, &queues, &tokens)
     }
 }
 
@@ -398,6 +443,21 @@ fn parse_num(raw: &[u8]) -> Result<u64, BrokerError> {
     t.parse::<u64>()
         .or_else(|_| t.parse::<f64>().map(|f| f as u64))
         .map_err(|_| BrokerError::Protocol(format!("expected a number from redis, got {t:?}")))
+}
+
+/// Attempt and due time of a waiting job's meta, `attempt|due|` (the token is the
+/// fetch's own).
+fn parse_meta(raw: &[u8]) -> Result<(u32, u64), BrokerError> {
+    let t = text(raw)?;
+    let mut parts = t.split('|');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(a), Some(d), Some(""), None) => {
+            Ok((parse_num(a.as_bytes())? as u32, parse_num(d.as_bytes())?))
+        }
+        _ => Err(BrokerError::Protocol(format!(
+            "malformed job meta from redis: {t:?}"
+        ))),
+    }
 }
 
 fn decode_envelope(raw: &[u8]) -> Result<Envelope, BrokerError> {

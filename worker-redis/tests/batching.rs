@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use worker_core::testing::unique;
-use worker_core::{Broker, BrokerError, FetchPlan, Lease, LeaseToken, NewJob};
+use worker_core::{Broker, BrokerError, FetchPlan, FetchShare, Lease, LeaseToken, NewJob};
 
 async fn broker() -> Arc<worker_redis::RedisBroker> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
@@ -103,5 +103,80 @@ async fn concurrent_acks_each_learn_their_own_outcome() {
         (d.pending, d.in_flight),
         (0, 30),
         "the 30 stale acks changed nothing"
+    );
+}
+
+/// Acks that wait behind an ack call on the wire travel with the next fetch of their
+/// queues. On one thread the order is fixed: the first ack starts a flush task that
+/// has not run yet, the rest wait behind it, and the fetch takes them all.
+#[tokio::test(flavor = "current_thread")]
+async fn acks_that_travel_with_a_fetch_each_learn_their_own_outcome() {
+    let b = broker().await;
+    let (q1, q2) = (unique("q1"), unique("q2"));
+    let jobs = (0..6)
+        .flat_map(|i| {
+            [
+                NewJob::new(&q1, "x").id(format!("a{i}")),
+                NewJob::new(&q2, "x").id(format!("b{i}")),
+            ]
+        })
+        .collect();
+    b.enqueue(jobs).await.unwrap_or_else(|e| panic!("{e}"));
+    let lease = Duration::from_secs(30);
+    let plan = |n: u32| {
+        FetchPlan::new(
+            vec![
+                FetchShare::new(&q1, n / 2, n),
+                FetchShare::new(&q2, n / 2, n),
+            ],
+            n,
+            lease,
+        )
+    };
+    let held = b.fetch(&plan(4)).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(held.len(), 4);
+    // The second of each queue's acks carries a token that does not own its job.
+    let leases: Vec<(bool, Lease)> = held
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let stale = i % 2 == 1;
+            let token = if stale {
+                LeaseToken(d.lease.token.0 ^ 1)
+            } else {
+                d.lease.token
+            };
+            (
+                stale,
+                Lease::new(d.lease.job_id.clone(), &d.lease.queue, token),
+            )
+        })
+        .collect();
+    let acks = futures::future::join_all(leases.iter().map(|(_, l)| b.ack(l)));
+    let second = plan(4);
+    let (outcomes, next) = tokio::join!(acks, b.fetch(&second));
+    let next = next.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        next.len(),
+        4,
+        "the fetch that carried the acks still fetched"
+    );
+    for ((stale, l), r) in leases.iter().zip(outcomes) {
+        match (stale, r) {
+            (false, Ok(())) | (true, Err(BrokerError::LeaseLost { .. })) => {}
+            (stale, r) => panic!(
+                "ack of {} (stale token: {stale}) gave {r:?}",
+                l.job_id.as_str()
+            ),
+        }
+    }
+    let (d1, d2) = (
+        b.depth(&q1).await.unwrap_or_else(|e| panic!("{e}")),
+        b.depth(&q2).await.unwrap_or_else(|e| panic!("{e}")),
+    );
+    assert_eq!(
+        d1.pending + d2.pending + d1.in_flight + d2.in_flight,
+        12 - 2,
+        "two acked jobs are gone; the stale acks changed nothing"
     );
 }

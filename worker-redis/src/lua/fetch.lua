@@ -3,9 +3,12 @@
 -- KEYS: the prelude's 6 keys of each queue, queue after queue, in plan order
 -- ARGV[1]: jobs wanted in all; ARGV[2]: lease (ms); ARGV[3]: k, the number of queues;
 -- ARGV[4 .. 3+k]: each queue's share; ARGV[4+k .. 3+2k]: each queue's max;
--- ARGV[4+2k ..]: one fresh token per job wanted
--- Returns: sextuples (id, envelope, attempt, history JSON or '', due ms, token), then k
---          items: ms until each queue's first delayed job is due, or -1
+-- ARGV[4+2k .. 3+2k+total]: one fresh token per job wanted;
+-- ARGV[4+2k+total]: a, the number of acks that travel with this fetch; then a triples
+-- (queue's number in the plan, id, '|' .. token), acked first as ack.lua does
+-- Returns: quadruples (id, envelope, meta 'attempt|due|', history JSON or ''), the i-th
+--          leased with the i-th token; then k items: ms until each queue's first
+--          delayed job is due, or -1; then a items, '1' acked or '0' (see ack_all)
 -- Invariant: each queue gives up to its share first; then, in plan order, queues that
 -- filled their share top up to their max until the total is reached (work-conserving).
 -- Cost: two commands, then four per queue and slice of up to 333 jobs.
@@ -18,7 +21,37 @@ local out, taken, got = {}, 0, {}
 -- Formatted once: Lua turns each number into text, which is costly.
 local deadline = tostring(now + lease)
 
--- Take up to n ids from the head of queue q.
+-- The acks first: they settle jobs already done, whatever the fetch finds.
+local acks_at = 4 + 2 * k + total
+local a = tonumber(ARGV[acks_at] or '0')
+local acked = {}
+if a > 0 then
+  local by_queue = {}
+  for i = 1, a do
+    local at = acks_at + 3 * i - 2
+    local q = tonumber(ARGV[at])
+    local b = by_queue[q]
+    if not b then
+      b = {ids = {}, suffixes = {}, slots = {}}
+      by_queue[q] = b
+    end
+    local j = #b.slots + 1
+    b.ids[j] = ARGV[at + 1]
+    b.suffixes[j] = ARGV[at + 2]
+    b.slots[j] = i
+  end
+  for q, b in pairs(by_queue) do
+    local done = ack_all(key(q, 2), key(q, 3), b.ids, b.suffixes)
+    for j, slot in ipairs(b.slots) do
+      acked[slot] = done[j] == 1 and '1' or '0'
+    end
+  end
+end
+
+-- Take up to n ids from the head of queue q. Per job this does no more than it must:
+-- a waiting job's meta always ends in '|' (no token), so leasing it is one
+-- concatenation, and the client parses the meta it is sent.
+local n_out = 0
 local function take(q, n)
   local c = 0
   while c < n do
@@ -27,13 +60,13 @@ local function take(q, n)
       break
     end
     local fields = {}
-    for _, id in ipairs(ids) do
-      fields[#fields + 1] = e(id)
-      fields[#fields + 1] = m(id)
-      fields[#fields + 1] = h(id)
+    for i, id in ipairs(ids) do
+      fields[3 * i - 2] = e(id)
+      fields[3 * i - 1] = m(id)
+      fields[3 * i] = h(id)
     end
     local vals = redis.call('HMGET', key(q, 3), unpack(fields))
-    local deadlines, metas = {}, {}
+    local deadlines, metas, d = {}, {}, 0
     for i, id in ipairs(ids) do
       local env = vals[3 * i - 2]
       -- An id whose job is gone (never expected) is skipped.
@@ -41,20 +74,24 @@ local function take(q, n)
         c = c + 1
         taken = taken + 1
         local token = ARGV[3 + 2 * k + taken]
-        local attempt, due = parse_meta(vals[3 * i - 1])
-        deadlines[#deadlines + 1] = deadline
-        deadlines[#deadlines + 1] = id
-        metas[#metas + 1] = m(id)
-        metas[#metas + 1] = attempt .. '|' .. due .. '|' .. token
-        out[#out + 1] = id
-        out[#out + 1] = env
-        out[#out + 1] = attempt
-        out[#out + 1] = vals[3 * i] or ''
-        out[#out + 1] = due
-        out[#out + 1] = token
+        local meta = vals[3 * i - 1]
+        if not meta or string.byte(meta, -1) ~= 124 then
+          local attempt, due = parse_meta(meta)
+          meta = attempt .. '|' .. due .. '|'
+        end
+        d = d + 2
+        deadlines[d - 1] = deadline
+        deadlines[d] = id
+        metas[d - 1] = fields[3 * i - 1]
+        metas[d] = meta .. token
+        out[n_out + 1] = id
+        out[n_out + 2] = env
+        out[n_out + 3] = meta
+        out[n_out + 4] = vals[3 * i] or ''
+        n_out = n_out + 4
       end
     end
-    if #deadlines > 0 then
+    if d > 0 then
       redis.call('ZADD', key(q, 2), unpack(deadlines))
       redis.call('HSET', key(q, 3), unpack(metas))
     end
@@ -88,9 +125,12 @@ for q = 1, k do
 end
 for q = 1, k do
   if firsts[q] then
-    out[#out + 1] = tostring(math.max(0, tonumber(firsts[q]) - now))
+    out[n_out + q] = tostring(math.max(0, tonumber(firsts[q]) - now))
   else
-    out[#out + 1] = '-1'
+    out[n_out + q] = '-1'
   end
+end
+for i = 1, a do
+  out[n_out + k + i] = acked[i]
 end
 return out

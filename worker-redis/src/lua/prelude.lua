@@ -84,3 +84,36 @@ local function hmget_all(key, fields)
   end
   return out
 end
+
+-- Ack deliveries of one queue: ids[i], leased with the token whose '|' .. token is
+-- suffixes[i] (a leased job's meta ends in exactly that).
+-- Returns one integer per delivery, in order: 1 when acked (the job is gone), 0 when
+-- the token does not own it (or the delivery repeats an earlier one).
+-- Cost: three commands, whatever the number.
+local function ack_all(inflight, jobs, ids, suffixes)
+  local fields = {}
+  for i, id in ipairs(ids) do
+    fields[i] = m(id)
+  end
+  local metas = hmget_all(jobs, fields)
+  local out, gone, drop, seen, g = {}, {}, {}, {}, 0
+  for i, id in ipairs(ids) do
+    local suffix, meta = suffixes[i], metas[i]
+    if meta and #suffix > 1 and string.sub(meta, -#suffix) == suffix and not seen[id] then
+      seen[id] = true
+      out[i] = 1
+      g = g + 1
+      gone[g] = id
+      drop[3 * g - 2] = e(id)
+      drop[3 * g - 1] = fields[i]
+      drop[3 * g] = h(id)
+    else
+      out[i] = 0
+    end
+  end
+  if g > 0 then
+    chunked('ZREM', inflight, gone)
+    chunked('HDEL', jobs, drop)
+  end
+  return out
+end
