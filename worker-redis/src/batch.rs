@@ -171,19 +171,20 @@ impl<I, O> Taken<I, O> {
     /// call that carried them.
     pub(crate) fn settle(self, outcome: Result<Vec<O>, BrokerError>) {
         let n = self.waiting.len();
-        match outcome {
-            Ok(outcomes) if outcomes.len() == n => {
-                for (w, o) in self.waiting.into_iter().zip(outcomes) {
-                    let _ = w.done.send(Ok(o));
-                }
-            }
-            Ok(outcomes) => {
-                let e = BrokerError::Protocol(format!(
+        let outcome = outcome.and_then(|outcomes| {
+            if outcomes.len() == n {
+                Ok(outcomes)
+            } else {
+                Err(BrokerError::Protocol(format!(
                     "reply of {} items for {n} calls",
                     outcomes.len()
-                ));
-                for w in self.waiting {
-                    let _ = w.done.send(Err(for_each_waiter(&e)));
+                )))
+            }
+        });
+        match outcome {
+            Ok(outcomes) => {
+                for (w, o) in self.waiting.into_iter().zip(outcomes) {
+                    let _ = w.done.send(Ok(o));
                 }
             }
             Err(e) => {

@@ -402,16 +402,18 @@ impl RedisBroker {
                 }
             })
             .await;
-        let mut rows = match reply {
-            Ok(rows) if rows.len() >= n_acks => rows,
-            Ok(rows) => {
-                let e =
-                    BrokerError::Protocol(format!("malformed fetch reply of {} items", rows.len()));
-                for taken in acks {
-                    taken.settle(Err(for_each_waiter(&e)));
-                }
-                return Err(e);
+        let reply = reply.and_then(|rows| {
+            if rows.len() >= n_acks {
+                Ok(rows)
+            } else {
+                Err(BrokerError::Protocol(format!(
+                    "malformed fetch reply of {} items",
+                    rows.len()
+                )))
             }
+        });
+        let mut rows = match reply {
+            Ok(rows) => rows,
             Err(e) => {
                 for taken in acks {
                     taken.settle(Err(for_each_waiter(&e)));
