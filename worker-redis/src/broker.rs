@@ -350,7 +350,7 @@ impl RedisBroker {
             .zip(tokens)
             .map(|(r, token)| {
                 let mut env = decode_envelope(&r[1])?;
-                let (attempt, due) = parse_meta(&r[2])?;
+                let (attempt, due) = parse_meta(&r[0], &r[2]);
                 env.attempt = attempt;
                 env.history = decode_history(&r[3])?;
                 env.due_at_ms = due;
@@ -448,18 +448,27 @@ fn parse_num(raw: &[u8]) -> Result<u64, BrokerError> {
 }
 
 /// Attempt and due time of a waiting job's meta, `attempt|due|` (the token is the
-/// fetch's own).
-fn parse_meta(raw: &[u8]) -> Result<(u32, u64), BrokerError> {
-    let t = text(raw)?;
-    let mut parts = t.split('|');
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(a), Some(d), Some(""), None) => {
-            Ok((parse_num(a.as_bytes())? as u32, parse_num(d.as_bytes())?))
+/// fetch's own). A meta that does not read so (written by something else) counts as a
+/// first attempt due at once, as the scripts read it, so the job still runs.
+fn parse_meta(id: &[u8], raw: &[u8]) -> (u32, u64) {
+    let parsed = text(raw).ok().and_then(|t| {
+        let mut parts = t.split('|');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(a), Some(d), Some(""), None) => Some((
+                parse_num(a.as_bytes()).ok()? as u32,
+                parse_num(d.as_bytes()).ok()?,
+            )),
+            _ => None,
         }
-        _ => Err(BrokerError::Protocol(format!(
-            "malformed job meta from redis: {t:?}"
-        ))),
-    }
+    });
+    parsed.unwrap_or_else(|| {
+        tracing::warn!(
+            job = %String::from_utf8_lossy(id),
+            meta = %String::from_utf8_lossy(raw),
+            "unreadable job meta in redis; taken as a first attempt"
+        );
+        (1, 0)
+    })
 }
 
 fn decode_envelope(raw: &[u8]) -> Result<Envelope, BrokerError> {
