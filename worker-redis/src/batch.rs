@@ -207,7 +207,7 @@ async fn invoke<T: redis::FromRedisValue>(
 }
 
 /// What an ack sends beside the job id: `|` and the token, the end of the meta of a
-/// job leased with it (see `lua/ack.lua`).
+/// job leased with it (see `leased_by` in `lua/prelude.lua`).
 pub(crate) fn ack_suffix(token: LeaseToken) -> String {
     format!("|{}", token.0)
 }

@@ -35,14 +35,15 @@ local function set_meta(id, attempt, due, token)
   redis.call('HSET', KEYS[3], m(id), attempt .. '|' .. due .. '|' .. token)
 end
 
+-- A leased job's meta ends in exactly '|' .. token: `suffix` is that, sent by the
+-- worker, so no meta is parsed to check it.
+local function leased_by(meta, suffix)
+  return meta and #suffix > 1 and string.sub(meta, -#suffix) == suffix
+end
+
 -- Invariant: only the delivery holding the current token may change an in-flight job.
 local function owned(id, token)
-  local v = redis.call('HGET', KEYS[3], m(id))
-  if not v then
-    return false
-  end
-  local _, _, t = parse_meta(v)
-  return t ~= '' and t == token
+  return leased_by(redis.call('HGET', KEYS[3], m(id)), '|' .. token)
 end
 
 local function append_history(id, attempt, err, now)
@@ -98,8 +99,7 @@ local function ack_all(inflight, jobs, ids, suffixes)
   local metas = hmget_all(jobs, fields)
   local out, gone, drop, seen, g = {}, {}, {}, {}, 0
   for i, id in ipairs(ids) do
-    local suffix, meta = suffixes[i], metas[i]
-    if meta and #suffix > 1 and string.sub(meta, -#suffix) == suffix and not seen[id] then
+    if leased_by(metas[i], suffixes[i]) and not seen[id] then
       seen[id] = true
       out[i] = 1
       g = g + 1
