@@ -332,10 +332,16 @@ pub struct Report {
     pub jobs: usize,
     /// Jobs that completed.
     pub completed: usize,
-    /// Jobs not completed by the end of the run that are still in the broker.
+    /// Jobs not completed by the end of the run that are still live in the broker
+    /// (pending, leased or delayed), counted by id.
     pub unfinished: usize,
-    /// Jobs neither completed nor in the broker.
+    /// Jobs dead-lettered, counted by id: the simulated jobs all succeed, so a dead
+    /// letter is a job the pool failed.
+    pub dead: usize,
+    /// Jobs neither completed, nor live in the broker, nor dead-lettered, by id.
     pub lost: usize,
+    /// The ids of the lost jobs (at most 20), to look them up.
+    pub lost_ids: Vec<String>,
     /// Jobs that completed more than once.
     pub duplicated: usize,
     /// Jobs cancelled mid-run by a drain timeout.
@@ -390,7 +396,7 @@ impl Report {
             "name": self.name, "signal": self.signal,
             "victims": format!("{:?}", self.victims), "drain_timeout_s": self.drain_timeout_s,
             "longest_job_s": self.longest_job_s, "jobs": self.jobs, "completed": self.completed,
-            "unfinished": self.unfinished, "lost": self.lost, "duplicated": self.duplicated, "interrupted": self.interrupted,
+            "unfinished": self.unfinished, "dead": self.dead, "lost": self.lost, "lost_ids": self.lost_ids, "duplicated": self.duplicated, "interrupted": self.interrupted,
             "released": self.released, "restarts": self.restarts, "stopped": self.stopped,
             "stopped_busy": self.stopped_busy, "max_replicas": self.max_replicas,
             "replica_seconds": round2(self.replica_seconds),
@@ -610,6 +616,33 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Which of `ids` are live jobs (pending, leased or delayed) of the run's queue, read
+/// by id from the Redis job hash (`{prefix:queue}:jobs`, field `e:<id>`; the layout is
+/// in worker-redis's `lua/prelude.lua`).
+async fn live_ids(prefix: &str, ids: &[&str]) -> HashSet<String> {
+    if ids.is_empty() {
+        return HashSet::new();
+    }
+    let client = redis::Client::open(format!("redis://{REDIS}"))
+        .unwrap_or_else(|e| panic!("redis client: {e}"));
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("redis connect: {e}"));
+    let fields: Vec<String> = ids.iter().map(|id| format!("e:{id}")).collect();
+    let found: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+        .arg(format!("{{{prefix}:{QUEUE}}}:jobs"))
+        .arg(&fields)
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("HMGET of the job hash: {e}"));
+    ids.iter()
+        .zip(found)
+        .filter(|(_, v)| v.is_some())
+        .map(|(id, _)| (*id).to_owned())
+        .collect()
 }
 
 /// Run `scenario` to its end (every job done and the pool back at zero) or its limit.
@@ -873,17 +906,37 @@ pub async fn run(scenario: &Scenario) -> Report {
                 )
             })
     });
-    // Jobs not completed must still be in the broker (pending, leased or delayed):
-    // whatever is in neither place is lost.
-    let depth = broker
-        .depth(QUEUE)
+    // Each job not completed must still be in the broker, live or dead, by its id:
+    // whatever is in neither place is lost. Totals would let a duplicate hide a loss.
+    let not_completed: Vec<&str> = enqueued
+        .keys()
+        .map(String::as_str)
+        .filter(|id| !ends.contains_key(id))
+        .collect();
+    let dead_ids: HashSet<String> = broker
+        .dead_letters(QUEUE, enqueued.len().max(1))
         .await
-        .unwrap_or_else(|e| panic!("depth: {e}"));
-    let in_broker = depth.pending + depth.in_flight + depth.delayed + depth.dead;
-    let not_completed = enqueued.len() - completed;
-    let unfinished = usize::try_from(in_broker)
-        .unwrap_or(usize::MAX)
-        .min(not_completed);
+        .unwrap_or_else(|e| panic!("dead letters: {e}"))
+        .into_iter()
+        .map(|d| d.envelope.id.to_string())
+        .collect();
+    let live = live_ids(&prefix, &not_completed).await;
+    let dead = not_completed
+        .iter()
+        .filter(|id| dead_ids.contains(**id))
+        .count();
+    let unfinished = not_completed
+        .iter()
+        .filter(|id| !dead_ids.contains(**id) && live.contains(**id))
+        .count();
+    let mut lost_ids: Vec<String> = not_completed
+        .iter()
+        .filter(|id| !dead_ids.contains(**id) && !live.contains(**id))
+        .map(|id| (*id).to_owned())
+        .collect();
+    let lost = lost_ids.len();
+    lost_ids.sort();
+    lost_ids.truncate(20);
     let total_work_ms: u64 = scenario.load.iter().map(|i| i.sleep_ms).sum();
     let step = scenario.scaler.polling.as_secs_f64();
     let (mut short, mut excess) = (0.0, 0.0);
@@ -908,7 +961,9 @@ pub async fn run(scenario: &Scenario) -> Report {
         jobs: enqueued.len(),
         completed,
         unfinished,
-        lost: not_completed - unfinished,
+        dead,
+        lost,
+        lost_ids,
         duplicated: ends.values().filter(|&&n| n > 1).count(),
         interrupted: events.iter().filter(|e| e["event"] == "cancelled").count(),
         released,

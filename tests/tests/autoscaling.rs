@@ -46,6 +46,7 @@ fn print(reports: &[&Report]) {
 fn assert_sound(r: &Report) {
     assert!(r.finished, "{}: did not finish: {}", r.name, r.json());
     assert_eq!(r.lost, 0, "{}: lost jobs: {}", r.name, r.json());
+    assert_eq!(r.dead, 0, "{}: dead-lettered jobs: {}", r.name, r.json());
     assert_eq!(r.duplicated, 0, "{}: {}", r.name, r.json());
     assert_eq!(r.completed, r.jobs, "{}: {}", r.name, r.json());
     assert_eq!(r.polls.last().map(|p| p.desired), Some(0), "{}", r.name);
@@ -104,6 +105,7 @@ async fn with_a_drain_shorter_than_the_longest_job_the_pending_only_signal_inter
     assert!(naive.interrupted >= 1, "{}", naive.json());
     assert!(naive.restarts >= 1, "{}", naive.json());
     assert_eq!(naive.lost, 0, "{}", naive.json());
+    assert_eq!(naive.dead, 0, "{}", naive.json());
     assert_eq!(naive.duplicated, 0, "{}", naive.json());
 }
 

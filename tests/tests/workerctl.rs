@@ -257,3 +257,58 @@ async fn an_exporter_started_while_rabbitmq_is_unreachable_answers_503_and_stays
     let _ = exporter.start_kill();
     let _ = exporter.wait().await;
 }
+
+/// The registry as `workerctl workers` shows it: a live worker is listed with what it
+/// wrote, is still listed after its first TTL has passed (its beats renew it), and is
+/// gone once it has drained and deregistered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workerctl_lists_live_workers_while_they_beat_and_not_after_they_leave() {
+    let prefix = unique("ctlw");
+    let env = [("REDIS_URL", URL), ("REDIS_PREFIX", prefix.as_str())];
+    let listed = || async {
+        let out = workerctl(&env, &["workers", "--json"], "").await;
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        json(&out)
+    };
+    assert_eq!(listed().await, serde_json::json!([]));
+
+    // A heartbeat of 300 ms gives a TTL of 900 ms.
+    let mut worker = system_tests::DemoWorker::start(&[
+        ("REDIS_URL", URL),
+        ("REDIS_PREFIX", prefix.as_str()),
+        ("WORKER_POOL", "ctl-pool"),
+        ("WORKER_QUEUES", "alpha,beta"),
+        ("WORKER_CONCURRENCY", "3"),
+        ("WORKER_HEARTBEAT", "300ms"),
+    ]);
+    worker_core::testing::eventually(Duration::from_secs(30), "the worker is listed", || async {
+        listed().await.as_array().is_some_and(|a| a.len() == 1)
+    })
+    .await;
+    let first = listed().await;
+    let w = &first[0];
+    assert_eq!(w["pool"], "ctl-pool", "{first}");
+    assert_eq!(w["queues"], serde_json::json!(["alpha", "beta"]), "{first}");
+    assert_eq!(w["concurrency"], 3, "{first}");
+    assert_eq!(w["pid"], worker.pid(), "{first}");
+    assert_eq!(w["draining"], false, "{first}");
+
+    // Three TTLs later it is still there, beaten within the last TTL: the beats renew
+    // its entry, which would have expired 900 ms after a single registration.
+    tokio::time::sleep(Duration::from_millis(2700)).await;
+    let later = listed().await;
+    assert_eq!(
+        later.as_array().map(Vec::len),
+        Some(1),
+        "{first} then {later}"
+    );
+    assert_eq!(later[0]["id"], w["id"], "{first} then {later}");
+    assert!(
+        later[0]["beat_age_s"].as_f64().unwrap_or(f64::MAX) < 0.9,
+        "the beat was not renewed: {first} then {later}"
+    );
+
+    worker.signal("TERM");
+    worker.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(listed().await, serde_json::json!([]));
+}
