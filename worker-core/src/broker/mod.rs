@@ -426,7 +426,8 @@ pub trait Broker: Send + Sync + 'static {
     /// the caller fetches afterwards either way. Backends without a wake-up
     /// mechanism may simply sleep; the default sleeps `min(timeout, 50 ms)`. Either
     /// way it does not spin: once set up for `queues` (the first call for them may
-    /// return at once), a wait with no work lasts at least `min(timeout, 50 ms)`; and
+    /// return at once), a wait during which no job arrives lasts at least
+    /// `min(timeout, 50 ms)`; and
     /// work enqueued during a wait reaches the caller's next fetch well within a second.
     async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
         let _ = queues;

@@ -29,6 +29,25 @@ fn is_lease_lost<T: std::fmt::Debug>(r: Result<T, BrokerError>) -> bool {
     matches!(r, Err(BrokerError::LeaseLost { .. }))
 }
 
+/// Fetch from `queue` until at least `n` jobs came (10 s at most; `what` names the
+/// wait). It does not call `wait_for_work`: in `run_all` the wake-up case measures
+/// the waits of the same broker.
+async fn fetch_at_least(b: &dyn Broker, queue: &str, n: usize, what: &str) -> Vec<crate::Delivery> {
+    let fetched = std::sync::Mutex::new(Vec::new());
+    eventually(
+        Duration::from_secs(10),
+        &format!("{n} jobs of {queue} fetched {what}"),
+        || async {
+            let got = take(b, queue, 10, LONG).await;
+            let mut all = fetched.lock().unwrap();
+            all.extend(got);
+            all.len() >= n
+        },
+    )
+    .await;
+    fetched.into_inner().unwrap()
+}
+
 /// Every operation on `lease` is refused with [`BrokerError::LeaseLost`] (a checkpoint
 /// may instead be [`BrokerError::Unsupported`]); `what` says which lease it is.
 async fn every_operation_is_refused(b: &dyn Broker, lease: &Lease, what: &str) {
@@ -862,7 +881,7 @@ pub async fn a_purged_or_acked_id_may_be_enqueued_again(b: &dyn Broker) {
     assert_eq!((d.pending, d.in_flight, d.delayed, d.dead), (0, 0, 0, 0));
 }
 
-/// A beat renews a worker's TTL: one beating past its first TTL is still listed, one
+/// A beat renews a worker's TTL: one beating past its first TTL stays listed, one
 /// that stopped beating disappears. A listing filters by pool and reports the fields
 /// as they were written.
 pub async fn worker_registry_renews_on_beat_and_lists_what_was_written(b: &dyn Broker) {
@@ -895,42 +914,66 @@ pub async fn worker_registry_renews_on_beat_and_lists_what_was_written(b: &dyn B
         assert_eq!(&l, written);
     };
     let ids = |ws: &[WorkerInfo]| ws.iter().map(|w| w.id.clone()).collect::<HashSet<_>>();
-    // A listing may lag a registration a little (AMQP lists queues through its
-    // management API); once listed, a beating worker stays listed.
+    // Beat (both live workers, as running workers do) until 3.5 TTLs have passed, the
+    // beating worker is listed as last written and the silent one is gone. Without
+    // renewal the beating worker is gone after one TTL (for good, or until a beat adds
+    // it again: then it is missing from a listing once per TTL). One listing may miss
+    // a live worker (on AMQP, concurrent listings briefly hide each other's beats), so
+    // one miss is forgiven.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let (mut beating_seen, mut silent_gone) = (false, false);
-    while !(beating_seen && silent_gone && registered_at.elapsed() >= ttl * 5 / 2) {
+    let (mut seen_once, mut misses) = (false, Vec::new());
+    loop {
+        // Four beats a listing: listings are few, so they rarely meet other listings.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            beating.in_flight = (beating.in_flight + 1) % 8;
+            beating.last_beat_ms = crate::job::now_ms();
+            b.beat_worker(&beating, ttl).await.unwrap();
+            b.beat_worker(&elsewhere, LONG).await.unwrap();
+        }
+        let last = b.list_workers(Some(&pool)).await.unwrap();
         assert!(
-            tokio::time::Instant::now() < deadline,
-            "within 15 s: beating worker listed {beating_seen}, silent worker gone {silent_gone}"
+            ids(&last).is_subset(&HashSet::from([beating.id.clone(), silent.id.clone()])),
+            "listed for {pool}: {last:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        beating.in_flight = (beating.in_flight + 1) % 8;
-        beating.last_beat_ms = crate::job::now_ms();
-        b.beat_worker(&beating, ttl).await.unwrap();
-        let listed = b.list_workers(Some(&pool)).await.unwrap();
-        assert!(
-            ids(&listed).is_subset(&HashSet::from([beating.id.clone(), silent.id.clone()])),
-            "listed for {pool}: {listed:?}"
-        );
-        match listed.iter().find(|w| w.id == beating.id) {
+        let seen = last.iter().find(|w| w.id == beating.id);
+        match seen {
             Some(seen) => {
                 same(seen, &beating);
-                beating_seen = true;
+                seen_once = true;
             }
-            None => assert!(
-                !beating_seen,
-                "a worker beating every 100 ms with a {ttl:?} TTL was dropped {:?} after it registered",
-                registered_at.elapsed()
-            ),
+            None if seen_once => misses.push(registered_at.elapsed()),
+            None => {}
         }
-        silent_gone = !ids(&listed).contains(&silent.id);
+        assert!(
+            misses.len() <= 1,
+            "a worker beating every 100 ms with a {ttl:?} TTL was missing from the listings \
+             at {misses:?} after it registered"
+        );
+        let silent_gone = !ids(&last).contains(&silent.id);
+        if seen.is_some() && silent_gone && registered_at.elapsed() >= ttl * 7 / 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a worker beating every 100 ms with a {ttl:?} TTL and one that never beat, \
+             {:?} after they registered: listed {:?}",
+            registered_at.elapsed(),
+            ids(&last)
+        );
     }
-    let listed = b.list_workers(Some(&other_pool)).await.unwrap();
+    let listed = std::sync::Mutex::new(Vec::new());
+    eventually(Duration::from_secs(5), "the other pool listed", || async {
+        b.beat_worker(&elsewhere, LONG).await.unwrap();
+        let got = b.list_workers(Some(&other_pool)).await.unwrap();
+        let found = !got.is_empty();
+        *listed.lock().unwrap() = got;
+        found
+    })
+    .await;
+    let listed = listed.into_inner().unwrap();
     assert_eq!(listed.len(), 1, "{listed:?}");
     same(&listed[0], &elsewhere);
-    assert!(ids(&b.list_workers(None).await.unwrap())
-        .is_superset(&HashSet::from([beating.id.clone(), elsewhere.id.clone()])));
     b.deregister_worker(&beating.id).await.unwrap();
     b.deregister_worker(&elsewhere.id).await.unwrap();
     assert!(b.list_workers(Some(&pool)).await.unwrap().is_empty());
@@ -990,25 +1033,12 @@ pub async fn stop_fetching_leaves_the_rest_to_other_workers(b: &dyn Broker, othe
     let q = unique("stop");
     let queues = vec![q.clone()];
     let ids: HashSet<JobId> = put(b, &q, 5).await.into_iter().collect();
-    // Wait first, as a worker does: a backend may start receiving here.
-    b.wait_for_work(&queues, Duration::from_millis(200)).await;
+    // A backend that receives ahead (AMQP, prefetch) may now hold the other 3.
     let mine = take(b, &q, 2, LONG).await;
     assert_eq!(mine.len(), 2);
     b.stop_fetching(&queues).await;
 
-    let mut theirs: Vec<crate::Delivery> = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while theirs.len() < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "another worker fetched {} of the 3 jobs not handed out within 10 s",
-            theirs.len()
-        );
-        other
-            .wait_for_work(&queues, Duration::from_millis(100))
-            .await;
-        theirs.extend(take(other, &q, 10, LONG).await);
-    }
+    let theirs = fetch_at_least(other, &q, 3, "by another worker after stop_fetching").await;
     let mine_ids: HashSet<JobId> = mine.iter().map(|d| d.envelope.id.clone()).collect();
     let theirs_ids: HashSet<JobId> = theirs.iter().map(|d| d.envelope.id.clone()).collect();
     assert!(
@@ -1049,7 +1079,6 @@ pub async fn later_calls_work_after_close(b: &dyn Broker) {
     let q = unique("close");
     let queues = vec![q.clone()];
     put(b, &q, 2).await;
-    b.wait_for_work(&queues, Duration::from_millis(200)).await;
     let got = take(b, &q, 1, LONG).await.remove(0);
     b.ack(&got.lease).await.unwrap();
     b.close().await;
@@ -1066,19 +1095,7 @@ pub async fn later_calls_work_after_close(b: &dyn Broker) {
 
     let fresh = unique("after-close");
     let ids = put(b, &fresh, 1).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let got = loop {
-        b.wait_for_work(std::slice::from_ref(&fresh), Duration::from_millis(100))
-            .await;
-        let got = take(b, &fresh, 1, LONG).await;
-        if !got.is_empty() {
-            break got;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no job fetched within 10 s after close"
-        );
-    };
+    let got = fetch_at_least(b, &fresh, 1, "after close").await;
     assert_eq!(got[0].envelope.id, ids[0]);
     b.ack(&got[0].lease).await.unwrap();
     b.close().await;
