@@ -95,17 +95,21 @@ impl QueueState {
         any
     }
 
-    /// Remove the in-flight entry if `lease` owns it.
-    fn take_owned(&mut self, lease: &Lease) -> Result<(), BrokerError> {
+    /// Whether `lease` owns its job: `LeaseLost` if not.
+    fn check_owned(&self, lease: &Lease) -> Result<(), BrokerError> {
         match self.in_flight.get(&lease.job_id) {
-            Some((token, _)) if *token == lease.token => {
-                self.in_flight.remove(&lease.job_id);
-                Ok(())
-            }
+            Some((token, _)) if *token == lease.token => Ok(()),
             _ => Err(BrokerError::LeaseLost {
                 job_id: lease.job_id.clone(),
             }),
         }
+    }
+
+    /// Remove the in-flight entry if `lease` owns it.
+    fn take_owned(&mut self, lease: &Lease) -> Result<(), BrokerError> {
+        self.check_owned(lease)?;
+        self.in_flight.remove(&lease.job_id);
+        Ok(())
     }
 
     /// Whether `id` names a job of this queue: live (pending, delayed, in flight) or dead.
@@ -288,11 +292,7 @@ impl Broker for MemoryBroker {
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), BrokerError> {
         let mut state = self.state();
         let q = Self::owned_queue(&mut state, lease)?;
-        if !matches!(q.in_flight.get(&lease.job_id), Some((token, _)) if *token == lease.token) {
-            return Err(BrokerError::LeaseLost {
-                job_id: lease.job_id.clone(),
-            });
-        }
+        q.check_owned(lease)?;
         // Never overwrite or double another dead letter of the id (enqueue refuses a
         // dead id, so only a store changed behind the broker's back could get here).
         if q.dead_ids.contains(&lease.job_id) {
