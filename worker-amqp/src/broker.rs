@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    BasicQosOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicQosOptions, BasicRejectOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
@@ -1183,6 +1183,15 @@ impl Broker for AmqpBroker {
                 }
                 Err(e) => return Err(from_lapin("read worker registry", e)),
             };
+            if let Some(msg) = &got {
+                // Back at once: while this channel holds the beat unacked, a concurrent
+                // listing finds the queue empty, misses a live worker and may delete its
+                // queue.
+                let back = BasicRejectOptions { requeue: true };
+                if let Err(e) = ch.basic_reject(msg.delivery.delivery_tag, back).await {
+                    tracing::debug!(queue = %q.name, error = %e, "amqp: registry read");
+                }
+            }
             match got {
                 Some(msg) => match serde_json::from_slice::<WorkerInfo>(&msg.delivery.data) {
                     Ok(info) if pool.is_none_or(|p| info.pool == p) => out.push(info),

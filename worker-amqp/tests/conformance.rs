@@ -97,7 +97,8 @@ async fn classic() -> AmqpBroker {
     config().connect().await.expect("connect to RabbitMQ")
 }
 
-worker_core::conformance_suite!(classic());
+// A second worker: another connection to the same virtual host.
+worker_core::conformance_suite!(classic(), peer = |_| classic());
 
 mod quorum {
     use super::*;
@@ -110,7 +111,7 @@ mod quorum {
             .expect("connect to RabbitMQ")
     }
 
-    worker_core::conformance_suite!(quorum());
+    worker_core::conformance_suite!(quorum(), peer = |_| quorum());
 }
 
 /// The same suite taking jobs with `basic.get` ([`FetchMode::Get`]).
@@ -126,7 +127,7 @@ mod get {
             .expect("connect to RabbitMQ")
     }
 
-    worker_core::conformance_suite!(classic());
+    worker_core::conformance_suite!(classic(), peer = |_| classic());
 
     mod quorum {
         use super::*;
@@ -140,6 +141,6 @@ mod get {
                 .expect("connect to RabbitMQ")
         }
 
-        worker_core::conformance_suite!(quorum());
+        worker_core::conformance_suite!(quorum(), peer = |_| quorum());
     }
 }

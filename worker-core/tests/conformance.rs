@@ -5,4 +5,9 @@ async fn make() -> worker_core::MemoryBroker {
     worker_core::MemoryBroker::new()
 }
 
-worker_core::conformance_suite!(make());
+/// Clones share their queues: a second worker on the same store.
+async fn peer(b: &worker_core::MemoryBroker) -> worker_core::MemoryBroker {
+    b.clone()
+}
+
+worker_core::conformance_suite!(make(), peer = peer);

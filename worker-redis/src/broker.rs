@@ -276,6 +276,23 @@ impl RedisBroker {
         self.call(op, script, &self.queue_keys(queue), args).await
     }
 
+    /// A call on a leased job: the script's reply (`1` done, `0` the token no longer
+    /// owns the job, a script may have more).
+    async fn fenced_reply(
+        &self,
+        op: &'static str,
+        script: &Script,
+        lease: &Lease,
+        extra: impl FnOnce(&mut ScriptInvocation<'_>),
+    ) -> Result<i64, BrokerError> {
+        self.queue_call(op, script, &lease.queue, |inv| {
+            inv.arg(lease.job_id.as_str())
+                .arg(lease.token.0.to_string());
+            extra(inv);
+        })
+        .await
+    }
+
     /// A settling call: `1` means done, `0` means the token no longer owns the job.
     async fn fenced(
         &self,
@@ -284,13 +301,7 @@ impl RedisBroker {
         lease: &Lease,
         extra: impl FnOnce(&mut ScriptInvocation<'_>),
     ) -> Result<(), BrokerError> {
-        let done: i64 = self
-            .queue_call(op, script, &lease.queue, |inv| {
-                inv.arg(lease.job_id.as_str())
-                    .arg(lease.token.0.to_string());
-                extra(inv);
-            })
-            .await?;
+        let done = self.fenced_reply(op, script, lease, extra).await?;
         if done == 1 {
             Ok(())
         } else {
@@ -623,10 +634,21 @@ impl Broker for RedisBroker {
     }
 
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), BrokerError> {
-        self.fenced("dead_letter", &scripts::DEAD, lease, |inv| {
-            inv.arg(reason);
-        })
-        .await
+        let done = self
+            .fenced_reply("dead_letter", &scripts::DEAD, lease, |inv| {
+                inv.arg(reason);
+            })
+            .await?;
+        match done {
+            1 => Ok(()),
+            // A dead letter of this id is stored already; it is never overwritten.
+            2 => Err(BrokerError::DuplicateJob {
+                job_id: lease.job_id.clone(),
+            }),
+            _ => Err(BrokerError::LeaseLost {
+                job_id: lease.job_id.clone(),
+            }),
+        }
     }
 
     async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {

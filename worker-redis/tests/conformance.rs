@@ -5,9 +5,7 @@ fn url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-async fn make() -> worker_redis::RedisBroker {
-    // A prefix per case, so registry listings of parallel cases do not mix.
-    let prefix = worker_core::testing::unique("conf");
+async fn connect(prefix: &str) -> worker_redis::RedisBroker {
     worker_redis::RedisConfig::new(url())
         .prefix(prefix)
         .connect()
@@ -15,4 +13,14 @@ async fn make() -> worker_redis::RedisBroker {
         .unwrap_or_else(|e| panic!("redis: {e}"))
 }
 
-worker_core::conformance_suite!(make());
+async fn make() -> worker_redis::RedisBroker {
+    // A prefix per case, so registry listings of parallel cases do not mix.
+    connect(&worker_core::testing::unique("conf")).await
+}
+
+/// A second worker on the same keys: its own connection, the same prefix.
+async fn peer(b: &worker_redis::RedisBroker) -> worker_redis::RedisBroker {
+    connect(b.prefix()).await
+}
+
+worker_core::conformance_suite!(make(), peer = peer);

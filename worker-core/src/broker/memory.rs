@@ -5,7 +5,7 @@
 //! every operation, delayed jobs wait for their time. Time is tokio's clock, so tests
 //! can pause and advance it. Nothing survives the process.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -66,6 +66,8 @@ struct QueueState {
     /// (due, insertion order, id)
     delayed: BTreeSet<(Instant, u64, JobId)>,
     dead: VecDeque<DeadLetter>,
+    /// The ids in `dead`, each once: a dead id is taken until it is purged or requeued.
+    dead_ids: HashSet<JobId>,
 }
 
 struct Stored {
@@ -93,17 +95,26 @@ impl QueueState {
         any
     }
 
-    /// Remove the in-flight entry if `lease` owns it.
-    fn take_owned(&mut self, lease: &Lease) -> Result<(), BrokerError> {
+    /// Whether `lease` owns its job: `LeaseLost` if not.
+    fn check_owned(&self, lease: &Lease) -> Result<(), BrokerError> {
         match self.in_flight.get(&lease.job_id) {
-            Some((token, _)) if *token == lease.token => {
-                self.in_flight.remove(&lease.job_id);
-                Ok(())
-            }
+            Some((token, _)) if *token == lease.token => Ok(()),
             _ => Err(BrokerError::LeaseLost {
                 job_id: lease.job_id.clone(),
             }),
         }
+    }
+
+    /// Remove the in-flight entry if `lease` owns it.
+    fn take_owned(&mut self, lease: &Lease) -> Result<(), BrokerError> {
+        self.check_owned(lease)?;
+        self.in_flight.remove(&lease.job_id);
+        Ok(())
+    }
+
+    /// Whether `id` names a job of this queue: live (pending, delayed, in flight) or dead.
+    fn holds(&self, id: &JobId) -> bool {
+        self.jobs.contains_key(id) || self.dead_ids.contains(id)
     }
 
     fn envelope_mut(&mut self, id: &JobId) -> Result<&mut Stored, BrokerError> {
@@ -172,7 +183,7 @@ impl Broker for MemoryBroker {
             let taken = state
                 .queues
                 .get(&env.queue)
-                .is_some_and(|q| q.jobs.contains_key(&env.id))
+                .is_some_and(|q| q.holds(&env.id))
                 || envelopes[..i]
                     .iter()
                     .any(|e| e.id == env.id && e.queue == env.queue);
@@ -281,6 +292,14 @@ impl Broker for MemoryBroker {
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), BrokerError> {
         let mut state = self.state();
         let q = Self::owned_queue(&mut state, lease)?;
+        q.check_owned(lease)?;
+        // Never overwrite or double another dead letter of the id (enqueue refuses a
+        // dead id, so only a store changed behind the broker's back could get here).
+        if q.dead_ids.contains(&lease.job_id) {
+            return Err(BrokerError::DuplicateJob {
+                job_id: lease.job_id.clone(),
+            });
+        }
         q.take_owned(lease)?;
         let Some(mut stored) = q.jobs.remove(&lease.job_id) else {
             return Err(BrokerError::LeaseLost {
@@ -288,6 +307,7 @@ impl Broker for MemoryBroker {
             });
         };
         stored.envelope.record_failure(reason);
+        q.dead_ids.insert(lease.job_id.clone());
         q.dead.push_back(DeadLetter {
             envelope: stored.envelope,
             reason: reason.to_owned(),
@@ -416,12 +436,17 @@ impl Broker for MemoryBroker {
         let Some(q) = state.queues.get_mut(queue) else {
             return Ok(0);
         };
-        let (back, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut q.dead)
-            .into_iter()
-            .partition(|d| ids.is_empty() || ids.contains(&d.envelope.id));
-        q.dead = keep;
-        let moved = back.len() as u64;
-        for dead in back {
+        let mut moved = 0;
+        let mut keep = VecDeque::with_capacity(q.dead.len());
+        for dead in std::mem::take(&mut q.dead) {
+            let id = &dead.envelope.id;
+            // A dead letter whose id is live again stays dead: two live copies of one
+            // id would share one lease and one pending slot.
+            if !(ids.is_empty() || ids.contains(id)) || q.jobs.contains_key(id) {
+                keep.push_back(dead);
+                continue;
+            }
+            q.dead_ids.remove(id);
             let mut envelope = dead.envelope;
             envelope.attempt = 1;
             envelope.due_at_ms = now_ms();
@@ -433,7 +458,9 @@ impl Broker for MemoryBroker {
                     ready_since: now,
                 },
             );
+            moved += 1;
         }
+        q.dead = keep;
         drop(state);
         if moved > 0 {
             self.inner.work.notify_waiters();
@@ -447,8 +474,14 @@ impl Broker for MemoryBroker {
             return Ok(0);
         };
         let before = q.dead.len();
-        q.dead
-            .retain(|d| !(ids.is_empty() || ids.contains(&d.envelope.id)));
+        let dead_ids = &mut q.dead_ids;
+        q.dead.retain(|d| {
+            let purge = ids.is_empty() || ids.contains(&d.envelope.id);
+            if purge {
+                dead_ids.remove(&d.envelope.id);
+            }
+            !purge
+        });
         Ok((before - q.dead.len()) as u64)
     }
 

@@ -16,6 +16,14 @@
 //! **Attempts.** [`Envelope::attempt`] is 1 on first delivery, counts up on
 //! `retry_after` and on a reaped lease, and is unchanged by `release`.
 //!
+//! **Ids.** An id belongs to one job of a queue from its enqueue until that job is
+//! acked or its dead letter is purged. While the id is live (pending, delayed, in
+//! flight) or dead, [`Broker::enqueue`] of the same id to that queue is refused with
+//! [`BrokerError::DuplicateJob`]; [`Broker::requeue_dead`] skips a dead letter whose id
+//! is live, so no operation makes two live copies of one id; a dead letter is never
+//! overwritten. After the ack or [`Broker::purge_dead`] the id is free again. A backend
+//! whose [`Broker::refuses_duplicate_ids`] is false (AMQP) is exempt.
+//!
 //! **Checkpoints.** [`Broker::checkpoint`] stores a handler's progress with the
 //! in-flight job (fenced like every other step); it travels with the job through every
 //! state until the ack, so the next delivery resumes where the last one stopped.
@@ -313,7 +321,17 @@ impl WorkerInfo {
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Store jobs (pending, or delayed when they have a delay). All or nothing:
-    /// a refused job (too large, bad queue name) fails the batch before anything is written.
+    /// a refused job (too large, bad queue name, a taken id) fails the batch before
+    /// anything is written.
+    ///
+    /// An id belongs to one job of a queue from this enqueue until that job is acked or
+    /// its dead letter is purged. While a job of the queue with the same id is pending,
+    /// delayed, in flight or dead, the batch is refused with
+    /// [`BrokerError::DuplicateJob`] naming that id, and nothing of it is written; so is
+    /// a batch naming one id twice for one queue. Another queue may use the id. After
+    /// the ack or [`purge_dead`](Self::purge_dead) the id may be enqueued again, as a new
+    /// job. A backend whose [`refuses_duplicate_ids`](Self::refuses_duplicate_ids) is
+    /// false stores every job it is given instead.
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, BrokerError>;
 
     /// Lease up to `plan.total` pending jobs as [`FetchPlan`] describes, oldest first
@@ -334,6 +352,11 @@ pub trait Broker: Send + Sync + 'static {
     ) -> Result<(), BrokerError>;
 
     /// Move the job to the dead letters with `reason`.
+    ///
+    /// A dead letter is never overwritten: should one with the same id be stored
+    /// already (enqueue refuses a dead id, so only a store changed by other means can
+    /// hold one), the call is refused with [`BrokerError::DuplicateJob`] and changes
+    /// nothing; the job stays in flight under its lease.
     async fn dead_letter(&self, lease: &Lease, reason: &str) -> Result<(), BrokerError>;
 
     /// Give the job back to pending at the head of its queue, attempt not counted
@@ -373,9 +396,16 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Put dead letters of `queue` back to pending with a fresh attempt count: the
     /// ones with these ids, or all when `ids` is empty. Returns how many moved.
+    ///
+    /// No operation makes two live copies of one id: a dead letter whose id is live
+    /// (pending, delayed or in flight) is skipped: not moved, not counted, left dead,
+    /// and the live job (its payload, its lease) untouched. Under the id rule of
+    /// [`enqueue`](Self::enqueue) that cannot arise on a backend that refuses duplicate
+    /// ids; a backend that does not (AMQP) is exempt.
     async fn requeue_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError>;
 
     /// Drop dead letters of `queue`: these ids, or all when empty. Returns how many.
+    /// Their ids are free again for [`enqueue`](Self::enqueue).
     async fn purge_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError>;
 
     /// Add or refresh a worker in the registry; it disappears `ttl` after its last beat.
@@ -394,7 +424,11 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Wait until one of `queues` may have work, or `timeout` passes. A hint only:
     /// the caller fetches afterwards either way. Backends without a wake-up
-    /// mechanism may simply sleep; the default sleeps `min(timeout, 50 ms)`.
+    /// mechanism may simply sleep; the default sleeps `min(timeout, 50 ms)`. Either
+    /// way it does not spin: once set up for `queues` (the first call for them may
+    /// return at once), a wait during which no job arrives lasts at least
+    /// `min(timeout, 50 ms)`; and
+    /// work enqueued during a wait reaches the caller's next fetch well within a second.
     async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
         let _ = queues;
         tokio::time::sleep(timeout.min(Duration::from_millis(50))).await;
@@ -402,20 +436,27 @@ pub trait Broker: Send + Sync + 'static {
 
     /// The worker will fetch no more from `queues` (its drain began). A backend that
     /// receives jobs ahead of [`fetch`](Self::fetch), as AMQP consumers do, stops
-    /// receiving and hands back at once what it holds but has not given out, so other
-    /// workers can start it. Leases already given out are untouched. The default does
-    /// nothing: a backend that only hands out jobs on fetch holds nothing.
+    /// receiving and hands back at once what it holds but has not given out, at the
+    /// same attempt, so other workers can start it. Leases already given out are
+    /// untouched: they extend and settle as before. A later fetch of these queues on
+    /// this instance may return nothing. The default does nothing: a backend that only
+    /// hands out jobs on fetch holds nothing.
     async fn stop_fetching(&self, queues: &[String]) {
         let _ = queues;
     }
 
-    /// The worker has stopped: close connections cleanly. Later calls may connect
-    /// again. The default does nothing.
+    /// The worker has stopped: close connections cleanly. Later calls connect again
+    /// and work; `close` first stops fetching from every queue this instance consumes
+    /// (as [`stop_fetching`](Self::stop_fetching)), and a queue stopped so may stay
+    /// stopped for this instance. The default does nothing.
     async fn close(&self) {}
 
-    /// Whether [`enqueue`](Self::enqueue) refuses a job whose id is already stored
-    /// ([`BrokerError::DuplicateJob`]). A backend that cannot look jobs up by id (AMQP)
-    /// stores both; handlers make their effects idempotent by job id either way, as
+    /// Whether this backend keeps the id rule: [`enqueue`](Self::enqueue) refuses an id
+    /// that is live or dead in its queue ([`BrokerError::DuplicateJob`]),
+    /// [`requeue_dead`](Self::requeue_dead) skips a dead letter whose id is live, and a
+    /// dead letter is never overwritten. A backend that cannot look jobs up by id
+    /// (AMQP) answers false and stores every job it is given, so two jobs may share an
+    /// id there; handlers make their effects idempotent by job id either way, as
     /// delivery is at least once.
     fn refuses_duplicate_ids(&self) -> bool {
         true

@@ -6,9 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{eventually, unique};
-use crate::broker::{Broker, FetchPlan, FetchShare, WorkerInfo};
+use crate::broker::{Broker, FetchPlan, FetchShare, Lease, LeaseToken, WorkerInfo};
 use crate::error::BrokerError;
-use crate::job::{JobId, NewJob};
+use crate::job::{Envelope, JobId, NewJob};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -27,6 +27,65 @@ async fn take(b: &dyn Broker, queue: &str, n: u32, lease: Duration) -> Vec<crate
 
 fn is_lease_lost<T: std::fmt::Debug>(r: Result<T, BrokerError>) -> bool {
     matches!(r, Err(BrokerError::LeaseLost { .. }))
+}
+
+/// Fetch from `queue` until at least `n` jobs came (10 s at most; `what` names the
+/// wait). It does not call `wait_for_work`: in `run_all` the wake-up case measures
+/// the waits of the same broker.
+async fn fetch_at_least(b: &dyn Broker, queue: &str, n: usize, what: &str) -> Vec<crate::Delivery> {
+    let fetched = std::sync::Mutex::new(Vec::new());
+    eventually(
+        Duration::from_secs(10),
+        &format!("{n} jobs of {queue} fetched {what}"),
+        || async {
+            let got = take(b, queue, 10, LONG).await;
+            let mut all = fetched.lock().unwrap();
+            all.extend(got);
+            all.len() >= n
+        },
+    )
+    .await;
+    fetched.into_inner().unwrap()
+}
+
+/// Every operation on `lease` is refused with [`BrokerError::LeaseLost`] (a checkpoint
+/// may instead be [`BrokerError::Unsupported`]); `what` says which lease it is.
+async fn every_operation_is_refused(b: &dyn Broker, lease: &Lease, what: &str) {
+    let r = b.ack(lease).await;
+    assert!(
+        matches!(r, Err(BrokerError::LeaseLost { .. })),
+        "ack of {what}: {r:?}"
+    );
+    let r = b.retry_after(lease, Duration::ZERO, "late").await;
+    assert!(
+        matches!(r, Err(BrokerError::LeaseLost { .. })),
+        "retry_after of {what}: {r:?}"
+    );
+    let r = b.dead_letter(lease, "late").await;
+    assert!(
+        matches!(r, Err(BrokerError::LeaseLost { .. })),
+        "dead_letter of {what}: {r:?}"
+    );
+    let r = b.release(lease).await;
+    assert!(
+        matches!(r, Err(BrokerError::LeaseLost { .. })),
+        "release of {what}: {r:?}"
+    );
+    let r = b.extend_lease(lease, LONG).await;
+    assert!(
+        matches!(r, Err(BrokerError::LeaseLost { .. })),
+        "extend_lease of {what}: {r:?}"
+    );
+    let mut job = Envelope::from_new(NewJob::new(&lease.queue, "late").id(lease.job_id.clone()));
+    job.checkpoint = Some(Bytes::from_static(b"late"));
+    let r = b.checkpoint(lease, &job).await;
+    assert!(
+        matches!(
+            r,
+            Err(BrokerError::LeaseLost { .. } | BrokerError::Unsupported { .. })
+        ),
+        "checkpoint of {what}: {r:?}"
+    );
 }
 
 /// Enqueued jobs are fetched, counted in flight, and gone once acked.
@@ -220,24 +279,28 @@ pub async fn concurrent_reapers_reclaim_each_lease_once(b: &dyn Broker) {
     assert!(again.iter().all(|d| d.envelope.attempt == 2));
 }
 
-/// After a lease was reclaimed and redelivered, the old token can change nothing,
-/// and the new owner's outcome stands.
+/// After a lease was reclaimed, the old token can change nothing (every operation,
+/// checkpoint included): neither while the job waits to be fetched again, nor once a new
+/// delivery owns it, whose outcome stands. Nor can a token the broker never gave.
 pub async fn stale_token_is_refused_everywhere(b: &dyn Broker) {
     let q = unique("fence");
     put(b, &q, 1).await;
     let old = take(b, &q, 1, Duration::from_millis(100)).await.remove(0);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    b.reap_expired(std::slice::from_ref(&q)).await.unwrap();
+    assert_eq!(b.reap_expired(std::slice::from_ref(&q)).await.unwrap(), 1);
+    every_operation_is_refused(b, &old.lease, "a reclaimed lease, its job pending").await;
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.pending, d.in_flight, d.delayed, d.dead), (1, 0, 0, 0));
     let new = take(b, &q, 1, LONG).await.remove(0);
-    assert!(is_lease_lost(b.ack(&old.lease).await));
-    assert!(is_lease_lost(
-        b.retry_after(&old.lease, Duration::ZERO, "late").await
-    ));
-    assert!(is_lease_lost(b.dead_letter(&old.lease, "late").await));
-    assert!(is_lease_lost(b.release(&old.lease).await));
-    assert!(is_lease_lost(b.extend_lease(&old.lease, LONG).await));
+    assert_eq!(new.envelope.attempt, 2);
+    every_operation_is_refused(b, &old.lease, "a reclaimed lease, its job redelivered").await;
+    let mut forged = new.lease.clone();
+    forged.token = LeaseToken(new.lease.token.0.wrapping_add(1).max(1));
+    every_operation_is_refused(b, &forged, "a token never given").await;
     let d = b.depth(&q).await.unwrap();
     assert_eq!((d.pending, d.in_flight, d.delayed, d.dead), (0, 1, 0, 0));
+    // The owner's lease is whole: it extends and settles.
+    b.extend_lease(&new.lease, LONG).await.unwrap();
     b.ack(&new.lease).await.unwrap();
     assert_eq!(b.depth(&q).await.unwrap().backlog(), 0);
 }
@@ -508,34 +571,532 @@ pub async fn worker_registry_lives_by_ttl(b: &dyn Broker) {
     b.deregister_worker(&other.id).await.unwrap();
 }
 
-/// A settled job cannot be settled again with the same token.
+/// Once a delivery is settled (acked, retried, dead-lettered or released), its token
+/// can change nothing: every operation is refused and the job stays where the
+/// settlement put it.
 pub async fn settled_job_cannot_be_settled_again(b: &dyn Broker) {
     let q = unique("twice");
-    put(b, &q, 1).await;
-    let got = take(b, &q, 1, LONG).await.remove(0);
-    b.ack(&got.lease).await.unwrap();
-    assert!(is_lease_lost(b.ack(&got.lease).await));
-    assert!(is_lease_lost(b.release(&got.lease).await));
+    put(b, &q, 4).await;
+    let got = take(b, &q, 4, LONG).await;
+    assert_eq!(got.len(), 4);
+    let state = |d: crate::QueueDepth| (d.pending, d.in_flight, d.delayed, d.dead);
+
+    b.ack(&got[0].lease).await.unwrap();
+    every_operation_is_refused(b, &got[0].lease, "acked").await;
+    assert_eq!(state(b.depth(&q).await.unwrap()), (0, 3, 0, 0));
+
+    b.retry_after(&got[1].lease, LONG, "later").await.unwrap();
+    every_operation_is_refused(b, &got[1].lease, "retried").await;
+    assert_eq!(state(b.depth(&q).await.unwrap()), (0, 2, 1, 0));
+
+    b.dead_letter(&got[2].lease, "poison").await.unwrap();
+    every_operation_is_refused(b, &got[2].lease, "dead-lettered").await;
+    assert_eq!(state(b.depth(&q).await.unwrap()), (0, 1, 1, 1));
+
+    b.release(&got[3].lease).await.unwrap();
+    every_operation_is_refused(b, &got[3].lease, "released").await;
+    assert_eq!(state(b.depth(&q).await.unwrap()), (1, 0, 1, 1));
+    let again = take(b, &q, 4, LONG).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].envelope.id, got[3].envelope.id);
+    assert_eq!(
+        again[0].envelope.attempt, 1,
+        "a refused retry counted an attempt"
+    );
+    b.ack(&again[0].lease).await.unwrap();
+    let dead = b.dead_letters(&q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "poison");
+}
+
+/// A wait with no work lasts its timeout (it neither returns early nor spins), and a
+/// worker waiting for work is woken promptly by an enqueue made while it waits.
+///
+/// The short wait's timeout is under the 50 ms that the default `wait_for_work` sleeps,
+/// so a backend without a wake-up mechanism waits it out too. The wake-up is measured
+/// as the runtime uses it, wait then fetch, in a loop: a backend may return early (the
+/// wait is a hint), but the loop must see the job well within a second of the enqueue,
+/// and may not go round more than about once per 10 ms.
+pub async fn wait_for_work_wakes_on_enqueue(b: &dyn Broker) {
+    use tokio::time::Instant;
+    let q = unique("wake");
+    let queues = vec![q.clone()];
+    // A first wait lets a backend set up its wake-up path (it may return at once).
+    b.wait_for_work(&queues, Duration::from_millis(200)).await;
+
+    let short = Duration::from_millis(40);
+    for _ in 0..5 {
+        let started = Instant::now();
+        b.wait_for_work(&queues, short).await;
+        // tokio's timers round up to the millisecond; 2 ms of slack for the clock.
+        assert!(
+            started.elapsed() + Duration::from_millis(2) >= short,
+            "a wait with no work returned after {:?}, before its {short:?} timeout",
+            started.elapsed()
+        );
+    }
+
+    let waited_from = Instant::now();
+    let waiter = async {
+        let mut rounds = 0u32;
+        loop {
+            b.wait_for_work(&queues, Duration::from_secs(20)).await;
+            rounds += 1;
+            let got = take(b, &q, 1, LONG).await;
+            if !got.is_empty() {
+                return (Instant::now(), rounds, got);
+            }
+        }
+    };
+    let producer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        put(b, &q, 1).await;
+        Instant::now()
+    };
+    let ((seen_at, rounds, got), enqueued_at) = tokio::join!(waiter, producer);
+    let late = seen_at.saturating_duration_since(enqueued_at);
+    assert!(
+        late < Duration::from_secs(1),
+        "the job was fetched {late:?} after its enqueue returned"
+    );
+    let waited = seen_at.duration_since(waited_from);
+    let most = waited.as_millis() / 10 + 5;
+    assert!(
+        u128::from(rounds) <= most,
+        "{rounds} returns from wait_for_work in {waited:?} with no work: it spins"
+    );
+    assert_eq!(got.len(), 1);
+    b.ack(&got[0].lease).await.unwrap();
+}
+
+/// An id belongs to one job of a queue from its enqueue until that job is acked or its
+/// dead letter is purged: while it is pending, delayed, in flight or dead, an enqueue of
+/// the same id to that queue is refused with [`BrokerError::DuplicateJob`] and writes
+/// nothing of its batch, and the job holding the id is untouched. Another queue may use
+/// the id. A backend that does not refuse duplicate ids must store both, losing neither.
+pub async fn a_dead_id_is_refused_by_enqueue(b: &dyn Broker) {
+    let q = unique("ids");
+    let job = |id: &str, payload: &str| NewJob::new(&q, payload.to_owned()).id(id);
+    b.enqueue(vec![
+        job("pending", "A"),
+        job("in-flight", "A"),
+        job("delayed", "A").delay(LONG),
+        job("retried", "A"),
+        job("dead", "A"),
+    ])
+    .await
+    .unwrap();
+    let got = take(b, &q, 4, LONG).await;
+    let by_id = |id: &str| got.iter().find(|d| d.envelope.id.as_str() == id).unwrap();
+    b.release(&by_id("pending").lease).await.unwrap();
+    b.retry_after(&by_id("retried").lease, LONG, "later")
+        .await
+        .unwrap();
+    b.dead_letter(&by_id("dead").lease, "poison").await.unwrap();
+    let state = |d: crate::QueueDepth| (d.pending, d.in_flight, d.delayed, d.dead);
+    assert_eq!(state(b.depth(&q).await.unwrap()), (1, 1, 2, 1));
+
+    if !b.refuses_duplicate_ids() {
+        b.enqueue(vec![job("dead", "B")]).await.unwrap();
+        assert_eq!(state(b.depth(&q).await.unwrap()), (2, 1, 2, 1));
+        let dead = b.dead_letters(&q, 10).await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].envelope.payload, Bytes::from_static(b"A"));
+        return;
+    }
+    for id in ["pending", "in-flight", "delayed", "retried", "dead"] {
+        let r = b
+            .enqueue(vec![job(&unique("fresh"), "B"), job(id, "B")])
+            .await;
+        match r {
+            Err(BrokerError::DuplicateJob { job_id }) => assert_eq!(job_id.as_str(), id),
+            other => panic!("enqueue of the {id} job's id: expected DuplicateJob, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        state(b.depth(&q).await.unwrap()),
+        (1, 1, 2, 1),
+        "a refused batch wrote something"
+    );
+    // The dead letter is as it died, the running job still owns its lease.
+    let dead = b.dead_letters(&q, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].envelope.payload, Bytes::from_static(b"A"));
+    assert_eq!(dead[0].reason, "poison");
+    b.extend_lease(&by_id("in-flight").lease, LONG)
+        .await
+        .unwrap();
+    b.ack(&by_id("in-flight").lease).await.unwrap();
+    let again = take(b, &q, 10, LONG).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].envelope.id.as_str(), "pending");
+    assert_eq!(again[0].envelope.payload, Bytes::from_static(b"A"));
+    // One id per queue, not per broker: another queue takes it.
+    let other = unique("ids-other");
+    b.enqueue(vec![NewJob::new(&other, "C").id("dead")])
+        .await
+        .unwrap();
+    assert_eq!(b.depth(&other).await.unwrap().pending, 1);
+}
+
+/// Job `x` of `q`, payload `A`, enqueued, fetched and dead-lettered.
+async fn dead_letter_of_x(b: &dyn Broker, q: &str) {
+    b.enqueue(vec![NewJob::new(q, "A").id("x")]).await.unwrap();
+    let first = take(b, q, 1, LONG).await.remove(0);
+    b.dead_letter(&first.lease, "poison").await.unwrap();
+}
+
+/// `requeue_dead` never makes two live copies of one id: a dead letter whose id is
+/// live is skipped (not moved, not counted, left dead), and one fetch never returns an
+/// id twice.
+///
+/// On a backend that refuses duplicate ids a dead id cannot be enqueued again, so the
+/// public API cannot make an id live and dead at once; the case tries (enqueue after
+/// death), and checks the requeue only if the backend let it through. What it can always
+/// check: a requeue of every dead letter moves each once, and a second requeue, with the
+/// ids now live, moves nothing. A backend that does not refuse duplicate ids is exempt.
+pub async fn requeue_never_makes_two_live_copies(b: &dyn Broker) {
+    if !b.refuses_duplicate_ids() {
+        return;
+    }
+    let q = unique("requeue-ids");
+    dead_letter_of_x(b, &q).await;
+    // Refused under the contract (see a_dead_id_is_refused_by_enqueue).
+    let second_live = b.enqueue(vec![NewJob::new(&q, "B").id("x")]).await.is_ok();
+    let moved = b.requeue_dead(&q, &[JobId::from("x")]).await.unwrap();
+    let d = b.depth(&q).await.unwrap();
+    if second_live {
+        assert_eq!(
+            moved, 0,
+            "requeue_dead moved a dead letter whose id is live"
+        );
+        assert_eq!((d.pending, d.dead), (1, 1), "{d:?}");
+        assert_eq!(b.requeue_dead(&q, &[]).await.unwrap(), 0);
+    } else {
+        assert_eq!(moved, 1);
+        assert_eq!((d.pending, d.dead), (1, 0), "{d:?}");
+    }
+    let got = take(b, &q, 10, LONG).await;
+    assert_eq!(got.len(), 1, "one fetch returned {} copies of x", got.len());
+    let expected: &[u8] = if second_live { b"B" } else { b"A" };
+    assert_eq!(got[0].envelope.payload, Bytes::from(expected));
+    // The id is live (in flight): requeuing everything again moves nothing.
+    assert_eq!(b.requeue_dead(&q, &[]).await.unwrap(), 0);
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!(d.pending + d.in_flight + d.delayed, 1, "{d:?}");
+    if second_live {
+        // Dying too, the second copy may not overwrite the first dead letter: refused
+        // (nothing changes), or both kept.
+        let r = b.dead_letter(&got[0].lease, "poison again").await;
+        let dead = b.dead_letters(&q, 10).await.unwrap();
+        assert!(
+            dead.iter()
+                .any(|l| l.envelope.payload == Bytes::from_static(b"A")),
+            "the first dead letter of x was overwritten ({r:?}): {dead:?}"
+        );
+        if r.is_err() {
+            b.ack(&got[0].lease).await.unwrap();
+        }
+    } else {
+        b.ack(&got[0].lease).await.unwrap();
+    }
+}
+
+/// A requeue of an id whose job is running leaves that job's lease alone: the handler
+/// keeps extending and acks, and nothing else of the id becomes live.
+///
+/// On a backend that refuses duplicate ids the running job can only be the requeued
+/// one itself (a dead id cannot be enqueued again), so the case requeues it once more
+/// while it runs; if the backend let a dead id be enqueued again, it also runs that new
+/// job while the old one is dead and requeues then. Exempt: a backend that does not
+/// refuse duplicate ids.
+pub async fn requeue_of_a_running_id_leaves_its_lease_alone(b: &dyn Broker) {
+    if !b.refuses_duplicate_ids() {
+        return;
+    }
+    let q = unique("requeue-running");
+    dead_letter_of_x(b, &q).await;
+    if b.enqueue(vec![NewJob::new(&q, "B").id("x")]).await.is_ok() {
+        let running = take(b, &q, 1, LONG).await.remove(0);
+        assert_eq!(running.envelope.payload, Bytes::from_static(b"B"));
+        let moved = b.requeue_dead(&q, &[]).await.unwrap();
+        b.extend_lease(&running.lease, LONG)
+            .await
+            .expect("the running job lost its lease to a requeue");
+        assert_eq!(moved, 0, "requeue_dead moved a dead letter whose id runs");
+        b.ack(&running.lease).await.unwrap();
+    }
+    assert_eq!(b.requeue_dead(&q, &[JobId::from("x")]).await.unwrap(), 1);
+    let running = take(b, &q, 1, LONG).await.remove(0);
+    assert_eq!(running.envelope.payload, Bytes::from_static(b"A"));
+    assert_eq!(b.requeue_dead(&q, &[JobId::from("x")]).await.unwrap(), 0);
+    assert_eq!(b.requeue_dead(&q, &[]).await.unwrap(), 0);
+    b.extend_lease(&running.lease, LONG).await.unwrap();
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.pending, d.in_flight, d.dead), (0, 1, 0), "{d:?}");
+    assert!(take(b, &q, 10, LONG).await.is_empty());
+    b.ack(&running.lease).await.unwrap();
     assert_eq!(b.depth(&q).await.unwrap().backlog(), 0);
 }
 
-/// A worker waiting for work wakes when a job arrives, well before its timeout.
-pub async fn wait_for_work_wakes_on_enqueue(b: &dyn Broker) {
-    let q = unique("wake");
-    let queues = vec![q.clone()];
-    // A first wait lets a backend set up its wake-up path; the measured one must be woken.
-    b.wait_for_work(&queues, Duration::from_millis(200)).await;
-    let started = tokio::time::Instant::now();
-    let waiter = b.wait_for_work(&queues, Duration::from_secs(20));
-    let producer = async {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        put(b, &q, 1).await;
-    };
-    let ((), ()) = tokio::join!(waiter, producer);
+/// Once its job is acked, or its dead letter purged, an id is free: enqueued again, it
+/// is a new job (its own payload, attempt 1, no history).
+pub async fn a_purged_or_acked_id_may_be_enqueued_again(b: &dyn Broker) {
+    let q = unique("ids-free");
+    let job = |payload: &str| NewJob::new(&q, payload.to_owned()).id("x");
+    b.enqueue(vec![job("A")]).await.unwrap();
+    let got = take(b, &q, 1, LONG).await.remove(0);
+    b.ack(&got.lease).await.unwrap();
+
+    b.enqueue(vec![job("B")]).await.unwrap();
+    let got = take(b, &q, 1, LONG).await.remove(0);
+    assert_eq!(got.envelope.payload, Bytes::from_static(b"B"));
+    b.retry_after(&got.lease, Duration::ZERO, "flaky")
+        .await
+        .unwrap();
+    let got = take(b, &q, 1, LONG).await.remove(0);
+    b.dead_letter(&got.lease, "poison").await.unwrap();
+    assert_eq!(b.purge_dead(&q, &[JobId::from("x")]).await.unwrap(), 1);
+
+    b.enqueue(vec![job("C")]).await.unwrap();
+    let got = take(b, &q, 1, LONG).await.remove(0);
+    assert_eq!(got.envelope.payload, Bytes::from_static(b"C"));
+    assert_eq!(got.envelope.attempt, 1);
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        got.envelope.history.is_empty(),
         "{:?}",
-        started.elapsed()
+        got.envelope.history
     );
-    assert_eq!(take(b, &q, 1, LONG).await.len(), 1);
+    // Dead, requeued, acked: free again.
+    b.dead_letter(&got.lease, "poison").await.unwrap();
+    assert_eq!(b.requeue_dead(&q, &[]).await.unwrap(), 1);
+    let got = take(b, &q, 1, LONG).await.remove(0);
+    assert_eq!(got.envelope.payload, Bytes::from_static(b"C"));
+    b.ack(&got.lease).await.unwrap();
+    b.enqueue(vec![job("D")]).await.unwrap();
+    let got = take(b, &q, 1, LONG).await.remove(0);
+    assert_eq!(got.envelope.payload, Bytes::from_static(b"D"));
+    b.ack(&got.lease).await.unwrap();
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.pending, d.in_flight, d.delayed, d.dead), (0, 0, 0, 0));
+}
+
+/// A beat renews a worker's TTL: one beating past its first TTL stays listed, one
+/// that stopped beating disappears. A listing filters by pool and reports the fields
+/// as they were written.
+pub async fn worker_registry_renews_on_beat_and_lists_what_was_written(b: &dyn Broker) {
+    let (pool, other_pool) = (unique("pool"), unique("pool"));
+    let ttl = Duration::from_millis(1200);
+    let mut beating = WorkerInfo::new(unique("beating"), &pool, vec!["a".into(), "b".into()]);
+    beating.host = "node-7".into();
+    beating.pid = 4242;
+    beating.concurrency = 8;
+    beating.in_flight = 2;
+    beating.started_at_ms = 1_700_000_000_000;
+    let silent = WorkerInfo::new(unique("silent"), &pool, vec!["a".into()]);
+    let mut elsewhere = WorkerInfo::new(unique("elsewhere"), &other_pool, vec!["c".into()]);
+    elsewhere.draining = true;
+    let registered_at = tokio::time::Instant::now();
+    b.register_worker(&beating, ttl).await.unwrap();
+    b.register_worker(&silent, ttl).await.unwrap();
+    b.register_worker(&elsewhere, LONG).await.unwrap();
+
+    let same = |listed: &WorkerInfo, written: &WorkerInfo| {
+        let mut l = listed.clone();
+        assert!(
+            l.last_beat_ms >= written.last_beat_ms,
+            "{} beat at {} but lists {}",
+            written.id,
+            written.last_beat_ms,
+            l.last_beat_ms
+        );
+        l.last_beat_ms = written.last_beat_ms;
+        assert_eq!(&l, written);
+    };
+    let ids = |ws: &[WorkerInfo]| ws.iter().map(|w| w.id.clone()).collect::<HashSet<_>>();
+    // Beat (both live workers, as running workers do) until 3.5 TTLs have passed, the
+    // beating worker is listed as last written and the silent one is gone. Without
+    // renewal the beating worker is gone after one TTL (for good, or until a beat adds
+    // it again: then it is missing from a listing once per TTL). One listing may miss
+    // a live worker (on AMQP, concurrent listings briefly hide each other's beats), so
+    // one miss is forgiven.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let (mut seen_once, mut misses) = (false, Vec::new());
+    loop {
+        // Four beats a listing: listings are few, so they rarely meet other listings.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            beating.in_flight = (beating.in_flight + 1) % 8;
+            beating.last_beat_ms = crate::job::now_ms();
+            b.beat_worker(&beating, ttl).await.unwrap();
+            b.beat_worker(&elsewhere, LONG).await.unwrap();
+        }
+        let last = b.list_workers(Some(&pool)).await.unwrap();
+        assert!(
+            ids(&last).is_subset(&HashSet::from([beating.id.clone(), silent.id.clone()])),
+            "listed for {pool}: {last:?}"
+        );
+        let seen = last.iter().find(|w| w.id == beating.id);
+        match seen {
+            Some(seen) => {
+                same(seen, &beating);
+                seen_once = true;
+            }
+            None if seen_once => misses.push(registered_at.elapsed()),
+            None => {}
+        }
+        assert!(
+            misses.len() <= 1,
+            "a worker beating every 100 ms with a {ttl:?} TTL was missing from the listings \
+             at {misses:?} after it registered"
+        );
+        let silent_gone = !ids(&last).contains(&silent.id);
+        if seen.is_some() && silent_gone && registered_at.elapsed() >= ttl * 7 / 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a worker beating every 100 ms with a {ttl:?} TTL and one that never beat, \
+             {:?} after they registered: listed {:?}",
+            registered_at.elapsed(),
+            ids(&last)
+        );
+    }
+    let listed = std::sync::Mutex::new(Vec::new());
+    eventually(Duration::from_secs(5), "the other pool listed", || async {
+        b.beat_worker(&elsewhere, LONG).await.unwrap();
+        let got = b.list_workers(Some(&other_pool)).await.unwrap();
+        let found = !got.is_empty();
+        *listed.lock().unwrap() = got;
+        found
+    })
+    .await;
+    let listed = listed.into_inner().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    same(&listed[0], &elsewhere);
+    b.deregister_worker(&beating.id).await.unwrap();
+    b.deregister_worker(&elsewhere.id).await.unwrap();
+    assert!(b.list_workers(Some(&pool)).await.unwrap().is_empty());
+}
+
+/// A refused checkpoint changes nothing: a stale token's save (carrying another payload
+/// too) is refused, and the next delivery has the stored envelope as it was, with the
+/// checkpoint the owner saved. A backend that refuses every checkpoint
+/// ([`BrokerError::Unsupported`]) delivers the job with no checkpoint and unchanged.
+pub async fn a_refused_checkpoint_changes_nothing(b: &dyn Broker) {
+    let q = unique("checkpoint-refused");
+    b.enqueue(vec![NewJob::new(&q, "payload").header("k", "v")])
+        .await
+        .unwrap();
+    let first = take(b, &q, 1, Duration::from_millis(150)).await.remove(0);
+    let mut saved = first.envelope.clone();
+    saved.checkpoint = Some(Bytes::from_static(b"owner"));
+    let supported = match b.checkpoint(&first.lease, &saved).await {
+        Ok(()) => true,
+        Err(BrokerError::Unsupported { .. }) => false,
+        Err(e) => panic!("checkpoint: {e}"),
+    };
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(b.reap_expired(std::slice::from_ref(&q)).await.unwrap(), 1);
+    let second = take(b, &q, 1, LONG).await.remove(0);
+
+    let mut stale = first.envelope.clone();
+    stale.payload = Bytes::from_static(b"stale payload");
+    stale.headers.insert("k".into(), "stale".into());
+    stale.checkpoint = Some(Bytes::from_static(b"stale"));
+    let r = b.checkpoint(&first.lease, &stale).await;
+    assert!(
+        matches!(
+            r,
+            Err(BrokerError::LeaseLost { .. } | BrokerError::Unsupported { .. })
+        ),
+        "a stale checkpoint: {r:?}"
+    );
+    b.release(&second.lease).await.unwrap();
+    let third = take(b, &q, 1, LONG).await.remove(0);
+    let mut expected = second.envelope.clone();
+    expected.checkpoint = supported.then(|| Bytes::from_static(b"owner"));
+    expected.due_at_ms = third.envelope.due_at_ms;
+    assert_eq!(
+        third.envelope, expected,
+        "the refused checkpoint changed the job"
+    );
+    assert_eq!(third.envelope.payload, Bytes::from_static(b"payload"));
+    b.ack(&third.lease).await.unwrap();
+}
+
+/// The queues named in `stop_fetching` are left to other workers: what this instance
+/// held but had not handed out is fetched by another instance on the same store (at the
+/// same attempt), while the leases it had given out stay its own and still extend and
+/// ack. A backend that holds nothing ahead of `fetch` passes by doing nothing.
+pub async fn stop_fetching_leaves_the_rest_to_other_workers(b: &dyn Broker, other: &dyn Broker) {
+    let q = unique("stop");
+    let queues = vec![q.clone()];
+    let ids: HashSet<JobId> = put(b, &q, 5).await.into_iter().collect();
+    // A backend that receives ahead (AMQP, prefetch) may now hold the other 3.
+    let mine = take(b, &q, 2, LONG).await;
+    assert_eq!(mine.len(), 2);
+    b.stop_fetching(&queues).await;
+
+    let theirs = fetch_at_least(other, &q, 3, "by another worker after stop_fetching").await;
+    let mine_ids: HashSet<JobId> = mine.iter().map(|d| d.envelope.id.clone()).collect();
+    let theirs_ids: HashSet<JobId> = theirs.iter().map(|d| d.envelope.id.clone()).collect();
+    assert!(
+        theirs.len() == 3 && mine_ids.is_disjoint(&theirs_ids),
+        "another worker fetched {} jobs, {} of them leased to the stopped one",
+        theirs.len(),
+        mine_ids.intersection(&theirs_ids).count()
+    );
+    assert_eq!(&mine_ids | &theirs_ids, ids);
+    assert!(
+        theirs.iter().all(|d| d.envelope.attempt == 1),
+        "handed back with an attempt counted"
+    );
+
+    for d in &mine {
+        b.extend_lease(&d.lease, LONG).await.unwrap();
+        b.ack(&d.lease).await.unwrap();
+    }
+    for d in &theirs {
+        other.ack(&d.lease).await.unwrap();
+    }
+    assert!(take(other, &q, 10, LONG).await.is_empty());
+    for (who, broker) in [("stopped", b), ("other", other)] {
+        let d = broker.depth(&q).await.unwrap();
+        assert_eq!(
+            (d.pending, d.in_flight, d.delayed, d.dead),
+            (0, 0, 0, 0),
+            "depth read by the {who} instance"
+        );
+    }
+}
+
+/// After `close`, later calls work again (connecting anew): enqueue, depth, dead-letter
+/// listing, the registry, and fetch and ack on a queue it had not stopped. A queue it
+/// consumed before the close counts as stopped by it (close stops fetching first), so
+/// the case does not fetch from that one on this instance.
+pub async fn later_calls_work_after_close(b: &dyn Broker) {
+    let q = unique("close");
+    let queues = vec![q.clone()];
+    put(b, &q, 2).await;
+    let got = take(b, &q, 1, LONG).await.remove(0);
+    b.ack(&got.lease).await.unwrap();
+    b.close().await;
+
+    put(b, &q, 1).await;
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.pending, d.in_flight, d.delayed, d.dead), (2, 0, 0, 0));
+    assert!(b.dead_letters(&q, 10).await.unwrap().is_empty());
+    let pool = unique("pool");
+    let w = WorkerInfo::new(unique("w"), &pool, queues.clone());
+    b.register_worker(&w, LONG).await.unwrap();
+    assert_eq!(b.list_workers(Some(&pool)).await.unwrap().len(), 1);
+    b.deregister_worker(&w.id).await.unwrap();
+
+    let fresh = unique("after-close");
+    let ids = put(b, &fresh, 1).await;
+    let got = fetch_at_least(b, &fresh, 1, "after close").await;
+    assert_eq!(got[0].envelope.id, ids[0]);
+    b.ack(&got[0].lease).await.unwrap();
+    b.close().await;
 }

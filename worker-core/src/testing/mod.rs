@@ -4,7 +4,9 @@
 //!
 //! ```no_run
 //! async fn make() -> worker_core::MemoryBroker { worker_core::MemoryBroker::new() }
-//! worker_core::conformance_suite!(make());
+//! // A second handle on the same store, for the cases that play two workers.
+//! async fn peer(b: &worker_core::MemoryBroker) -> worker_core::MemoryBroker { b.clone() }
+//! worker_core::conformance_suite!(make(), peer = peer);
 //! ```
 //!
 //! Each case names its own queues and pools with a random prefix, so cases run in
@@ -45,12 +47,15 @@ where
 /// Run every conformance case against one broker, all at once (each case names its
 /// own queues). For a backend whose server a test must own for the whole run, such as
 /// a cluster it starts and stops; otherwise prefer [`conformance_suite!`](crate::conformance_suite), which gives
-/// each case its own test.
+/// each case its own test. Cases over two workers get `b` as both, so a backend that
+/// holds deliveries ahead of `fetch` (AMQP consumers) needs the macro and a peer.
 pub async fn run_all(b: &dyn crate::Broker) {
     crate::__conformance_cases!(__conformance_join, b);
 }
 
-/// The one list of conformance cases; hands it to `$crate::$callback!(args; cases)`.
+/// The one list of conformance cases; hands it to `$crate::$callback!(args; cases;
+/// pairs)`. `cases` take one broker; `pairs` take two handles on one store, as two
+/// workers have.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_cases {
@@ -70,12 +75,20 @@ macro_rules! __conformance_cases {
             retry_without_delay_is_pending_at_once,
             release_keeps_the_attempt_and_goes_first,
             checkpoint_travels_with_the_job_until_ack,
+            a_refused_checkpoint_changes_nothing,
             dead_letters_keep_reason_and_history,
+            a_dead_id_is_refused_by_enqueue,
+            requeue_never_makes_two_live_copies,
+            requeue_of_a_running_id_leaves_its_lease_alone,
+            a_purged_or_acked_id_may_be_enqueued_again,
             delayed_enqueue_waits_for_its_time,
             depth_counts_every_state,
             worker_registry_lives_by_ttl,
+            worker_registry_renews_on_beat_and_lists_what_was_written,
             settled_job_cannot_be_settled_again,
-            wait_for_work_wakes_on_enqueue
+            wait_for_work_wakes_on_enqueue,
+            later_calls_work_after_close;
+            stop_fetching_leaves_the_rest_to_other_workers
         }
     };
 }
@@ -84,10 +97,12 @@ macro_rules! __conformance_cases {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_join {
-    ($b:expr; $($case:ident),* $(,)?) => {
+    ($b:expr; $($case:ident),* $(,)?; $($pair:ident),* $(,)?) => {
         ::futures::future::join_all(::std::vec![
             $(::std::boxed::Box::pin($crate::testing::cases::$case($b))
-                as ::futures::future::BoxFuture<'_, ()>),*
+                as ::futures::future::BoxFuture<'_, ()>,)*
+            $(::std::boxed::Box::pin($crate::testing::cases::$pair($b, $b))
+                as ::futures::future::BoxFuture<'_, ()>,)*
         ])
         .await
     };
@@ -95,12 +110,14 @@ macro_rules! __conformance_join {
 
 /// Generate one `#[tokio::test]` per conformance case. `$make` is an expression whose
 /// value is a future resolving to a fresh broker; it is evaluated once per case.
+///
+/// Some cases play two workers on one store. `peer = f` gives the second: `f(&broker)`
+/// is a future resolving to another handle on the same store as `broker` (for a
+/// server, a second connection with the same key prefix or virtual host). Without it
+/// the broker plays both, which only a backend that holds nothing ahead of `fetch` may do.
 #[macro_export]
 macro_rules! conformance_suite {
-    ($make:expr) => {
-        $crate::__conformance_cases!(conformance_suite, @cases $make);
-    };
-    (@cases $make:expr; $($case:ident),* $(,)?) => {
+    (@cases ($make:expr) $peer:tt; $($case:ident),* $(,)?; $($pair:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
@@ -108,6 +125,30 @@ macro_rules! conformance_suite {
                 $crate::testing::cases::$case(&broker).await;
             }
         )*
+        $(
+            $crate::conformance_suite!(@pair $pair ($make) $peer);
+        )*
+    };
+    (@pair $case:ident ($make:expr) ()) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            let broker = $make.await;
+            $crate::testing::cases::$case(&broker, &broker).await;
+        }
+    };
+    (@pair $case:ident ($make:expr) ($peer:expr)) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            let broker = $make.await;
+            let other = ($peer)(&broker).await;
+            $crate::testing::cases::$case(&broker, &other).await;
+        }
+    };
+    ($make:expr, peer = $peer:expr $(,)?) => {
+        $crate::__conformance_cases!(conformance_suite, @cases ($make) ($peer));
+    };
+    ($make:expr) => {
+        $crate::__conformance_cases!(conformance_suite, @cases ($make) ());
     };
 }
 

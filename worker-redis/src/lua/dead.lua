@@ -1,10 +1,15 @@
 -- ARGV[1]: id; ARGV[2]: token; ARGV[3]: reason
 -- Returns: 1 when dead-lettered (envelope, reason and history kept), 0 when the token
--- does not own it
+-- does not own it, 2 when a dead letter of the id is already stored (nothing changed)
+-- Invariant: a dead letter is never overwritten. Enqueue refuses a dead id, so only
+-- keys written by something else can hold one here.
 if not owned(ARGV[1], ARGV[2]) then
   return 0
 end
 local id = ARGV[1]
+if redis.call('ZSCORE', KEYS[5], id) then
+  return 2
+end
 local now = now_ms()
 redis.call('ZREM', KEYS[2], id)
 local attempt, due = meta_of(id)

@@ -3,10 +3,11 @@
 -- caller's number of jobs; then, caller after caller, triples of id, envelope JSON,
 -- delay (ms)
 -- Returns: one item per caller, in order: '' when its jobs were written, else the id
---          that is already live in the queue (nothing of that caller's written)
--- Invariant: a job id is live at most once per queue; callers are taken in order, so
--- a later caller's duplicate of an earlier caller's id is refused.
--- Cost: five commands per batch, whatever its size.
+--          that the queue already holds, live or dead (nothing of that caller's written)
+-- Invariant: an id names one job of the queue from its enqueue until that job is acked
+-- or its dead letter purged, so an id that is live or dead is refused; callers are
+-- taken in order, so a later caller's duplicate of an earlier caller's id is refused.
+-- Cost: six commands per batch, whatever its size.
 local g = tonumber(ARGV[2])
 local first = 3 + g
 local ids = {}
@@ -14,6 +15,8 @@ for i = first, #ARGV, 3 do
   ids[#ids + 1] = 'e:' .. ARGV[i]
 end
 local live = hmget_all(KEYS[3], ids)
+-- A dead letter keeps its envelope field under the same name in the dead hash.
+local dead = hmget_all(KEYS[6], ids)
 local now = now_ms()
 -- Formatted once: Lua turns each number into text, which is costly.
 local now_text = tostring(now)
@@ -27,7 +30,7 @@ for c = 1, g do
   local mine = {}
   for j = from + 1, from + n do
     local id = ARGV[first + 3 * (j - 1)]
-    if seen[id] or mine[id] or live[j] then
+    if seen[id] or mine[id] or live[j] or dead[j] then
       dup = id
       break
     end
