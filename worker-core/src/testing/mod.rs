@@ -14,6 +14,10 @@
 // The cases are assertions: a broker error must fail the test loudly, with its text.
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 pub mod cases;
+// Conformance cases found by the model-based tests, each a shrunk counterexample.
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod found;
+pub mod model;
 
 use std::future::Future;
 use std::time::Duration;
@@ -50,7 +54,8 @@ pub async fn run_all(b: &dyn crate::Broker) {
     crate::__conformance_cases!(__conformance_join, b);
 }
 
-/// The one list of conformance cases; hands it to `$crate::$callback!(args; cases)`.
+/// The one list of conformance cases; hands it to `$crate::$callback!(args; cases;
+/// found: cases)`, the cases of [`cases`] first, then those of [`found`].
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_cases {
@@ -75,7 +80,9 @@ macro_rules! __conformance_cases {
             depth_counts_every_state,
             worker_registry_lives_by_ttl,
             settled_job_cannot_be_settled_again,
-            wait_for_work_wakes_on_enqueue
+            wait_for_work_wakes_on_enqueue;
+            found:
+            id_of_a_dead_letter_is_not_reused
         }
     };
 }
@@ -84,10 +91,12 @@ macro_rules! __conformance_cases {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_join {
-    ($b:expr; $($case:ident),* $(,)?) => {
+    ($b:expr; $($case:ident),* $(,)?; found: $($found:ident),* $(,)?) => {
         ::futures::future::join_all(::std::vec![
             $(::std::boxed::Box::pin($crate::testing::cases::$case($b))
-                as ::futures::future::BoxFuture<'_, ()>),*
+                as ::futures::future::BoxFuture<'_, ()>,)*
+            $(::std::boxed::Box::pin($crate::testing::found::$found($b))
+                as ::futures::future::BoxFuture<'_, ()>,)*
         ])
         .await
     };
@@ -100,14 +109,16 @@ macro_rules! conformance_suite {
     ($make:expr) => {
         $crate::__conformance_cases!(conformance_suite, @cases $make);
     };
-    (@cases $make:expr; $($case:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                let broker = $make.await;
-                $crate::testing::cases::$case(&broker).await;
-            }
-        )*
+    (@cases $make:expr; $($case:ident),* $(,)?; found: $($found:ident),* $(,)?) => {
+        $($crate::conformance_suite!(@one $make, cases, $case);)*
+        $($crate::conformance_suite!(@one $make, found, $found);)*
+    };
+    (@one $make:expr, $module:ident, $case:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            let broker = $make.await;
+            $crate::testing::$module::$case(&broker).await;
+        }
     };
 }
 
