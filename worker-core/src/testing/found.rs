@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::unique;
+use super::{eventually, unique};
 use crate::broker::{Broker, FetchPlan};
 use crate::error::BrokerError;
 use crate::job::NewJob;
@@ -39,4 +39,29 @@ pub async fn id_of_a_dead_letter_is_not_reused(b: &dyn Broker) {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].envelope.payload, "p0".as_bytes());
     assert_eq!(dead[0].reason, "dead 0");
+}
+
+/// Enqueue a job with a delay to a queue nothing has used yet, and let the delay pass:
+/// the job is then due (pending, or delayed and due) and a fetch returns it. Nothing
+/// but the delayed job has made the queue exist.
+pub async fn delayed_job_of_a_new_queue_is_not_lost(b: &dyn Broker) {
+    let q = unique("new-delayed");
+    b.enqueue(vec![NewJob::new(&q, "p0").delay(Duration::from_millis(300))])
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the delay has passed", || async {
+        let d = b.depth(&q).await.unwrap();
+        d.delayed == 0 || d.delayed_due == 1
+    })
+    .await;
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!(
+        (d.pending + d.delayed_due, d.in_flight, d.dead),
+        (1, 0, 0),
+        "the job once its delay passed: {d:?}"
+    );
+    let got = b.fetch(&FetchPlan::single(&q, 1, LONG)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].envelope.payload, "p0".as_bytes());
+    b.ack(&got[0].lease).await.unwrap();
 }

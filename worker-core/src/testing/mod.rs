@@ -82,7 +82,8 @@ macro_rules! __conformance_cases {
             settled_job_cannot_be_settled_again,
             wait_for_work_wakes_on_enqueue;
             found:
-            id_of_a_dead_letter_is_not_reused
+            id_of_a_dead_letter_is_not_reused,
+            delayed_job_of_a_new_queue_is_not_lost
         }
     };
 }
