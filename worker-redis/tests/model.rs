@@ -22,6 +22,6 @@ fn redis_broker_agrees_with_the_model() {
         .unwrap_or_else(|e| panic!("redis: {e}"));
     let config = ModelConfig::for_broker("redis", &broker)
         .short(Duration::from_millis(150), Duration::from_millis(50))
-        .cases(48, 30);
+        .cases(96, 30);
     check(&rt, &broker, &config);
 }

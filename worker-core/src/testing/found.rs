@@ -17,13 +17,13 @@ const LONG: Duration = Duration::from_secs(60);
 /// letter.
 pub async fn id_of_a_dead_letter_is_not_reused(b: &dyn Broker) {
     let q = unique("dead-id");
-    b.enqueue(vec![NewJob::new(&q, "p0").id("x2")])
+    b.enqueue(vec![NewJob::new(&q, "p0").id("x0")])
         .await
         .unwrap();
     let got = b.fetch(&FetchPlan::single(&q, 1, LONG)).await.unwrap();
     assert_eq!(got.len(), 1);
     b.dead_letter(&got[0].lease, "dead 0").await.unwrap();
-    let again = b.enqueue(vec![NewJob::new(&q, "p1").id("x2")]).await;
+    let again = b.enqueue(vec![NewJob::new(&q, "p1").id("x0")]).await;
     let d = b.depth(&q).await.unwrap();
     if b.refuses_duplicate_ids() {
         assert!(

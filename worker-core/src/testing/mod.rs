@@ -13,11 +13,20 @@
 
 // The cases are assertions: a broker error must fail the test loudly, with its text.
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-pub mod cases;
-// Conformance cases found by the model-based tests, each a shrunk counterexample.
-#[allow(clippy::unwrap_used, clippy::expect_used)]
-pub mod found;
+mod found;
 pub mod model;
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[path = "cases.rs"]
+mod spec;
+
+/// Every conformance case: one public async function per behaviour of the
+/// [`Broker`](crate::Broker) contract. Those written as its specification come first;
+/// then those the model-based tests ([`model`]) found, each the shrunk sequence of
+/// operations on which a backend disagreed with the model.
+pub mod cases {
+    pub use super::found::*;
+    pub use super::spec::*;
+}
 
 use std::future::Future;
 use std::time::Duration;
@@ -54,8 +63,7 @@ pub async fn run_all(b: &dyn crate::Broker) {
     crate::__conformance_cases!(__conformance_join, b);
 }
 
-/// The one list of conformance cases; hands it to `$crate::$callback!(args; cases;
-/// found: cases)`, the cases of [`cases`] first, then those of [`found`].
+/// The one list of conformance cases; hands it to `$crate::$callback!(args; cases)`.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_cases {
@@ -80,8 +88,7 @@ macro_rules! __conformance_cases {
             depth_counts_every_state,
             worker_registry_lives_by_ttl,
             settled_job_cannot_be_settled_again,
-            wait_for_work_wakes_on_enqueue;
-            found:
+            wait_for_work_wakes_on_enqueue,
             id_of_a_dead_letter_is_not_reused,
             delayed_job_of_a_new_queue_is_not_lost
         }
@@ -92,12 +99,10 @@ macro_rules! __conformance_cases {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_join {
-    ($b:expr; $($case:ident),* $(,)?; found: $($found:ident),* $(,)?) => {
+    ($b:expr; $($case:ident),* $(,)?) => {
         ::futures::future::join_all(::std::vec![
             $(::std::boxed::Box::pin($crate::testing::cases::$case($b))
-                as ::futures::future::BoxFuture<'_, ()>,)*
-            $(::std::boxed::Box::pin($crate::testing::found::$found($b))
-                as ::futures::future::BoxFuture<'_, ()>,)*
+                as ::futures::future::BoxFuture<'_, ()>),*
         ])
         .await
     };
@@ -110,16 +115,14 @@ macro_rules! conformance_suite {
     ($make:expr) => {
         $crate::__conformance_cases!(conformance_suite, @cases $make);
     };
-    (@cases $make:expr; $($case:ident),* $(,)?; found: $($found:ident),* $(,)?) => {
-        $($crate::conformance_suite!(@one $make, cases, $case);)*
-        $($crate::conformance_suite!(@one $make, found, $found);)*
-    };
-    (@one $make:expr, $module:ident, $case:ident) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $case() {
-            let broker = $make.await;
-            $crate::testing::$module::$case(&broker).await;
-        }
+    (@cases $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let broker = $make.await;
+                $crate::testing::cases::$case(&broker).await;
+            }
+        )*
     };
 }
 

@@ -47,7 +47,7 @@ use crate::job::{JobId, NewJob};
 /// A lease or delay that never passes within a case.
 const LONG: Duration = Duration::from_secs(3600);
 /// Explicit ids a sequence draws from, so that ids repeat.
-const NAMES: u8 = 3;
+const NAMES: u8 = 2;
 
 /// What a backend does differently from the reference model, and how long its
 /// cases may run.
@@ -148,8 +148,9 @@ pub enum Span {
 }
 
 /// One step of a sequence. A step that names a lease (`pick`) takes one of the
-/// deliveries fetched so far in the case, stale ones included (`pick` modulo their
-/// number); with none yet, it does nothing.
+/// deliveries fetched so far in the case, stale ones included, counting back from the
+/// latest (0 is the latest; `pick` modulo their number), so that removing an earlier
+/// step while shrinking rarely changes which one; with none yet, it does nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Enqueue one job.
@@ -523,11 +524,12 @@ impl<'a> Harness<'a> {
         }
     }
 
-    fn pick(&self, pick: u8) -> Option<(Delivery, usize)> {
-        if self.deliveries.is_empty() {
-            return None;
-        }
-        Some(self.deliveries[pick as usize % self.deliveries.len()].clone())
+    /// The delivery `pick` names: its index, the delivery and its job.
+    fn pick(&self, pick: u8) -> Option<(usize, Delivery, usize)> {
+        let n = self.deliveries.len();
+        let index = n.checked_sub(1 + pick as usize % n.max(1))?;
+        let (delivery, job) = self.deliveries[index].clone();
+        Some((index, delivery, job))
     }
 
     /// Whether `delivery` (index) owns its job in the model.
@@ -791,10 +793,9 @@ impl<'a> Harness<'a> {
     }
 
     async fn settle(&mut self, pick: u8, how: Settle) -> Result<String, String> {
-        let Some((delivery, job)) = self.pick(pick) else {
+        let Some((index, delivery, job)) = self.pick(pick) else {
             return Ok(" (no delivery yet: nothing done)".into());
         };
-        let index = pick as usize % self.deliveries.len();
         let owns = self.owns(index, job);
         let lease = &delivery.lease;
         let result = match how {
