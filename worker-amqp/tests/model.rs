@@ -1,7 +1,7 @@
 //! The RabbitMQ backend agrees with the model of the `Broker` contract on random
 //! sequences of operations, with the differences its crate documentation states
-//! (duplicate ids stored, no checkpoints, due delays moved by RabbitMQ itself), on
-//! classic queues taking jobs by consuming. Leases and delays pass in real time: the
+//! (duplicate ids stored, no checkpoints, due delays moved by RabbitMQ itself): on
+//! classic queues, taking jobs by consuming and with `basic.get`. Leases and delays pass in real time: the
 //! short ones last 800 ms, well beyond the 200 ms a fetch may wait for deliveries. The run gets a virtual host of its own, made and deleted
 //! through the management API (`AMQP_MANAGEMENT_URL`, default local).
 
@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use worker_amqp::AmqpConfig;
+use worker_amqp::{AmqpConfig, FetchMode};
 use worker_core::testing::model::{check, ModelConfig};
 
 /// A virtual host that lives as long as the value.
@@ -69,8 +69,8 @@ impl Drop for Vhost {
     }
 }
 
-#[test]
-fn amqp_broker_agrees_with_the_model() {
+/// Run the model against a broker made by `tweak` from the run's base configuration.
+fn agrees(name: &'static str, tweak: fn(AmqpConfig) -> AmqpConfig, cases: u32) {
     let api =
         std::env::var("AMQP_MANAGEMENT_URL").unwrap_or_else(|_| "http://127.0.0.1:15672".into());
     let host = std::env::var("AMQP_HOST").unwrap_or_else(|_| "127.0.0.1:5672".into());
@@ -79,20 +79,32 @@ fn amqp_broker_agrees_with_the_model() {
         .enable_all()
         .build()
         .expect("runtime");
+    let base = AmqpConfig::new(format!("amqp://guest:guest@{host}/{}", vhost.name))
+        .management_url(api.replacen("://", "://guest:guest@", 1))
+        .depth_from_management(false)
+        .prefetch(100);
     let broker = rt
-        .block_on(
-            AmqpConfig::new(format!("amqp://guest:guest@{host}/{}", vhost.name))
-                .management_url(api.replacen("://", "://guest:guest@", 1))
-                .depth_from_management(false)
-                .prefetch(100)
-                .connect(),
-        )
+        .block_on(tweak(base).connect())
         .expect("connect to RabbitMQ");
-    let config = ModelConfig::for_broker("amqp", &broker)
+    let config = ModelConfig::for_broker(name, &broker)
         .checkpoints(false)
         .moves_due_delays(true)
         .short(Duration::from_millis(800), Duration::from_millis(300))
-        .cases(16, 25);
+        .cases(cases, 25);
     check(&rt, &broker, &config);
     rt.block_on(worker_core::Broker::close(&broker));
+}
+
+#[test]
+fn classic_queues_consumed_agree_with_the_model() {
+    agrees("amqp classic, consume", |c| c, 16);
+}
+
+#[test]
+fn classic_queues_taken_with_get_agree_with_the_model() {
+    agrees(
+        "amqp classic, basic.get",
+        |c| c.fetch_mode(FetchMode::Get),
+        10,
+    );
 }
