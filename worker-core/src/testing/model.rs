@@ -268,8 +268,8 @@ pub fn check(rt: &tokio::runtime::Runtime, broker: &dyn Broker, config: &ModelCo
     }
 }
 
-/// Run one sequence against `broker` and the model, on a queue of its own: the trace
-/// of every step, or the first disagreement with the trace up to it.
+/// Run one sequence against `broker` and the model, on a queue of its own: `Ok` when
+/// they agree at every step, else the first disagreement with the trace up to it.
 pub async fn run(broker: &dyn Broker, config: &ModelConfig, ops: &[Op]) -> Result<(), String> {
     let mut h = Harness::new(broker, config);
     for &op in ops {
