@@ -15,7 +15,20 @@
 
 // The cases are assertions: a broker error must fail the test loudly, with its text.
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-pub mod cases;
+mod found;
+pub mod model;
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+#[path = "cases.rs"]
+mod spec;
+
+/// Every conformance case: one public async function per behaviour of the
+/// [`Broker`](crate::Broker) contract. Those written as its specification come first;
+/// then those the model-based tests ([`model`]) found, each the shrunk sequence of
+/// operations on which a backend disagreed with the model.
+pub mod cases {
+    pub use super::found::*;
+    pub use super::spec::*;
+}
 
 use std::future::Future;
 use std::time::Duration;
@@ -87,7 +100,9 @@ macro_rules! __conformance_cases {
             worker_registry_renews_on_beat_and_lists_what_was_written,
             settled_job_cannot_be_settled_again,
             wait_for_work_wakes_on_enqueue,
-            later_calls_work_after_close;
+            later_calls_work_after_close,
+            id_of_a_dead_letter_is_not_reused,
+            delayed_job_of_a_new_queue_is_not_lost;
             stop_fetching_leaves_the_rest_to_other_workers
         }
     };
