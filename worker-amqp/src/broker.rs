@@ -254,6 +254,9 @@ impl Inner {
         let queue = env.queue.as_str();
         let (route, props) = match target {
             Target::Delayed(d) if !d.is_zero() => {
+                // The delay queue dead-letters into the work queue when the time is up;
+                // RabbitMQ drops a message routed to a queue that does not exist yet.
+                self.declare_work(s, queue).await?;
                 (self.declare_delay(s, queue, d).await?, properties(env, &[]))
             }
             Target::Queue | Target::Delayed(_) => {
