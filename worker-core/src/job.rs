@@ -382,9 +382,11 @@ impl JobContext {
     }
 
     /// Fires when the handler must stop: the drain deadline passed, the job's
-    /// timeout ran out, or the lease was lost to another worker. The outcome of a
-    /// cancelled job is not recorded; long handlers should watch this token and
-    /// return early.
+    /// timeout ran out, or the lease was lost to another worker. Long handlers should
+    /// watch this token and return early: a handler still running a short grace later
+    /// is aborted at its next await. A success returned after it fired is still acked
+    /// (unless the lease was lost); what an error means then is in the runtime's
+    /// docs on cancelled handlers.
     pub fn cancellation(&self) -> &CancellationToken {
         &self.cancel
     }

@@ -399,11 +399,27 @@ async fn an_expired_lease_is_redelivered_and_the_late_ack_refused() {
 }
 
 /// A broker whose lease extensions fail while `partitioned` is set, as when a worker
-/// loses its connection while its handler keeps running.
+/// loses its connection while its handler keeps running. It counts the extensions
+/// asked for, per job.
 #[derive(Clone)]
 struct Partitionable {
     inner: MemoryBroker,
     partitioned: Arc<AtomicBool>,
+    extended: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl Partitionable {
+    fn new(inner: MemoryBroker) -> Self {
+        Self {
+            inner,
+            partitioned: Arc::new(AtomicBool::new(false)),
+            extended: Arc::default(),
+        }
+    }
+
+    fn extensions(&self, job: &str) -> u32 {
+        self.extended.lock().unwrap().get(job).copied().unwrap_or(0)
+    }
 }
 
 #[async_trait]
@@ -427,6 +443,12 @@ impl Broker for Partitionable {
         self.inner.release(lease).await
     }
     async fn extend_lease(&self, lease: &Lease, d: Duration) -> Result<(), BrokerError> {
+        *self
+            .extended
+            .lock()
+            .unwrap()
+            .entry(lease.job_id.to_string())
+            .or_default() += 1;
         if self.partitioned.load(Ordering::SeqCst) {
             return Err(BrokerError::Unavailable {
                 message: "partitioned".into(),
@@ -468,10 +490,7 @@ impl Broker for Partitionable {
 async fn a_worker_that_lost_its_lease_is_cancelled_and_cannot_ack() {
     let memory = MemoryBroker::new();
     put(&memory, "default", [serde_json::json!(null)]).await;
-    let flaky = Partitionable {
-        inner: memory.clone(),
-        partitioned: Arc::new(AtomicBool::new(false)),
-    };
+    let flaky = Partitionable::new(memory.clone());
     let started = Arc::new(tokio::sync::Notify::new());
     let cancelled = Arc::new(AtomicBool::new(false));
     let (st, ca) = (started.clone(), cancelled.clone());
@@ -535,45 +554,67 @@ async fn a_worker_that_lost_its_lease_is_cancelled_and_cannot_ack() {
 #[tokio::test(start_paused = true)]
 async fn retries_back_off_within_bounds_then_dead_letter_with_the_last_error() {
     let broker = MemoryBroker::new();
-    put(&broker, "default", [serde_json::json!(null)]).await;
-    let starts = Arc::new(Mutex::new(Vec::new()));
+    let jobs = 200;
+    put(&broker, "default", (0..jobs).map(|i| serde_json::json!(i))).await;
+    let starts = Arc::new(Mutex::new(HashMap::<u64, Vec<tokio::time::Instant>>::new()));
     let s = starts.clone();
-    let handler = handler_fn(move |job: Job<serde_json::Value>| {
+    let handler = handler_fn(move |job: Job<u64>| {
         s.lock()
             .unwrap()
-            .push((job.ctx.attempt(), tokio::time::Instant::now()));
+            .entry(job.payload)
+            .or_default()
+            .push(tokio::time::Instant::now());
         let attempt = job.ctx.attempt();
         async move { Err::<(), _>(JobError::retry(format!("failure {attempt}"))) }
     });
     let backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(250));
-    let cfg = config().max_attempts(4).backoff(backoff).build().unwrap();
+    let cfg = config()
+        .concurrency(8)
+        .max_attempts(4)
+        .backoff(backoff)
+        .build()
+        .unwrap();
     let w = Worker::new(broker.clone(), cfg, handler)
         .spawn()
         .await
         .unwrap();
     settled(&broker, &["default"]).await;
     let starts = starts.lock().unwrap().clone();
-    assert_eq!(
-        starts.iter().map(|s| s.0).collect::<Vec<_>>(),
-        vec![1, 2, 3, 4]
-    );
-    for pair in starts.windows(2) {
-        let gap = pair[1].1 - pair[0].1;
-        // Full jitter: anywhere in [0, ceiling]; a few ms of scheduling slack.
+    assert_eq!(starts.len(), jobs as usize);
+    assert!(starts.values().all(|s| s.len() == 4), "{starts:?}");
+    // Full jitter: the wait after attempt n is uniform in [0, ceiling(n)]. Over 200
+    // jobs each quarter of the range is hit (a miss has odds of 0.75^200), so a
+    // constant delay, zero or the ceiling, or a half-jittered one fails here.
+    for attempt in 1..=3u32 {
+        let ceiling = backoff.ceiling(attempt);
+        let gaps: Vec<Duration> = starts
+            .values()
+            .map(|s| s[attempt as usize] - s[attempt as usize - 1])
+            .collect();
+        // The paused clock runs a due job at once: the gap is the delay itself.
+        let over: Vec<_> = gaps.iter().filter(|g| **g > ceiling).collect();
         assert!(
-            gap <= backoff.ceiling(pair[0].0) + Duration::from_millis(5),
-            "{gap:?}"
+            over.is_empty(),
+            "attempt {attempt}: over {ceiling:?}: {over:?}"
+        );
+        let quarter = |q: u32| {
+            let (lo, hi) = (ceiling * q / 4, ceiling * (q + 1) / 4);
+            gaps.iter().filter(|g| **g >= lo && **g <= hi).count()
+        };
+        let quarters: Vec<usize> = (0..4).map(quarter).collect();
+        assert!(
+            quarters.iter().all(|n| *n > 0),
+            "attempt {attempt}: gaps per quarter of [0, {ceiling:?}]: {quarters:?}"
         );
     }
-    let dead = broker.dead_letters("default", 10).await.unwrap();
-    assert_eq!(dead.len(), 1);
-    assert_eq!(
-        dead[0].reason,
-        "failed 4 of 4 attempts; last error: failure 4"
-    );
-    assert_eq!(dead[0].envelope.history.len(), 4);
+    let dead = broker.dead_letters("default", 1000).await.unwrap();
+    assert_eq!(dead.len(), jobs as usize);
+    assert!(dead.iter().all(
+        |d| d.reason == "failed 4 of 4 attempts; last error: failure 4"
+            && d.envelope.history.len() == 4
+    ));
     let r = stop(w).await;
-    assert_eq!((r.retried, r.dead), (3, 1));
+    assert_eq!((r.retried, r.dead), (3 * jobs, jobs));
 }
 
 #[tokio::test(start_paused = true)]
@@ -1022,4 +1063,203 @@ async fn an_interrupted_job_is_released_with_its_checkpoint_only_while_draining(
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].envelope.attempt, 1);
     assert_eq!(left[0].envelope.checkpoint.as_deref(), Some(&b"most"[..]));
+}
+
+/// A handler that stops when told to and, a moment later (well inside the grace),
+/// gives the answer its payload names: `ok`, `fatal` or `retry`. From its second
+/// attempt on it succeeds at once.
+fn answers_after_cancellation(runs: Arc<AtomicU32>) -> impl worker_core::Handler<Payload = String> {
+    handler_fn(move |job: Job<String>| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if job.ctx.attempt() > 1 {
+                return Ok(());
+            }
+            job.ctx.cancellation().cancelled().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            match job.payload.as_str() {
+                "fatal" => Err(JobError::fatal("bad input, seen while stopping")),
+                "retry" => Err(JobError::retry("upstream busy, seen while stopping")),
+                _ => Ok(()),
+            }
+        }
+    })
+}
+
+/// A worker running [`answers_after_cancellation`] on jobs `ok`, `fatal` and `retry`,
+/// and how many times the handler was called.
+async fn start_answers(
+    cfg: worker_core::WorkerConfigBuilder,
+) -> (MemoryBroker, Arc<AtomicU32>, RunningWorker) {
+    let broker = MemoryBroker::new();
+    broker
+        .enqueue(
+            ["ok", "fatal", "retry"]
+                .map(|a| NewJob::json("default", &a).unwrap().id(a))
+                .into(),
+        )
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let handler = answers_after_cancellation(runs.clone());
+    let w = Worker::new(broker.clone(), cfg.concurrency(3).build().unwrap(), handler)
+        .spawn()
+        .await
+        .unwrap();
+    (broker, runs, w)
+}
+
+/// The drain deadline cancels the handlers; one that still finishes inside the grace
+/// has its success acked. Any error it returns then is how it stopped, not a verdict
+/// on the job: the job is released, attempt not counted.
+#[tokio::test(start_paused = true)]
+async fn after_the_drain_deadline_an_ok_inside_the_grace_is_acked_and_errors_release() {
+    let (broker, runs, w) = start_answers(config().drain_timeout(Duration::from_secs(1))).await;
+    eventually(Duration::from_secs(5), "three running", || async {
+        runs.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    let r = stop(w).await;
+    assert_eq!(
+        (r.ok, r.released, r.retried, r.dead, r.clean_drain),
+        (1, 2, 0, 0, false),
+        "{r:?}"
+    );
+    let d = broker.depth("default").await.unwrap();
+    assert_eq!((d.pending, d.in_flight, d.delayed, d.dead), (2, 0, 0, 0));
+    let left = broker
+        .fetch(&FetchPlan::single("default", 10, Duration::from_secs(9)))
+        .await
+        .unwrap();
+    let mut ids: Vec<&str> = left.iter().map(|d| d.envelope.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["fatal", "retry"]);
+    assert!(left.iter().all(|d| d.envelope.attempt == 1));
+}
+
+/// The job timeout cancels the handler; its answer inside the grace is taken as its
+/// answer: a success is acked, a fatal error dead-letters with the handler's reason,
+/// a retry is counted with the handler's reason. Nothing runs twice but the retry.
+#[tokio::test(start_paused = true)]
+async fn after_the_job_timeout_the_answer_inside_the_grace_is_the_handlers() {
+    let cfg = config()
+        .job_timeout(Duration::from_secs(1))
+        .backoff(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(10),
+        ));
+    let (broker, runs, w) = start_answers(cfg).await;
+    settled(&broker, &["default"]).await;
+    let r = stop(w).await;
+    assert_eq!((r.ok, r.retried, r.dead, r.released), (2, 1, 1, 0), "{r:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 4, "only the retry runs again");
+    let dead = broker.dead_letters("default", 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].envelope.id.as_str(), "fatal");
+    assert_eq!(dead[0].reason, "bad input, seen while stopping");
+    let d = broker.depth("default").await.unwrap();
+    assert_eq!((d.pending, d.in_flight, d.delayed), (0, 0, 0));
+}
+
+/// A handler that ignores its cancellation and holds its thread (work done in the
+/// handler's own body, between awaits) is still running after `abort`: until it really
+/// ends, its budget units stay taken, its lease is extended, and its job is neither
+/// settled nor fetched again. Its success, when it comes, is acked.
+///
+/// On real threads: on tokio's paused clock (one thread) a handler holding the thread
+/// would stop the runtime and the test with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_ignores_cancellation_keeps_its_budget_and_its_job_until_it_ends() {
+    let memory = MemoryBroker::new();
+    let job = |name: &str| NewJob::json("default", &name).unwrap().id(name).cost(10);
+    memory.enqueue(vec![job("stuck")]).await.unwrap();
+    let broker = Partitionable::new(memory.clone());
+    let runs: Arc<HashMap<&'static str, AtomicU32>> = Arc::new(HashMap::from([
+        ("stuck", AtomicU32::new(0)),
+        ("next", AtomicU32::new(0)),
+    ]));
+    let (gate, told_to_stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    // Opened on the way out too, so a failed assertion does not leave a thread held.
+    let _open = OpenOnDrop(gate.clone());
+    let (r, g, t) = (runs.clone(), gate.clone(), told_to_stop.clone());
+    let handler = handler_fn(move |job: Job<String>| {
+        r[job.payload.as_str()].fetch_add(1, Ordering::SeqCst);
+        let (g, t) = (g.clone(), t.clone());
+        async move {
+            // The first run only: a second one would hold the test's other thread.
+            if job.payload == "stuck" && job.ctx.attempt() == 1 {
+                while !g.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                t.store(job.ctx.is_cancelled(), Ordering::SeqCst);
+            }
+            Ok::<_, JobError>(())
+        }
+    });
+    let cfg = config()
+        .concurrency(2)
+        .budget(10)
+        .lease(Duration::from_millis(300))
+        .job_timeout(Duration::from_millis(50))
+        .backoff(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(10),
+        ))
+        .build()
+        .unwrap();
+    let w = Worker::new(broker.clone(), cfg, handler)
+        .spawn()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "stuck started", || async {
+        runs["stuck"].load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Fetched at once (a second job may be held), it waits for the budget's units.
+    memory.enqueue(vec![job("next")]).await.unwrap();
+    // Timeout at 50 ms, abort at 300 ms; the lease is extended every 100 ms. Its fourth
+    // extension comes after the abort, so the runtime has then given up on the handler
+    // and the budget would be free by now if it were returned at the abort.
+    eventually(
+        Duration::from_secs(30),
+        "the lease kept past the abort, or the job's units given away",
+        || async {
+            broker.extensions("stuck") >= 4
+                || runs["next"].load(Ordering::SeqCst) > 0
+                || runs["stuck"].load(Ordering::SeqCst) > 1
+        },
+    )
+    .await;
+    let seen = (
+        runs["stuck"].load(Ordering::SeqCst),
+        runs["next"].load(Ordering::SeqCst),
+    );
+    assert_eq!(
+        seen,
+        (1, 0),
+        "(runs of stuck, runs of next) while stuck still holds its thread"
+    );
+    let d = memory.depth("default").await.unwrap();
+    assert_eq!((d.pending, d.in_flight, d.delayed), (0, 2, 0));
+
+    gate.store(true, Ordering::SeqCst);
+    settled(&memory, &["default"]).await;
+    assert!(
+        told_to_stop.load(Ordering::SeqCst),
+        "the handler was told to stop"
+    );
+    let r = stop(w).await;
+    assert_eq!((r.ok, r.retried, r.released), (2, 0, 0), "{r:?}");
+    assert_eq!(runs["stuck"].load(Ordering::SeqCst), 1);
+}
+
+struct OpenOnDrop(Arc<AtomicBool>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }

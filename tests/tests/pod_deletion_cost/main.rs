@@ -14,6 +14,7 @@ use kube_api::{ApiRequest, FakeKubeApi};
 use serde_json::{json, Value};
 use system_tests::{free_addr, make_certificates, DemoWorker, RedisServer};
 use worker_core::testing::{eventually, unique};
+use worker_core::Broker;
 use worker_redis::RedisBroker;
 
 const URL: &str = "redis://127.0.0.1:6379";
@@ -125,15 +126,30 @@ async fn the_annotation_follows_the_jobs_in_flight() {
     let cluster = Cluster::start(false).await;
     let prefix = unique("podcost");
     let b = broker(&prefix).await;
-    let mut w = cluster.worker(&prefix, &[("WORKER_CONCURRENCY", "3")]);
+    // 3 run at once and 2 more are held: the count the annotation must follow (jobs
+    // running, at most 3) differs from the jobs held (5), the backlog and the jobs
+    // enqueued (7), so a cost computed from any of those shows.
+    let mut w = cluster.worker(
+        &prefix,
+        &[("WORKER_CONCURRENCY", "3"), ("WORKER_PREFETCH", "2")],
+    );
     eventually(Duration::from_secs(30), "the first PATCH, 0", || async {
         cluster.accepted() == ["0"]
     })
     .await;
 
-    system_tests::enqueue_json(&b, "jobs", &json!({"sleep_ms": 2500}), 3).await;
-    w.wait_for(Duration::from_secs(30), "the three jobs ended", |e| {
-        e.iter().filter(|e| e["event"] == "end").count() == 3
+    system_tests::enqueue_json(&b, "jobs", &json!({"sleep_ms": 1500}), 7).await;
+    eventually(
+        Duration::from_secs(30),
+        "3 running, 5 held, 2 pending",
+        || async {
+            let d = b.depth("jobs").await.unwrap_or_else(|e| panic!("{e}"));
+            (d.in_flight, d.pending) == (5, 2) && system_tests::most_at_once(&w.events()) == 3
+        },
+    )
+    .await;
+    w.wait_for(Duration::from_secs(60), "the seven jobs ended", |e| {
+        e.iter().filter(|e| e["event"] == "end").count() == 7
     })
     .await;
     eventually(
@@ -161,7 +177,11 @@ async fn the_annotation_follows_the_jobs_in_flight() {
         "{:?}",
         w.events()
     );
-    assert_eq!(values.iter().max(), Some(&3), "{values:?}");
+    assert_eq!(
+        values.iter().max(),
+        Some(&3),
+        "jobs running at most 3: {values:?}"
+    );
     assert_eq!(values.first(), Some(&0), "{values:?}");
     assert!(
         values.windows(2).all(|p| p[0] != p[1]),

@@ -11,6 +11,44 @@
 //!    token; transient broker errors are retried until the lease would have expired.
 //!    The job's fetch permit is already back by then (it returns with the handler), so
 //!    the next fetch travels while this call does.
+//!
+//! # A handler told to stop
+//!
+//! The job timeout, the drain deadline (or a second signal) and a lost lease cancel the
+//! handler's token. It then has a grace of 250 ms ([`CANCEL_GRACE`]) to return by
+//! itself; past that its task is aborted, which stops it at its next await. Either way,
+//! what it answers when it ends decides, and an `Ok` is acked:
+//!
+//! | told to stop by | `Ok`         | `Fatal`                 | `Retry`                     | else (interrupted, panic, aborted) |
+//! |-----------------|--------------|-------------------------|-----------------------------|------------------------------------|
+//! | the job timeout | ack          | dead letter, its reason | retry, its reason and delay | retry: "timed out after …"         |
+//! | the drain       | ack          | release                 | release                     | release                            |
+//! | a lost lease    | not recorded | not recorded            | not recorded                | not recorded                       |
+//!
+//! A lost lease records nothing: another worker may own the job by then, and its token
+//! would be refused.
+//!
+//! After a timeout the attempt is spent whatever happens, and the handler knows better
+//! than the timer why it stopped. After the drain deadline an error is how the handler
+//! stopped, not a verdict on the job: the job goes back to pending, attempt not counted.
+//!
+//! Until its task has really ended (a handler holding its thread, between awaits, is not
+//! stopped by the abort), the job keeps its run permit, its budget units, its fetch
+//! permit and its lease, which is extended as before; only then is the job settled. So
+//! this worker never runs one job twice at once, nor more units than its budget.
+//! A warning names a job whose handler outlives its grace.
+//!
+//! Work a handler moved off its own task (`spawn_blocking`, `tokio::spawn`) is not seen:
+//! the abort drops the handler's future, which detaches that work, and the job is then
+//! settled while the work goes on. Such a handler watches
+//! [`JobContext::cancellation`](crate::JobContext::cancellation) inside that work.
+//!
+//! A handler that never returns keeps its job leased for as long as the process lives.
+//! The drain does not wait for it past the drain deadline and the release grace of
+//! [`Worker::run`](crate::Worker::run) (a second signal ends the drain at once as
+//! before): the run returns with `clean_drain: false` and that job unsettled. When the
+//! process exits, the lease lapses and the job comes back as from a crashed worker, its
+//! attempt counted.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -18,7 +56,7 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tracing::Instrument;
 
@@ -51,11 +89,21 @@ pub(crate) async fn run<H: Handler>(
 /// How long a cancelled handler may take to return by itself before it is aborted.
 const CANCEL_GRACE: Duration = Duration::from_millis(250);
 
-enum RunEnd<T> {
-    Finished(Result<T, tokio::task::JoinError>),
+type Answer = Result<Result<(), JobError>, JoinError>;
+
+/// Why the handler's token was cancelled.
+enum Stop {
     TimedOut(Duration),
+    /// The drain deadline or a second signal.
+    Drain,
     LeaseLost,
-    Cancelled,
+}
+
+enum RunEnd {
+    /// The handler ended without being told to stop.
+    Finished(Answer),
+    /// It was told to stop; `answer` is how it ended.
+    Stopped { why: Stop, answer: Answer },
 }
 
 fn lease_ticker(lease: Duration) -> Interval {
@@ -175,9 +223,14 @@ async fn supervise<H: Handler>(
 
     // 5. settle
     match end {
-        RunEnd::Finished(Ok(Ok(()))) => {
-            settle(shared, &lease, Outcome::Ok, || shared.broker.ack(&lease)).await
-        }
+        RunEnd::Stopped {
+            why: Stop::LeaseLost,
+            ..
+        } => Outcome::Failed,
+        RunEnd::Finished(Ok(Ok(())))
+        | RunEnd::Stopped {
+            answer: Ok(Ok(())), ..
+        } => settle(shared, &lease, Outcome::Ok, || shared.broker.ack(&lease)).await,
         RunEnd::Finished(Ok(Err(JobError::Fatal { reason }))) => {
             dead_letter(shared, &lease, &reason).await
         }
@@ -203,12 +256,22 @@ async fn supervise<H: Handler>(
             tracing::error!(%reason, "handler failed");
             fail(shared, &lease, &envelope, max_attempts, &reason, None).await
         }
-        RunEnd::TimedOut(limit) => {
-            let reason = format!("timed out after {limit:?}");
-            fail(shared, &lease, &envelope, max_attempts, &reason, None).await
-        }
-        RunEnd::LeaseLost => Outcome::Failed,
-        RunEnd::Cancelled => release(shared, &lease).await,
+        RunEnd::Stopped {
+            why: Stop::Drain, ..
+        } => release(shared, &lease).await,
+        RunEnd::Stopped {
+            why: Stop::TimedOut(limit),
+            answer,
+        } => match answer {
+            Ok(Err(JobError::Fatal { reason })) => dead_letter(shared, &lease, &reason).await,
+            Ok(Err(JobError::Retry { reason, after })) => {
+                fail(shared, &lease, &envelope, max_attempts, &reason, after).await
+            }
+            _ => {
+                let reason = format!("timed out after {limit:?}");
+                fail(shared, &lease, &envelope, max_attempts, &reason, None).await
+            }
+        },
     }
 }
 
@@ -236,12 +299,14 @@ async fn wait_to_start<H>(shared: &Shared<H>, lease: &Lease, cost: u32) -> Optio
     }
 }
 
+/// Run the handler to its end. Returns only once its task has ended, so the caller
+/// gives back its permits and settles the job only then.
 async fn supervise_handler<H>(
     shared: &Shared<H>,
     lease: &Lease,
     mut task: JoinHandle<Result<(), JobError>>,
     cancel: &tokio_util::sync::CancellationToken,
-) -> RunEnd<Result<(), JobError>> {
+) -> RunEnd {
     let mut tick = lease_ticker(shared.config.lease);
     let timeout = shared.config.job_timeout;
     let timed_out = async {
@@ -251,33 +316,74 @@ async fn supervise_handler<H>(
         }
     };
     tokio::pin!(timed_out);
-    let end = loop {
+    let why = loop {
         tokio::select! {
             biased;
-            result = &mut task => {
-                // A handler that gave up because the drain deadline cancelled it has not
-                // failed: release the job, attempt not counted. Finished work still counts.
-                if cancel.is_cancelled() && !matches!(result, Ok(Ok(()))) {
-                    return RunEnd::Cancelled;
+            answer = &mut task => {
+                // Only the drain deadline cancels the token while this loop runs.
+                if cancel.is_cancelled() {
+                    return RunEnd::Stopped { why: Stop::Drain, answer };
                 }
-                return RunEnd::Finished(result);
+                return RunEnd::Finished(answer);
             }
-            _ = cancel.cancelled() => break RunEnd::Cancelled,
-            _ = &mut timed_out => break RunEnd::TimedOut(timeout.unwrap_or_default()),
+            _ = cancel.cancelled() => break Stop::Drain,
+            _ = &mut timed_out => break Stop::TimedOut(timeout.unwrap_or_default()),
             _ = tick.tick() => {
                 if extend(shared, lease).await.is_err() {
-                    break RunEnd::LeaseLost;
+                    break Stop::LeaseLost;
                 }
             }
         }
     };
-    // The outcome will not be recorded: tell the handler, give it a moment to return
-    // on its own (to clean up), then stop it at its next await.
     cancel.cancel();
-    if tokio::time::timeout(CANCEL_GRACE, &mut task).await.is_err() {
-        task.abort();
+    let keep_lease = !matches!(why, Stop::LeaseLost);
+    let (answer, lost) = wait_for_end(shared, lease, &mut task, &mut tick, keep_lease).await;
+    let why = if lost { Stop::LeaseLost } else { why };
+    RunEnd::Stopped { why, answer }
+}
+
+/// Wait for a cancelled handler's task to end: a grace to return by itself, then an
+/// abort, which stops it at its next await only. The lease is kept alive all along, if
+/// `keep_lease`. Returns how the task ended and whether the lease was lost meanwhile.
+async fn wait_for_end<H>(
+    shared: &Shared<H>,
+    lease: &Lease,
+    task: &mut JoinHandle<Result<(), JobError>>,
+    tick: &mut Interval,
+    mut keep_lease: bool,
+) -> (Answer, bool) {
+    let mut lost = false;
+    let grace = tokio::time::sleep(CANCEL_GRACE);
+    tokio::pin!(grace);
+    let mut aborted_at: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            biased;
+            answer = &mut *task => {
+                // Not stopped by the abort: it held its thread past it.
+                if let (Some(at), false) = (aborted_at, matches!(&answer, Err(e) if e.is_cancelled())) {
+                    let after = at.elapsed();
+                    tracing::warn!(job = %lease.job_id, ?after, "handler held its thread past its abort; settling the job now");
+                }
+                return (answer, lost);
+            }
+            _ = &mut grace, if aborted_at.is_none() => {
+                tracing::warn!(
+                    job = %lease.job_id,
+                    grace = ?CANCEL_GRACE,
+                    "handler did not stop within its grace; aborting it, and keeping its permits and lease until it has ended"
+                );
+                task.abort();
+                aborted_at = Some(Instant::now());
+            }
+            _ = tick.tick(), if keep_lease => {
+                if extend(shared, lease).await.is_err() {
+                    keep_lease = false;
+                    lost = true;
+                }
+            }
+        }
     }
-    end
 }
 
 async fn fail<H>(
