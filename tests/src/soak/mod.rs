@@ -120,21 +120,28 @@ impl Outcome {
         out
     }
 
-    /// Panic with the seed, the figures, the problems (each naming its job and its
-    /// history) and the fault timeline, unless every promise held.
-    pub fn assert_clean(&self) {
+    /// The seed, the figures, the problems (each naming its job and its history) and
+    /// the fault timeline, unless every promise held.
+    pub fn failure(&self) -> Option<String> {
         if self.verdict.problems.is_empty() {
-            return;
+            return None;
         }
         let shown = self.verdict.problems.len().min(40);
-        panic!(
+        Some(format!(
             "soak failed (replay with SOAK_SEED={}): {} problems\nfigures: {}\n{}\nfaults:\n{}",
             self.seed,
             self.verdict.problems.len(),
             self.figures(),
             self.verdict.problems[..shown].join("\n"),
             self.timeline.join("\n")
-        );
+        ))
+    }
+
+    /// Panic with [`Outcome::failure`], if any.
+    pub fn assert_clean(&self) {
+        if let Some(failure) = self.failure() {
+            panic!("{failure}");
+        }
     }
 }
 
@@ -343,8 +350,9 @@ impl Run {
         });
     }
 
+    /// Add to the fault timeline, on the clock of the workers' events (`_at_ms`).
     fn note(&mut self, what: String) {
-        let at = self.began.elapsed().as_millis();
+        let at = since_epoch_ms(Instant::now());
         self.timeline.push(format!("  {at:>8} ms  {what}"));
     }
 

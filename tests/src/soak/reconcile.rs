@@ -7,15 +7,20 @@
 //!   broker confirmed the ack of that job's current lease (`Worker::on_settled`).
 //! - **lost**: a job meant to succeed with no ack, no dead letter, and nothing left in
 //!   the broker — except when its last run printed `end ok` and its process was then
-//!   killed with SIGKILL before it could print `settled`, and no run followed: that
-//!   ack landed unseen (had it not, the lease would have expired and the job run
-//!   again), and it is counted as `acked_unseen`.
+//!   killed with SIGKILL before it could print `settled`, or it settled as `failed`
+//!   (an ack whose reply was lost to a cut connection, retried and refused because
+//!   the first try had removed the job), and no run followed: that ack landed unseen
+//!   (had it not, the lease would have expired and the job run again), and it is
+//!   counted as `acked_unseen`.
 //! - **completed twice by live workers**: two acks of one job id. Both were
 //!   confirmed by the broker with the lease token of their run, so no kill -9 or lost
 //!   lease of the first run's process can explain the second: a confirmed ack removes
 //!   the job, and a stale token is refused. (A handler that *returned* `Ok` twice is
 //!   fine when the first run's ack never landed: its process was killed with SIGKILL,
 //!   or its outcome was `failed`, i.e. its lease was lost; those are counted.)
+//!   On RabbitMQ an ack gets no reply (AMQP 0-9-1), so `settled ok` there means
+//!   the ack went to a live channel; two acks of one id then mean two copies of the
+//!   job were delivered, or an ack was lost with its connection.
 //! - **an Ok thrown away**: an `end ok` whose run settled as `retried`, `released`
 //!   or `dead`.
 //! - **stuck**: pending, in flight or delayed not all 0 at the end.
@@ -190,7 +195,7 @@ pub fn reconcile(plan: &[Planned], procs: &[ProcRecord], end: &FinalState) -> Ve
                 .and_then(|s| s.v["outcome"].as_str());
             match outcome {
                 Some("ok") => {}
-                Some("failed") => v.add("ok_not_recorded_lease_lost", 1),
+                Some("failed") => v.add("ok_not_recorded", 1),
                 Some(other) => trouble.push(format!("an Ok was settled as {other}")),
                 None if procs[end_ok.proc].killed_at_ms.is_some() => {
                     v.add("ok_unsettled_killed", 1)
@@ -249,8 +254,9 @@ fn settled<'a>(evs: &'a [Ev<'a>], outcome: &'a str) -> impl Iterator<Item = &'a 
         .filter(move |e| e.name() == "settled" && e.v["outcome"] == outcome)
 }
 
-/// The last run printed `end ok`, its process was killed before printing `settled`,
-/// and nothing ran the job after it.
+/// The last run printed `end ok`, then either its process was killed before printing
+/// `settled` or it settled as `failed` (the ack's reply was lost, and its retry was
+/// refused because the first try had landed), and nothing ran the job after it.
 fn acked_unseen(evs: &[Ev<'_>], procs: &[ProcRecord]) -> bool {
     let Some(last_start) = evs
         .iter()
@@ -264,8 +270,14 @@ fn acked_unseen(evs: &[Ev<'_>], procs: &[ProcRecord]) -> bool {
         .iter()
         .filter(same_run)
         .any(|e| e.name() == "end" && e.v["ok"] == true);
-    let settled = evs.iter().filter(same_run).any(|e| e.name() == "settled");
-    ended_ok && !settled && procs[last_start.proc].killed_at_ms.is_some()
+    let settled: Vec<&str> = evs
+        .iter()
+        .filter(same_run)
+        .filter(|e| e.name() == "settled")
+        .filter_map(|e| e.v["outcome"].as_str())
+        .collect();
+    let killed = procs[last_start.proc].killed_at_ms.is_some();
+    ended_ok && (settled == ["failed"] || (settled.is_empty() && killed))
 }
 
 /// A job's events across every process, in time order, and its dead letters.

@@ -61,7 +61,7 @@ impl Counts {
 /// [`on_settled`](Worker::on_settled) callback.
 ///
 /// It is reported after the settling call returned: for [`Outcome::Ok`] the broker
-/// confirmed the ack, for [`Outcome::Retried`], [`Outcome::Dead`] and
+/// confirmed the ack (as far as its protocol can, see [`Worker::on_settled`]), for [`Outcome::Retried`], [`Outcome::Dead`] and
 /// [`Outcome::Released`] it confirmed the retry, the dead letter or the release.
 /// [`Outcome::Failed`] means nothing was recorded (the lease was lost, or the broker
 /// kept refusing until the lease would have expired): the broker redelivers the job.
@@ -224,6 +224,10 @@ impl<H: Handler> Worker<H> {
     /// ack that landed, a retry, a dead letter or a release that was stored), or with
     /// [`Outcome::Failed`] when nothing could be recorded. A job's handler returning
     /// `Ok` is not yet a success; this call is.
+    ///
+    /// "Confirmed" is as much as the backend's protocol gives: Redis answers every
+    /// call; AMQP 0-9-1 has no reply to an ack, so on RabbitMQ `ok` means the ack was
+    /// handed to a live channel, and one lost with its connection brings the job back.
     ///
     /// `f` runs on the job's task, after the settling call and before the job's slot
     /// is counted free: keep it short and non-blocking (send to a channel for
