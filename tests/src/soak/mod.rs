@@ -231,6 +231,8 @@ struct Run {
     live: Vec<usize>,
     counts: BTreeMap<&'static str, u64>,
     timeline: Vec<String>,
+    /// When connections were lost to a fault, on the events' clock.
+    connection_faults_ms: Vec<u64>,
     began: Instant,
 }
 
@@ -323,6 +325,7 @@ impl Run {
             live: Vec::new(),
             counts: BTreeMap::new(),
             timeline: Vec::new(),
+            connection_faults_ms: Vec::new(),
             began: Instant::now(),
             soak,
         };
@@ -438,6 +441,8 @@ impl Run {
                 self.spawn_worker();
             }
             Fault::CutConnections => {
+                self.connection_faults_ms
+                    .push(since_epoch_ms(Instant::now()));
                 self.proxy.cut();
                 self.note("cut every connection".into());
             }
@@ -458,6 +463,8 @@ impl Run {
                 let down = Duration::from_millis(self.rng.u64(200..2000));
                 self.note(format!("{fault:?}, down for {down:?}"));
                 let hard = fault == Fault::KillBroker;
+                self.connection_faults_ms
+                    .push(since_epoch_ms(Instant::now()));
                 let server = self.server.take().unwrap_or_else(|| panic!("no server"));
                 let server = tokio::task::spawn_blocking(move || restart(server, hard, down))
                     .await
@@ -511,7 +518,11 @@ impl Run {
             p.worker.wait_exit(Duration::from_secs(30)).await;
         }
         self.note("every worker exited".into());
-        let mut end = FinalState::default();
+        let mut end = FinalState {
+            acks_confirmed: self.soak.backend == Backend::Redis,
+            connection_faults_ms: std::mem::take(&mut self.connection_faults_ms),
+            ..FinalState::default()
+        };
         for q in &self.queues {
             let depth = self
                 .broker

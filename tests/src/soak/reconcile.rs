@@ -6,12 +6,12 @@
 //! - **acked**: a `settled` event with outcome `ok`. The worker prints it after the
 //!   broker confirmed the ack of that job's current lease (`Worker::on_settled`).
 //! - **lost**: a job meant to succeed with no ack, no dead letter, and nothing left in
-//!   the broker — except when its last run printed `end ok` and its process was then
-//!   killed with SIGKILL before it could print `settled`, or it settled as `failed`
-//!   (an ack whose reply was lost to a cut connection, retried and refused because
-//!   the first try had removed the job), and no run followed: that ack landed unseen
-//!   (had it not, the lease would have expired and the job run again), and it is
-//!   counted as `acked_unseen`.
+//!   the broker — except when its last run printed `end ok`, then no `settled` (its
+//!   process was killed with SIGKILL, or exited at its drain deadline while the ack
+//!   was on the wire) or `settled failed` (an ack whose reply was lost to a cut
+//!   connection, retried and refused because the first try had removed the job), and
+//!   no run followed: that ack landed unseen (had it not, the lease would have
+//!   expired and the job run again), and it is counted as `acked_unseen`.
 //! - **completed twice by live workers**: two acks of one job id. Both were
 //!   confirmed by the broker with the lease token of their run, so no kill -9 or lost
 //!   lease of the first run's process can explain the second: a confirmed ack removes
@@ -19,8 +19,11 @@
 //!   fine when the first run's ack never landed: its process was killed with SIGKILL,
 //!   or its outcome was `failed`, i.e. its lease was lost; those are counted.)
 //!   On RabbitMQ an ack gets no reply (AMQP 0-9-1), so `settled ok` there means
-//!   the ack went to a live channel; two acks of one id then mean two copies of the
-//!   job were delivered, or an ack was lost with its connection.
+//!   the ack went to a live channel: a second ack is explained when the first one's
+//!   process was killed with SIGKILL, or a connection was cut or the node
+//!   restarted, from 1 s before to 2 s after it (counted as
+//!   `acked_again_after_unconfirmed_ack`); any other is a copy of the job delivered
+//!   twice.
 //! - **an Ok thrown away**: an `end ok` whose run settled as `retried`, `released`
 //!   or `dead`.
 //! - **stuck**: pending, in flight or delayed not all 0 at the end.
@@ -85,14 +88,24 @@ pub struct ProcRecord {
     pub killed_at_ms: Option<u64>,
 }
 
-/// The broker at the end.
+/// The broker at the end, and what the run knows about its acks.
 #[derive(Clone, Debug, Default)]
 pub struct FinalState {
     /// Each queue's depth.
     pub depth: BTreeMap<String, QueueDepth>,
     /// Every dead letter of the soak's queues.
     pub dead: Vec<DeadLetter>,
+    /// Whether the broker answers each ack (Redis), or an ack only goes out on the
+    /// connection with no reply (AMQP 0-9-1).
+    pub acks_confirmed: bool,
+    /// When connections were lost to a fault (cut, broker restart), on the events'
+    /// clock.
+    pub connection_faults_ms: Vec<u64>,
 }
+
+/// How long around an unconfirmed ack a connection loss or a SIGKILL of its process
+/// explains its redelivery.
+const UNCONFIRMED_WINDOW_MS: u64 = 2000;
 
 /// The outcome of a reconciliation: figures, and what broke a promise.
 #[derive(Debug, Default)]
@@ -204,7 +217,11 @@ pub fn reconcile(plan: &[Planned], procs: &[ProcRecord], end: &FinalState) -> Ve
             }
         }
         if acks > 1 {
-            trouble.push(format!("completed {acks} times by live workers"));
+            let unexplained = twice_unexplained(evs, procs, end);
+            v.add("acked_again_after_unconfirmed_ack", acks - 1 - unexplained);
+            if unexplained > 0 {
+                trouble.push(format!("completed {acks} times by live workers"));
+            }
         }
         if deaths.len() > 1 {
             trouble.push(format!("dead-lettered {} times", deaths.len()));
@@ -219,7 +236,7 @@ pub fn reconcile(plan: &[Planned], procs: &[ProcRecord], end: &FinalState) -> Ve
         } else if !deaths.is_empty() {
             trouble.push("meant to succeed but dead-lettered".into());
         } else if acks == 0 {
-            if stuck == 0 && acked_unseen(evs, procs) {
+            if stuck == 0 && acked_unseen(evs) {
                 v.add("acked_unseen", 1);
             } else if stuck == 0 {
                 v.add("lost", 1);
@@ -249,15 +266,38 @@ pub fn reconcile(plan: &[Planned], procs: &[ProcRecord], end: &FinalState) -> Ve
     v
 }
 
+/// Of a job's acks after its first, how many no lost connection or SIGKILL
+/// explains: on a broker that confirms acks, all of them; on one that does not, those
+/// whose previous ack had neither its process killed nor a connection fault within
+/// [`UNCONFIRMED_WINDOW_MS`] of it.
+fn twice_unexplained(evs: &[Ev<'_>], procs: &[ProcRecord], end: &FinalState) -> u64 {
+    let mut oks: Vec<&Ev<'_>> = settled(evs, "ok").collect();
+    oks.sort_by_key(|e| e.at);
+    let near =
+        |at: u64, t: u64| t + UNCONFIRMED_WINDOW_MS / 2 >= at && t <= at + UNCONFIRMED_WINDOW_MS;
+    oks.windows(2)
+        .filter(|pair| {
+            let first = pair[0];
+            let explained = !end.acks_confirmed
+                && (procs[first.proc]
+                    .killed_at_ms
+                    .is_some_and(|k| near(first.at, k))
+                    || end.connection_faults_ms.iter().any(|&t| near(first.at, t)));
+            !explained
+        })
+        .count() as u64
+}
+
 fn settled<'a>(evs: &'a [Ev<'a>], outcome: &'a str) -> impl Iterator<Item = &'a Ev<'a>> {
     evs.iter()
         .filter(move |e| e.name() == "settled" && e.v["outcome"] == outcome)
 }
 
-/// The last run printed `end ok`, then either its process was killed before printing
-/// `settled` or it settled as `failed` (the ack's reply was lost, and its retry was
-/// refused because the first try had landed), and nothing ran the job after it.
-fn acked_unseen(evs: &[Ev<'_>], procs: &[ProcRecord]) -> bool {
+/// The last run printed `end ok`, then no `settled` (its process was killed, or
+/// exited at its drain deadline with the ack on the wire) or `settled failed` (the
+/// ack's reply was lost, and its retry was refused because the first try had
+/// landed), and nothing ran the job after it.
+fn acked_unseen(evs: &[Ev<'_>]) -> bool {
     let Some(last_start) = evs
         .iter()
         .filter(|e| e.name() == "start")
@@ -276,8 +316,7 @@ fn acked_unseen(evs: &[Ev<'_>], procs: &[ProcRecord]) -> bool {
         .filter(|e| e.name() == "settled")
         .filter_map(|e| e.v["outcome"].as_str())
         .collect();
-    let killed = procs[last_start.proc].killed_at_ms.is_some();
-    ended_ok && (settled == ["failed"] || (settled.is_empty() && killed))
+    ended_ok && (settled.is_empty() || settled == ["failed"])
 }
 
 /// A job's events across every process, in time order, and its dead letters.
