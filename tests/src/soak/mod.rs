@@ -1,7 +1,7 @@
 //! A fault-injection soak: a pool of real `demo-worker` processes runs thousands of
 //! jobs of mixed length and outcome on two weighted queues while faults are injected
 //! at random; at the end every job is reconciled from the workers' event lines and
-//! the broker's final state (see [`mod@reconcile`] for what is asserted, defined
+//! the broker's final state (see [`reconcile`](mod@reconcile) for what is asserted, defined
 //! precisely).
 //!
 //! Every random choice (the jobs, the faults, their order and durations) comes from
