@@ -17,8 +17,27 @@ pub fn binary(package: &str) -> PathBuf {
     let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
     let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
     if !built.iter().any(|p| p == package) {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", package])
+        // Without the variables cargo sets for this test process: build scripts that
+        // watch them (ring's watches CARGO_MANIFEST_DIR) would rebuild here, and again
+        // in the next `cargo test`.
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        cargo.args(["build", "--quiet", "-p", package]);
+        for (key, _) in std::env::vars_os() {
+            let set_for_tests = key.to_str().is_some_and(|k| {
+                k.starts_with("CARGO_PKG_")
+                    || k.starts_with("CARGO_MANIFEST_")
+                    || [
+                        "CARGO_CRATE_NAME",
+                        "CARGO_PRIMARY_PACKAGE",
+                        "CARGO_TARGET_TMPDIR",
+                    ]
+                    .contains(&k)
+            });
+            if set_for_tests {
+                cargo.env_remove(key);
+            }
+        }
+        let status = cargo
             .status()
             .unwrap_or_else(|e| panic!("cannot run cargo build -p {package}: {e}"));
         assert!(status.success(), "cargo build -p {package} failed");
@@ -41,6 +60,7 @@ pub fn binary(package: &str) -> PathBuf {
 }
 
 pub mod sim;
+pub mod soak;
 
 /// Milliseconds from the first call in this process to `at`: the `_at_ms` field each
 /// [`DemoWorker`] event gets when it is read (0 for instants before the first call).
@@ -370,14 +390,27 @@ pub fn demo_jobs(n: usize, payload: Value) -> String {
     Value::Array(std::iter::repeat_n(payload, n).collect()).to_string()
 }
 
+/// How a [`RedisServer`] persists its data: its append-only file's `appendfsync`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Aof {
+    /// Every write on disk before its reply: a kill -9 loses nothing acknowledged.
+    #[default]
+    Always,
+    /// Written at once, flushed to disk every second.
+    EverySec,
+    /// No persistence: a restart starts empty.
+    Off,
+}
+
 /// A `redis-server` owned by one test: its own loopback port and data directory,
-/// append-only persistence on, stopped and removed on drop.
+/// append-only persistence on (see [`Aof`]), stopped and removed on drop.
 pub struct RedisServer {
     /// Its port on 127.0.0.1.
     pub port: u16,
     dir: PathBuf,
     extra: Vec<String>,
     tls: bool,
+    aof: Aof,
     child: Option<std::process::Child>,
 }
 
@@ -387,9 +420,18 @@ impl RedisServer {
         Self::start_with(&[], false)
     }
 
+    /// Start one persisting as `aof` says, with extra `redis-server` arguments.
+    pub fn start_with_aof(aof: Aof, extra: &[String]) -> Self {
+        Self::launch(extra, false, aof)
+    }
+
     /// Start one with extra `redis-server` arguments. With `tls`, the port is its TLS
     /// port (the arguments must name the certificate files) and the plain port is off.
     pub fn start_with(extra: &[String], tls: bool) -> Self {
+        Self::launch(extra, tls, Aof::Always)
+    }
+
+    fn launch(extra: &[String], tls: bool, aof: Aof) -> Self {
         let port = free_addr().port();
         let dir = Self::scratch_dir(port);
         let mut server = Self {
@@ -397,6 +439,7 @@ impl RedisServer {
             dir,
             extra: extra.to_vec(),
             tls,
+            aof,
             child: None,
         };
         server.spawn();
@@ -422,17 +465,15 @@ impl RedisServer {
         } else {
             vec!["--port", &port]
         };
+        let aof: &[&str] = match self.aof {
+            Aof::Always => &["--appendonly", "yes", "--appendfsync", "always"],
+            Aof::EverySec => &["--appendonly", "yes", "--appendfsync", "everysec"],
+            Aof::Off => &["--appendonly", "no"],
+        };
         let child = std::process::Command::new("redis-server")
             .args(ports)
-            .args(["--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
+            .args(["--bind", "127.0.0.1", "--save", ""])
+            .args(aof)
             .arg("--dir")
             .arg(&self.dir)
             .args(&self.extra)
@@ -468,6 +509,20 @@ impl RedisServer {
         self.stop();
         std::thread::sleep(down);
         self.spawn();
+    }
+
+    /// Its process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
+    /// Kill it with SIGKILL, no shutdown: what its append-only file holds is what
+    /// [`RedisServer::start_again`] finds.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// Start it again after [`RedisServer::stop`], on the same port and data.
@@ -511,6 +566,9 @@ impl Drop for RedisServer {
 pub struct RabbitNode {
     /// Its AMQP port on 127.0.0.1.
     pub port: u16,
+    dist: u16,
+    /// Its management API port on 127.0.0.1, when the plugin is on.
+    pub management: Option<u16>,
     dir: PathBuf,
     child: Option<std::process::Child>,
 }
@@ -519,8 +577,19 @@ impl RabbitNode {
     /// Start one with `settings` (`rabbitmq.conf` lines) and `advanced` (the terms of
     /// `advanced.config`, `[]` for none), and wait until it accepts connections.
     pub fn start(settings: &[&str], advanced: &str) -> Self {
+        Self::launch(settings, advanced, false)
+    }
+
+    /// Start one with the management plugin on (statistics every 500 ms), and wait
+    /// until both its AMQP port and its management API accept connections.
+    pub fn start_with_management() -> Self {
+        Self::launch(&["collect_statistics_interval = 500"], "[]", true)
+    }
+
+    fn launch(settings: &[&str], advanced: &str, management: bool) -> Self {
         let port = free_addr().port();
         let dist = free_addr().port();
+        let management = management.then(|| free_addr().port());
         let dir = std::env::temp_dir().join(format!("wp-rabbit-{port}-{}", std::process::id()));
         for sub in ["mnesia", "log", "home"] {
             std::fs::create_dir_all(dir.join(sub))
@@ -529,7 +598,14 @@ impl RabbitNode {
         let write = |name: &str, text: String| {
             std::fs::write(dir.join(name), text).unwrap_or_else(|e| panic!("write {name}: {e}"))
         };
-        write("enabled_plugins", "[].".into());
+        let mut settings: Vec<String> = settings.iter().map(|s| (*s).to_owned()).collect();
+        if let Some(m) = management {
+            write("enabled_plugins", "[rabbitmq_management].".into());
+            settings.push(format!("management.tcp.port = {m}"));
+            settings.push("management.tcp.ip = 127.0.0.1".into());
+        } else {
+            write("enabled_plugins", "[].".into());
+        }
         write(
             "rabbitmq.conf",
             format!(
@@ -538,19 +614,39 @@ impl RabbitNode {
             ),
         );
         write("advanced.config", format!("{advanced}.\n"));
-        // The packaged script, run as this user (the wrapper in /usr/sbin would
-        // switch to the rabbitmq user and drop the environment).
-        let script = PathBuf::from("/usr/lib/rabbitmq/bin/rabbitmq-server");
-        let server = if script.exists() {
+        let mut node = Self {
+            port,
+            dist,
+            management,
+            dir,
+            child: None,
+        };
+        node.spawn();
+        node
+    }
+
+    /// The packaged script (run as this user: the wrapper in /usr/sbin would switch
+    /// to the rabbitmq user and drop the environment), or what is on `PATH`.
+    fn script(name: &str) -> PathBuf {
+        let script = PathBuf::from("/usr/lib/rabbitmq/bin").join(name);
+        if script.exists() {
             script
         } else {
-            PathBuf::from("rabbitmq-server")
-        };
-        let child = std::process::Command::new(server)
+            PathBuf::from(name)
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("wp{}@localhost", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let dir = &self.dir;
+        let child = std::process::Command::new(Self::script("rabbitmq-server"))
             .env("HOME", dir.join("home"))
-            .env("RABBITMQ_NODENAME", format!("wp{port}@localhost"))
-            .env("RABBITMQ_NODE_PORT", port.to_string())
-            .env("RABBITMQ_DIST_PORT", dist.to_string())
+            .env("RABBITMQ_NODENAME", self.name())
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist.to_string())
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", dir.join("log"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
@@ -560,31 +656,96 @@ impl RabbitNode {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("rabbitmq-server: {e}"));
-        let node = Self {
-            port,
-            dir,
-            child: Some(child),
-        };
+        self.child = Some(child);
         let deadline = std::time::Instant::now() + Duration::from_secs(90);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "rabbitmq-server on {port} did not start (log in {:?})",
-                node.dir.join("log")
-            );
-            std::thread::sleep(Duration::from_millis(100));
+        for port in std::iter::once(self.port).chain(self.management) {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "rabbitmq-server port {port} did not open (log in {:?})",
+                    self.dir.join("log")
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
-        node
     }
 
     /// Its URL, as guest on the default virtual host.
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
-}
 
-impl Drop for RabbitNode {
-    fn drop(&mut self) {
+    /// Its management API's URL with guest's credentials, as a worker takes it
+    /// (empty when the plugin is off).
+    pub fn management_url(&self) -> String {
+        self.management
+            .map(|m| format!("http://guest:guest@127.0.0.1:{m}"))
+            .unwrap_or_default()
+    }
+
+    /// The node's processes: the start script and every process under it.
+    pub fn pids(&self) -> Vec<u32> {
+        let Some(root) = self.child.as_ref().map(std::process::Child::id) else {
+            return Vec::new();
+        };
+        let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+            .map(|dir| {
+                dir.filter_map(|e| {
+                    let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                    // The field after the parenthesised command name is the state,
+                    // then the parent's pid.
+                    let after = &stat[stat.rfind(')')? + 1..];
+                    let ppid = after.split_whitespace().nth(1)?.parse().ok()?;
+                    Some((pid, ppid))
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        let mut found = vec![root];
+        let mut i = 0;
+        while i < found.len() {
+            let parent = found[i];
+            found.extend(
+                parents
+                    .iter()
+                    .filter(|(_, pp)| *pp == parent)
+                    .map(|(p, _)| *p),
+            );
+            i += 1;
+        }
+        found
+    }
+
+    /// Stop it cleanly, stay down for `down`, and start it again on the same data.
+    pub fn restart(&mut self, down: Duration) {
+        self.stop();
+        std::thread::sleep(down);
+        self.spawn();
+    }
+
+    /// Raise its memory alarm (`on`: the high watermark set near 0, so publishers are
+    /// blocked) or lift it (the default watermark again).
+    pub fn memory_alarm(&self, on: bool) {
+        let watermark = if on { "0.000001" } else { "0.4" };
+        let out = std::process::Command::new(Self::script("rabbitmqctl"))
+            .env("HOME", self.dir.join("home"))
+            .args([
+                "-n",
+                &self.name(),
+                "set_vm_memory_high_watermark",
+                watermark,
+            ])
+            .output()
+            .unwrap_or_else(|e| panic!("rabbitmqctl: {e}"));
+        assert!(
+            out.status.success(),
+            "rabbitmqctl set_vm_memory_high_watermark: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // The script stops the node cleanly on SIGTERM.
             let _ = std::process::Command::new("kill")
@@ -598,6 +759,12 @@ impl Drop for RabbitNode {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -26,8 +26,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use worker_core::{Broker, NewJob};
 use worker_redis::RedisConfig;
@@ -517,57 +515,6 @@ pub fn table(reports: &[&Report]) -> String {
     out
 }
 
-/// A TCP proxy to Redis for the exporter, which can be cut: while down it closes every
-/// connection it has and every new one at once.
-pub struct Proxy {
-    /// Where it listens.
-    pub addr: SocketAddr,
-    down: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    /// Listen on a loopback port of its own and forward to `upstream`.
-    pub async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .unwrap_or_else(|e| panic!("proxy bind: {e}"));
-        let addr = listener
-            .local_addr()
-            .unwrap_or_else(|e| panic!("proxy addr: {e}"));
-        let (down, watch) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if *watch.borrow() {
-                    continue; // dropped: closed at once
-                }
-                let mut cut = watch.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.wait_for(|down| *down) => {}
-                    }
-                });
-            }
-        });
-        Self { addr, down, task }
-    }
-
-    /// Cut (`true`) or restore (`false`) the way to Redis.
-    pub fn set_down(&self, down: bool) {
-        self.down.send_replace(down);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// One replica: a `demo-worker` process.
 struct Replica {
     worker: DemoWorker,
@@ -663,7 +610,7 @@ pub async fn run(scenario: &Scenario) -> Report {
         .connect()
         .await
         .unwrap_or_else(|e| panic!("redis: {e}"));
-    let proxy = Proxy::start(upstream).await;
+    let proxy = crate::soak::ChaosProxy::start(upstream).await;
     let exporter = match scenario.signal {
         Signal::Backlog => Some(
             crate::start_exporter(

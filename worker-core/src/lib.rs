@@ -70,7 +70,7 @@ pub use error::{BrokerError, ConfigError, JobError, Transience, WorkerError};
 pub use handler::{handler_fn, Handler, HandlerFn};
 pub use job::{Envelope, Job, JobContext, JobId, NewJob};
 pub use lifecycle::{ShutdownHandle, State};
-pub use runtime::{RunReport, RunningWorker, Worker};
+pub use runtime::{RunReport, RunningWorker, Settled, Worker};
 pub use telemetry::scaling::ScalingDoc;
 pub use tokio_util::sync::CancellationToken;
 

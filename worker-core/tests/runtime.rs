@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use worker_core::telemetry::Outcome;
 use worker_core::testing::{eventually, http_get};
 use worker_core::{
     handler_fn, Backoff, Broker, BrokerError, DeadLetter, Delivery, FetchPlan, Job, JobError,
     JobId, Lease, MemoryBroker, NewJob, QueueDepth, QueueSpec, RunReport, RunningWorker,
-    Scheduling, State, Worker, WorkerConfig, WorkerInfo,
+    Scheduling, Settled, State, Worker, WorkerConfig, WorkerInfo,
 };
 
 fn config() -> worker_core::WorkerConfigBuilder {
@@ -400,12 +401,13 @@ async fn an_expired_lease_is_redelivered_and_the_late_ack_refused() {
 
 /// A broker whose lease extensions fail while `partitioned` is set, as when a worker
 /// loses its connection while its handler keeps running. It counts the extensions
-/// asked for, per job.
+/// asked for, per job, and notes each ack the inner broker confirmed, in `acked`.
 #[derive(Clone)]
 struct Partitionable {
     inner: MemoryBroker,
     partitioned: Arc<AtomicBool>,
     extended: Arc<Mutex<HashMap<String, u32>>>,
+    acked: Arc<Mutex<Vec<JobId>>>,
 }
 
 impl Partitionable {
@@ -414,6 +416,7 @@ impl Partitionable {
             inner,
             partitioned: Arc::new(AtomicBool::new(false)),
             extended: Arc::default(),
+            acked: Arc::default(),
         }
     }
 
@@ -431,7 +434,11 @@ impl Broker for Partitionable {
         self.inner.fetch(plan).await
     }
     async fn ack(&self, lease: &Lease) -> Result<(), BrokerError> {
-        self.inner.ack(lease).await
+        // A slow answer: the settled outcome must wait for it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.inner.ack(lease).await?;
+        self.acked.lock().unwrap().push(lease.job_id.clone());
+        Ok(())
     }
     async fn retry_after(&self, l: &Lease, d: Duration, e: &str) -> Result<(), BrokerError> {
         self.inner.retry_after(l, d, e).await
@@ -484,6 +491,81 @@ impl Broker for Partitionable {
     async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
         self.inner.wait_for_work(queues, timeout).await
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_settled_outcome_is_reported_after_the_broker_confirmed_it() {
+    let memory = MemoryBroker::new();
+    let broker = Partitionable::new(memory.clone());
+    let ids: Vec<JobId> = memory
+        .enqueue(
+            ["ok", "retry-once", "fatal", "long"]
+                .iter()
+                .map(|kind| NewJob::json("default", kind).unwrap())
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let handler = handler_fn(|job: Job<String>| async move {
+        match (job.payload.as_str(), job.ctx.attempt()) {
+            ("retry-once", 1) => Err(JobError::retry("once")),
+            ("fatal", _) => Err(JobError::fatal("asked to")),
+            ("long", _) => {
+                job.ctx.cancellation().cancelled().await;
+                Err(JobError::interrupted("drained"))
+            }
+            _ => Ok(()),
+        }
+    });
+    let seen = Arc::new(Mutex::new(Vec::<(usize, u32, Outcome)>::new()));
+    let (s, acked, index) = (seen.clone(), broker.acked.clone(), ids.clone());
+    let cfg = config()
+        .concurrency(4)
+        .drain_timeout(Duration::from_secs(1))
+        .backoff(Backoff::new(
+            Duration::from_millis(10),
+            Duration::from_millis(10),
+        ))
+        .build()
+        .unwrap();
+    let w = Worker::new(broker, cfg, handler)
+        .on_settled(move |settled: &Settled| {
+            if settled.outcome == Outcome::Ok {
+                assert!(
+                    acked.lock().unwrap().contains(&settled.id),
+                    "an Ok is reported only after its ack was confirmed"
+                );
+            }
+            assert_eq!(settled.queue, "default");
+            let job = index.iter().position(|id| *id == settled.id).unwrap();
+            s.lock()
+                .unwrap()
+                .push((job, settled.attempt, settled.outcome));
+        })
+        .spawn()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "four outcomes", || async {
+        seen.lock().unwrap().len() == 4
+    })
+    .await;
+    let report = stop(w).await;
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_by_key(|(job, attempt, _)| (*job, *attempt));
+    assert_eq!(
+        got,
+        vec![
+            (0, 1, Outcome::Ok),
+            (1, 1, Outcome::Retried),
+            (1, 2, Outcome::Ok),
+            (2, 1, Outcome::Dead),
+            (3, 1, Outcome::Released),
+        ]
+    );
+    assert_eq!(
+        (report.ok, report.retried, report.dead, report.released),
+        (2, 1, 1, 1)
+    );
 }
 
 #[tokio::test(start_paused = true)]

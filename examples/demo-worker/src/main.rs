@@ -1,8 +1,9 @@
 //! Run with: `cargo run -p demo-worker`
 //!
 //! A worker whose handler does what each job's JSON payload says:
-//! `{"sleep_ms": u64, "outcome": "ok"|"retry"|"fatal"|"panic", "cost": u32, "queue": "name"}`
-//! (every field optional). Configured entirely from the environment (`WORKER_*`).
+//! `{"sleep_ms": u64, "outcome": "ok"|"retry"|"fatal"|"panic", "fail_times": u32,
+//! "cost": u32, "queue": "name"}` (every field optional; `fail_times: n` asks for a
+//! retry on attempts 1 to n, then `outcome`). Configured entirely from the environment (`WORKER_*`).
 //!
 //! With `REDIS_URL` set it consumes the Redis queues (key prefix `REDIS_PREFIX`,
 //! default `wp`); with `AMQP_URL` set, the RabbitMQ queues (`AMQP_*` settings, see
@@ -11,9 +12,12 @@
 //! first enqueues `DEMO_JOBS` if given (a JSON array of such payloads; `queue` picks
 //! the queue, default the first of `WORKER_QUEUES`, and `cost` is the job's budget cost).
 //!
-//! It prints one JSON line per event on stdout — `start` and `end` per job, and
-//! `stopped` with the run report and the jobs left in the broker — so system tests
-//! can follow it; logs go to stderr. It exits 0 after a drain, 2 on a configuration
+//! It prints one JSON line per event on stdout — `start` and `end` per job (`end` as
+//! the handler returns, before the outcome is recorded), `settled` per job once the
+//! broker confirmed its outcome (`{"event":"settled","id","queue","attempt","outcome"}`,
+//! `outcome` one of `ok`, `retried`, `dead`, `released`, `failed`; see
+//! `Worker::on_settled`), and `stopped` with the run report and the jobs left in the
+//! broker — so system tests can follow it; logs go to stderr. It exits 0 after a drain, 2 on a configuration
 //! error, 1 when the worker failed otherwise.
 
 use std::process::ExitCode;
@@ -29,6 +33,7 @@ use worker_core::{async_trait, Broker, Handler, Job, JobError, NewJob, Worker, W
 struct Payload {
     sleep_ms: u64,
     outcome: Outcome,
+    fail_times: u32,
     cost: u32,
     queue: Option<String>,
 }
@@ -57,18 +62,19 @@ impl Handler for Demo {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(job.payload.sleep_ms)) => {}
             _ = ctx.cancellation().cancelled() => {
-                event(json!({"event": "cancelled", "id": ctx.id().as_str()}));
+                event(json!({"event": "cancelled", "id": ctx.id().as_str(), "attempt": ctx.attempt()}));
                 return Err(JobError::retry("cancelled"));
             }
         }
         let result = match job.payload.outcome {
+            _ if ctx.attempt() <= job.payload.fail_times => Err(JobError::retry("asked to retry")),
             Outcome::Ok => Ok(()),
             Outcome::Retry => Err(JobError::retry("asked to retry")),
             Outcome::Fatal => Err(JobError::fatal("asked to fail")),
             Outcome::Panic => panic!("asked to panic"),
         };
         event(
-            json!({"event": "end", "id": ctx.id().as_str(), "queue": ctx.queue(), "ok": result.is_ok()}),
+            json!({"event": "end", "id": ctx.id().as_str(), "queue": ctx.queue(), "attempt": ctx.attempt(), "ok": result.is_ok()}),
         );
         result
     }
@@ -133,6 +139,11 @@ async fn main() -> ExitCode {
         }
         tracing::info!(jobs = n, "seeded the broker from DEMO_JOBS");
     }
-    let worker = Worker::with_shared_broker(broker, config.clone(), Demo);
+    let worker = Worker::with_shared_broker(broker, config.clone(), Demo).on_settled(|s| {
+        event(
+            json!({"event": "settled", "id": s.id.as_str(), "queue": s.queue,
+                     "attempt": s.attempt, "outcome": s.outcome.as_str()}),
+        );
+    });
     example_support::finish(worker.run_until_signal().await, &connected, &config).await
 }

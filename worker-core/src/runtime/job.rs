@@ -61,7 +61,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tracing::Instrument;
 
 use super::limits::RunPermits;
-use super::Shared;
+use super::{Settled, Shared};
 use crate::broker::{Delivery, Lease};
 use crate::error::{BrokerError, JobError};
 use crate::handler::Handler;
@@ -74,6 +74,7 @@ pub(crate) async fn run<H: Handler>(
     held: OwnedSemaphorePermit,
 ) {
     let queue = delivery.lease.queue.clone();
+    let (id, attempt) = (delivery.envelope.id.clone(), delivery.envelope.attempt);
     let span = tracing::info_span!(
         "job",
         id = %delivery.envelope.id,
@@ -81,7 +82,13 @@ pub(crate) async fn run<H: Handler>(
         attempt = delivery.envelope.attempt,
     );
     let outcome = supervise(&shared, delivery, held).instrument(span).await;
-    shared.record(&queue, outcome);
+    // After the settling call returned: what is recorded is what the broker confirmed.
+    shared.record(Settled {
+        id,
+        queue: queue.clone(),
+        attempt,
+        outcome,
+    });
     shared.sched().finished(&queue);
     shared.job_done.notify_one();
 }

@@ -19,6 +19,7 @@ use crate::broker::{Broker, WorkerInfo};
 use crate::config::WorkerConfig;
 use crate::error::WorkerError;
 use crate::handler::Handler;
+use crate::job::JobId;
 use crate::kubernetes::PodApi;
 use crate::lifecycle::{install_signal_handlers, Lifecycle, ShutdownHandle, State};
 use crate::scheduler::Scheduler;
@@ -56,6 +57,29 @@ impl Counts {
     }
 }
 
+/// One job's outcome as the worker settled it, handed to the
+/// [`on_settled`](Worker::on_settled) callback.
+///
+/// It is reported after the settling call returned: for [`Outcome::Ok`] the broker
+/// confirmed the ack (as far as its protocol can, see [`Worker::on_settled`]), for [`Outcome::Retried`], [`Outcome::Dead`] and
+/// [`Outcome::Released`] it confirmed the retry, the dead letter or the release.
+/// [`Outcome::Failed`] means nothing was recorded (the lease was lost, or the broker
+/// kept refusing until the lease would have expired): the broker redelivers the job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Settled {
+    /// The job's id.
+    pub id: JobId,
+    /// Its queue.
+    pub queue: String,
+    /// The attempt that was settled (1 for the first run).
+    pub attempt: u32,
+    /// How it was settled.
+    pub outcome: Outcome,
+}
+
+type OnSettled = Arc<dyn Fn(&Settled) + Send + Sync>;
+
 /// State every task of one worker shares.
 pub(crate) struct Shared<H> {
     pub(crate) config: WorkerConfig,
@@ -71,6 +95,7 @@ pub(crate) struct Shared<H> {
     in_flight: watch::Sender<u32>,
     pub(crate) worker_id: String,
     counts: Counts,
+    on_settled: Option<OnSettled>,
 }
 
 impl<H> Shared<H> {
@@ -78,7 +103,10 @@ impl<H> Shared<H> {
         self.sched.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn record(&self, queue: &str, outcome: Outcome) {
+    /// Count a settled job and tell the [`Worker::on_settled`] callback.
+    pub(crate) fn record(&self, settled: Settled) {
+        let Settled { queue, outcome, .. } = &settled;
+        let (queue, outcome) = (queue.as_str(), *outcome);
         self.counts.add(outcome);
         metrics::counter!(
             names::JOBS_TOTAL,
@@ -87,6 +115,9 @@ impl<H> Shared<H> {
             names::OUTCOME => outcome.as_str()
         )
         .increment(1);
+        if let Some(f) = &self.on_settled {
+            f(&settled);
+        }
     }
 
     pub(crate) fn broker_error(&self, op: &'static str) {
@@ -169,6 +200,7 @@ pub struct Worker<H> {
     broker: Arc<dyn Broker>,
     handler: Arc<H>,
     life: Arc<Lifecycle>,
+    on_settled: Option<OnSettled>,
 }
 
 impl<H: Handler> Worker<H> {
@@ -184,7 +216,50 @@ impl<H: Handler> Worker<H> {
             broker,
             handler: Arc::new(handler),
             life: Lifecycle::new(),
+            on_settled: None,
         }
+    }
+
+    /// Call `f` with each job's [`Settled`] outcome once the broker confirmed it (an
+    /// ack that landed, a retry, a dead letter or a release that was stored), or with
+    /// [`Outcome::Failed`] when nothing could be recorded. A job's handler returning
+    /// `Ok` is not yet a success; this call is.
+    ///
+    /// "Confirmed" is as much as the backend's protocol gives: Redis answers every
+    /// call; AMQP 0-9-1 has no reply to an ack, so on RabbitMQ `ok` means the ack was
+    /// handed to a live channel, and one lost with its connection brings the job back.
+    ///
+    /// `f` runs on the job's task, after the settling call and before the job's slot
+    /// is counted free: keep it short and non-blocking (send to a channel for
+    /// anything slower). One call per settled job; a process that dies between the
+    /// broker's answer and the call loses that call, never the job.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use worker_core::telemetry::Outcome;
+    /// use worker_core::{handler_fn, Broker, Job, JobError, MemoryBroker, NewJob, Worker, WorkerConfig};
+    ///
+    /// let broker = MemoryBroker::new();
+    /// broker.enqueue(vec![NewJob::json("default", &1)?]).await?;
+    /// let (tx, mut settled) = tokio::sync::mpsc::unbounded_channel();
+    /// let config = WorkerConfig::builder().http_addr(None).build()?;
+    /// let handler = handler_fn(|_: Job<u32>| async { Ok::<_, JobError>(()) });
+    /// let worker = Worker::new(broker.clone(), config, handler)
+    ///     .on_settled(move |s| {
+    ///         let _ = tx.send(s.clone());
+    ///     })
+    ///     .spawn()
+    ///     .await?;
+    /// let first = settled.recv().await.expect("one job settles");
+    /// assert_eq!((first.attempt, first.outcome), (1, Outcome::Ok));
+    /// worker.shutdown_handle().drain();
+    /// worker.join().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn on_settled(mut self, f: impl Fn(&Settled) + Send + Sync + 'static) -> Self {
+        self.on_settled = Some(Arc::new(f));
+        self
     }
 
     /// A handle that can drain or force-stop the worker once it runs.
@@ -244,6 +319,7 @@ impl<H: Handler> Worker<H> {
                 fastrand::u32(..)
             ),
             counts: Counts::default(),
+            on_settled: self.on_settled,
             config: self.config,
             broker: self.broker,
             handler: self.handler,
