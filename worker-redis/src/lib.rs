@@ -32,9 +32,11 @@
 
 mod batch;
 mod broker;
+mod env;
 mod error;
+mod replicas;
 mod scripts;
 mod wait;
 
-pub use broker::{RedisBroker, RedisConfig};
+pub use broker::{RedisBroker, RedisConfig, WaitReplicas};
 pub use worker_core::redact;
