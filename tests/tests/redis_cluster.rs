@@ -430,3 +430,18 @@ where
     use futures::stream::StreamExt;
     futures::stream::iter(calls).buffered(width).collect().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_cluster_node_list_stops_the_worker_naming_the_variable() {
+    let mut w = DemoWorker::start(&[
+        ("REDIS_CLUSTER_NODES", "127.0.0.1:7000,127.0.0.1:7001"),
+        ("WORKER_QUEUES", "jobs"),
+    ]);
+    let status = w.wait_exit(Duration::from_secs(30)).await;
+    let log = w.stderr();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("REDIS_CLUSTER_NODES") && log.contains("redis://host:7000,redis://host:7001"),
+        "{log}"
+    );
+}
