@@ -1,6 +1,7 @@
 //! Helpers for system tests: build and start real worker processes, follow their
 //! event lines, send them signals, and wait for their exit.
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -570,6 +571,8 @@ pub struct RabbitNode {
     /// Its management API port on 127.0.0.1, when the plugin is on.
     pub management: Option<u16>,
     dir: PathBuf,
+    /// Extra environment of the server process, kept for restarts.
+    env: Vec<(String, std::ffi::OsString)>,
     child: Option<std::process::Child>,
 }
 
@@ -577,16 +580,22 @@ impl RabbitNode {
     /// Start one with `settings` (`rabbitmq.conf` lines) and `advanced` (the terms of
     /// `advanced.config`, `[]` for none), and wait until it accepts connections.
     pub fn start(settings: &[&str], advanced: &str) -> Self {
-        Self::launch(settings, advanced, false)
+        Self::launch(settings, advanced, false, &[])
+    }
+
+    /// [`start`](Self::start) with extra environment variables for the server (they
+    /// override the node's own, e.g. a `HOME` shared with other nodes for one cookie).
+    pub fn start_with_env(settings: &[&str], advanced: &str, env: &[(&str, &OsStr)]) -> Self {
+        Self::launch(settings, advanced, false, env)
     }
 
     /// Start one with the management plugin on (statistics every 500 ms), and wait
     /// until both its AMQP port and its management API accept connections.
     pub fn start_with_management() -> Self {
-        Self::launch(&["collect_statistics_interval = 500"], "[]", true)
+        Self::launch(&["collect_statistics_interval = 500"], "[]", true, &[])
     }
 
-    fn launch(settings: &[&str], advanced: &str, management: bool) -> Self {
+    fn launch(settings: &[&str], advanced: &str, management: bool, env: &[(&str, &OsStr)]) -> Self {
         let port = free_addr().port();
         let dist = free_addr().port();
         let management = management.then(|| free_addr().port());
@@ -619,6 +628,10 @@ impl RabbitNode {
             dist,
             management,
             dir,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             child: None,
         };
         node.spawn();
@@ -636,10 +649,6 @@ impl RabbitNode {
         }
     }
 
-    fn name(&self) -> String {
-        format!("wp{}@localhost", self.port)
-    }
-
     fn spawn(&mut self) {
         let dir = &self.dir;
         let child = std::process::Command::new(Self::script("rabbitmq-server"))
@@ -652,6 +661,7 @@ impl RabbitNode {
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -743,22 +753,6 @@ impl RabbitNode {
             "rabbitmqctl set_vm_memory_high_watermark: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // The script stops the node cleanly on SIGTERM.
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline
-            {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -1037,5 +1031,329 @@ impl TlsProxy {
 impl Drop for TlsProxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+impl RedisServer {
+    /// Send it a signal by name (`STOP`, `CONT`).
+    pub fn signal(&self, name: &str) {
+        if let Some(child) = &self.child {
+            let status = std::process::Command::new("kill")
+                .args(["-s", name, &child.id().to_string()])
+                .status()
+                .unwrap_or_else(|e| panic!("kill: {e}"));
+            assert!(status.success(), "kill -s {name} failed");
+        }
+    }
+
+    /// `redis-cli -p <port> args…`: its reply as text (empty when it does not answer).
+    pub fn cli(&self, args: &[&str]) -> String {
+        std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// A Redis Cluster owned by one test: masters and replicas started from the installed
+/// `redis-server` on loopback ports of their own ([`RedisServer`]), joined with
+/// `redis-cli --cluster create`; stopped and removed on drop.
+pub struct RedisCluster {
+    /// Every node, masters first as `redis-cli` was given them.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// `masters` masters with `replicas` replicas each, failing over after
+    /// `node_timeout`; returns once every node reports the cluster ok and every
+    /// replica's link to its master is up.
+    pub async fn start(masters: usize, replicas: usize, node_timeout: Duration) -> Self {
+        let args: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            &node_timeout.as_millis().to_string(),
+            "--appendonly",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let n = masters * (1 + replicas);
+        let nodes = tokio::task::spawn_blocking(move || {
+            (0..n)
+                .map(|_| RedisServer::start_with(&args, false))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("start redis nodes: {e}"));
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("redis-cli --cluster create: {e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Self { nodes };
+        worker_core::testing::eventually(Duration::from_secs(60), "the cluster is ok", || async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            cluster.nodes.iter().all(|n| {
+                n.cli(&["cluster", "info"]).contains("cluster_state:ok")
+                    && (n.cli(&["role"]).starts_with("master")
+                        || n.cli(&["info", "replication"])
+                            .contains("master_link_status:up"))
+            })
+        })
+        .await;
+        cluster
+    }
+
+    /// The seed node URLs, every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The node on `port`.
+    pub fn node(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
+    }
+
+    /// The port of the master serving `key`'s slot and the ports of its replicas, as a
+    /// live node that is not `except` sees them.
+    pub fn master_of(&self, key: &str, except: &[u16]) -> (u16, Vec<u16>) {
+        let asker = self
+            .nodes
+            .iter()
+            .find(|n| !except.contains(&n.port) && n.child.is_some())
+            .unwrap_or_else(|| panic!("no live node"));
+        let slot: u16 = asker
+            .cli(&["cluster", "keyslot", key])
+            .parse()
+            .unwrap_or_else(|e| panic!("cluster keyslot {key}: {e}"));
+        // CLUSTER NODES lines: id addr flags master-id ping pong epoch state slots...
+        let table = asker.cli(&["cluster", "nodes"]);
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let port = |row: &[&str]| -> u16 {
+            row[1]
+                .split(['@', ':'])
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0)
+        };
+        let serves = |row: &[&str]| {
+            row[8..].iter().any(|range| match range.split_once('-') {
+                Some((a, b)) => {
+                    a.parse::<u16>().is_ok_and(|a| a <= slot)
+                        && b.parse::<u16>().is_ok_and(|b| slot <= b)
+                }
+                None => range.parse::<u16>() == Ok(slot),
+            })
+        };
+        let master = rows
+            .iter()
+            .find(|r| r.len() > 8 && r[2].contains("master") && !r[2].contains("fail") && serves(r))
+            .unwrap_or_else(|| panic!("no master serves slot {slot}:\n{table}"));
+        let replicas = rows
+            .iter()
+            .filter(|r| r.len() > 3 && r[3] == master[0])
+            .map(|r| port(r))
+            .collect();
+        (port(master), replicas)
+    }
+
+    /// Wait until `port` reports itself a master and every live node the cluster ok.
+    pub async fn wait_promoted(&self, port: u16, limit: Duration) {
+        worker_core::testing::eventually(limit, "the replica is promoted", || async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let promoted = self
+                .nodes
+                .iter()
+                .find(|n| n.port == port)
+                .is_some_and(|n| n.cli(&["role"]).starts_with("master"));
+            promoted
+                && self
+                    .nodes
+                    .iter()
+                    .filter(|n| n.child.is_some())
+                    .all(|n| n.cli(&["cluster", "info"]).contains("cluster_state:ok"))
+        })
+        .await;
+    }
+}
+
+impl RabbitNode {
+    /// Its Erlang node name.
+    pub fn name(&self) -> String {
+        format!("wp{}@localhost", self.port)
+    }
+
+    /// Where its logs are.
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.join("log")
+    }
+
+    /// Stop it cleanly and wait until it is gone (drop does it too).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // The script stops the node cleanly on SIGTERM.
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A RabbitMQ cluster owned by one test: [`RabbitNode`]s sharing an Erlang cookie (one
+/// `HOME` of the test's own), the others joined to the first with `rabbitmqctl
+/// join_cluster`. Each node runs one scheduler thread, to stay light on a small
+/// machine. Stopped and removed on drop.
+pub struct RabbitCluster {
+    /// The nodes; the first is the one the others joined.
+    pub nodes: Vec<RabbitNode>,
+    home: PathBuf,
+}
+
+impl RabbitCluster {
+    /// Start `n` nodes and join them into one cluster.
+    pub async fn start(n: usize) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let home = std::env::temp_dir().join(format!(
+            "wp-rabbit-cluster-{}-{}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::create_dir_all(&home).unwrap_or_else(|e| panic!("mkdir {home:?}: {e}"));
+        let cookie = home.join(".erlang.cookie");
+        let value: String = (0..20).map(|_| fastrand::uppercase()).collect();
+        std::fs::write(&cookie, value).unwrap_or_else(|e| panic!("write cookie: {e}"));
+        std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400))
+            .unwrap_or_else(|e| panic!("chmod cookie: {e}"));
+        let starts: Vec<_> = (0..n)
+            .map(|_| {
+                let home = home.clone();
+                tokio::task::spawn_blocking(move || {
+                    RabbitNode::start_with_env(
+                        &[],
+                        "[]",
+                        &[
+                            ("HOME", home.as_os_str()),
+                            (
+                                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                                OsStr::new("+S 1:1 +sbwt none +sbwtdcpu none +sbwtdio none"),
+                            ),
+                        ],
+                    )
+                })
+            })
+            .collect();
+        let mut nodes = Vec::new();
+        for s in starts {
+            nodes.push(s.await.unwrap_or_else(|e| panic!("start node: {e}")));
+        }
+        let cluster = Self { nodes, home };
+        let first = cluster.nodes[0].name();
+        for node in &cluster.nodes[1..] {
+            for args in [
+                vec!["stop_app"],
+                vec!["join_cluster", first.as_str()],
+                vec!["start_app"],
+            ] {
+                cluster.ctl(node, &args).await;
+            }
+        }
+        cluster
+    }
+
+    /// `rabbitmqctl -n <node> args…` with the cluster's cookie; its stdout. Panics
+    /// with its output when it fails.
+    pub async fn ctl(&self, node: &RabbitNode, args: &[&str]) -> String {
+        self.cli("rabbitmqctl", node, args).await
+    }
+
+    /// A CLI tool of the installed server (`rabbitmqctl`, `rabbitmq-queues`) run
+    /// against `node` with the cluster's cookie; its stdout.
+    pub async fn cli(&self, tool: &str, node: &RabbitNode, args: &[&str]) -> String {
+        let packaged = PathBuf::from("/usr/lib/rabbitmq/bin").join(tool);
+        let exe = if packaged.exists() {
+            packaged
+        } else {
+            PathBuf::from(tool)
+        };
+        let out = Command::new(exe)
+            .env("HOME", &self.home)
+            .args(["-q", "-n", &node.name()])
+            .args(args)
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} -n {} {args:?}: {}{}",
+            node.name(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Every node's AMQP URL, comma-separated, starting with node `first`.
+    pub fn urls_from(&self, first: usize) -> String {
+        let n = self.nodes.len();
+        (0..n)
+            .map(|i| self.nodes[(first + i) % n].url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Index of the node that leads quorum queue `queue`, as `asker` sees it.
+    pub async fn leader_of(&self, asker: usize, queue: &str) -> usize {
+        let table = self
+            .ctl(&self.nodes[asker], &["list_queues", "name", "leader"])
+            .await;
+        let leader = table
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .find(|(name, _)| name.trim() == queue)
+            .map(|(_, leader)| leader.trim().to_owned())
+            .unwrap_or_else(|| panic!("no leader listed for {queue}:\n{table}"));
+        self.nodes
+            .iter()
+            .position(|n| n.name() == leader)
+            .unwrap_or_else(|| panic!("leader {leader} is not a node of the cluster"))
+    }
+}
+
+impl Drop for RabbitCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.home);
     }
 }

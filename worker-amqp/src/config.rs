@@ -98,7 +98,7 @@ pub struct AmqpConfig {
 impl std::fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpConfig")
-            .field("url", &redact(&self.url))
+            .field("url", &self.shown_url())
             .field(
                 "management_url",
                 &self.management_url.as_deref().map(redact),
@@ -117,7 +117,11 @@ impl std::fmt::Debug for AmqpConfig {
 
 impl AmqpConfig {
     /// Settings for the broker at `url` (`amqp://` or `amqps://`; the path is the
-    /// URL-encoded virtual host, `%2f` for `/`).
+    /// URL-encoded virtual host, `%2f` for `/`). For a cluster, `url` may list the
+    /// address of each node, comma-separated
+    /// (`amqp://u:p@node-a:5672/%2f,amqp://u:p@node-b:5672/%2f`): each connect and
+    /// reconnect tries them in turn, starting with the last one that answered. Every
+    /// address names the same virtual host; a comma inside a password is written `%2C`.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
@@ -140,7 +144,7 @@ impl AmqpConfig {
     ///
     /// | variable | meaning | default |
     /// |---|---|---|
-    /// | `AMQP_URL` | broker URL | `amqp://guest:guest@127.0.0.1:5672/%2f` |
+    /// | `AMQP_URL` | broker URL, or the comma-separated URLs of a cluster's nodes (see [`new`](Self::new)) | `amqp://guest:guest@127.0.0.1:5672/%2f` |
     /// | `AMQP_MANAGEMENT_URL` | management API, e.g. `http://user:pass@host:15672` | none |
     /// | `AMQP_QUEUE_TYPE` | `classic` or `quorum`, for every queue | `classic` |
     /// | `AMQP_QUORUM_QUEUES` | comma-separated queues declared as quorum queues | none |
@@ -151,13 +155,7 @@ impl AmqpConfig {
     pub fn from_env() -> Result<Self, ConfigError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let mut config = Self::new(var("AMQP_URL").unwrap_or_else(|| DEFAULT_URL.to_owned()));
-        if !config.url.starts_with("amqp://") && !config.url.starts_with("amqps://") {
-            return Err(ConfigError::invalid(
-                "AMQP_URL",
-                redact(&config.url),
-                "amqp://user:password@host:port/vhost or amqps://…",
-            ));
-        }
+        config.check_urls()?;
         config.management_url = var("AMQP_MANAGEMENT_URL");
         if let Some(kind) = var("AMQP_QUEUE_TYPE") {
             config.default_type = QueueType::parse(&kind).ok_or_else(|| {
@@ -390,17 +388,55 @@ impl AmqpConfig {
             .unwrap_or(self.default_type)
     }
 
-    /// The virtual host named by the URL's path (`/` when it has none).
+    /// The virtual host named by the (first) URL's path (`/` when it has none).
     pub(crate) fn vhost(&self) -> String {
-        let rest = self.url.split_once("://").map_or("", |(_, r)| r);
-        let rest = rest.split_once('?').map_or(rest, |(p, _)| p);
-        match rest.split_once('/') {
-            Some((_, path)) if !path.is_empty() => percent_encoding::percent_decode_str(path)
-                .decode_utf8_lossy()
-                .into_owned(),
-            Some(_) => String::new(),
-            None => "/".to_owned(),
+        vhost_of(self.urls()[0])
+    }
+
+    /// The broker's addresses, in the order given (at least one, maybe empty).
+    pub(crate) fn urls(&self) -> Vec<&str> {
+        self.url.split(',').map(str::trim).collect()
+    }
+
+    /// Each address an `amqp://` or `amqps://` URL, all of one virtual host; the error
+    /// names `AMQP_URL` and the accepted form.
+    fn check_urls(&self) -> Result<(), ConfigError> {
+        let urls = self.urls();
+        let vhost = vhost_of(urls[0]);
+        let bad = |u: &&str| {
+            !(u.starts_with("amqp://") || u.starts_with("amqps://")) || vhost_of(u) != vhost
+        };
+        if urls.iter().any(bad) {
+            return Err(ConfigError::invalid(
+                "AMQP_URL",
+                self.shown_url(),
+                "amqp://user:password@host:port/vhost or amqps://…, or several such URLs \
+                 of one cluster's nodes, comma-separated, all with one virtual host",
+            ));
         }
+        Ok(())
+    }
+
+    /// The addresses as a log line may show them: without passwords.
+    pub(crate) fn shown_url(&self) -> String {
+        self.urls()
+            .into_iter()
+            .map(redact)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// The virtual host named by `url`'s path (`/` when it has none).
+fn vhost_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or("", |(_, r)| r);
+    let rest = rest.split_once('?').map_or(rest, |(p, _)| p);
+    match rest.split_once('/') {
+        Some((_, path)) if !path.is_empty() => percent_encoding::percent_decode_str(path)
+            .decode_utf8_lossy()
+            .into_owned(),
+        Some(_) => String::new(),
+        None => "/".to_owned(),
     }
 }
 
@@ -418,6 +454,37 @@ mod tests {
             AmqpConfig::new("amqps://h/a%2Fb?heartbeat=10").vhost(),
             "a/b"
         );
+    }
+
+    #[test]
+    fn several_addresses_are_a_comma_separated_list() {
+        let c = AmqpConfig::new("amqp://u:s3cret@a:5672/jobs, amqp://u:s3cret@b:5673/jobs");
+        assert_eq!(
+            c.urls(),
+            ["amqp://u:s3cret@a:5672/jobs", "amqp://u:s3cret@b:5673/jobs"]
+        );
+        assert_eq!(c.vhost(), "jobs");
+        assert_eq!(
+            c.shown_url(),
+            "amqp://u:***@a:5672/jobs,amqp://u:***@b:5673/jobs"
+        );
+        assert!(c.check_urls().is_ok());
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_bad_address_list_names_the_variable_and_the_form() {
+        for bad in [
+            "amqp://a:5672/%2f,b:5672",
+            "amqp://a:5672/%2f,amqp://b:5672/other",
+            "amqp://u:s3cret@a/%2f,",
+        ] {
+            let e = AmqpConfig::new(bad).check_urls().unwrap_err().to_string();
+            assert!(
+                e.contains("AMQP_URL") && e.contains("comma-separated") && !e.contains("s3cret"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

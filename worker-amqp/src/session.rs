@@ -2,6 +2,7 @@
 //! whole when the connection is lost. Reconnects back off exponentially with jitter.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -130,6 +131,8 @@ pub(crate) async fn passive_count(ch: &Channel, queue: &str) -> Result<Option<u6
 /// The current session, reconnecting when it is gone.
 pub(crate) struct Sessions {
     config: AmqpConfig,
+    /// Index of the address that answered last (see `AmqpConfig::urls`).
+    preferred: AtomicUsize,
     current: std::sync::RwLock<Option<std::sync::Arc<Session>>>,
     connecting: tokio::sync::Mutex<Backoff>,
 }
@@ -146,6 +149,7 @@ impl Sessions {
     pub(crate) fn new(config: AmqpConfig) -> Self {
         Self {
             config,
+            preferred: AtomicUsize::new(0),
             current: std::sync::RwLock::new(None),
             connecting: tokio::sync::Mutex::new(Backoff {
                 next_gen: 1,
@@ -178,7 +182,7 @@ impl Sessions {
                 return Err(BrokerError::Unavailable {
                     message: format!(
                         "amqp: reconnecting to {} (next attempt in {:?})",
-                        redact(&self.config.url),
+                        self.config.shown_url(),
                         at - Instant::now()
                     ),
                     source: None,
@@ -188,7 +192,7 @@ impl Sessions {
         match self.connect(backoff.next_gen).await {
             Ok(s) => {
                 if backoff.next_gen > 1 && !backoff.closed {
-                    tracing::info!(url = %redact(&self.config.url), failed_attempts = backoff.failures, "amqp: reconnected");
+                    tracing::info!(url = %self.config.shown_url(), failed_attempts = backoff.failures, "amqp: reconnected");
                 }
                 backoff.closed = false;
                 backoff.next_gen += 1;
@@ -207,7 +211,7 @@ impl Sessions {
                     .min(BACKOFF_MAX);
                 let wait = exp.mul_f64(0.5 + fastrand::f64() * 0.5);
                 backoff.not_before = Some(Instant::now() + wait);
-                tracing::warn!(url = %redact(&self.config.url), error = %e, retry_in = ?wait, failures = backoff.failures, "amqp: cannot connect");
+                tracing::warn!(url = %self.config.shown_url(), error = %e, retry_in = ?wait, failures = backoff.failures, "amqp: cannot connect");
                 Err(e)
             }
         }
@@ -241,18 +245,42 @@ impl Sessions {
             .with_connection_name(format!("worker-pools pid {}", std::process::id()).into())
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio);
-        let tls = OwnedTLSConfig {
+        let tls = || OwnedTLSConfig {
             identity: None::<OwnedIdentity>,
             cert_chain: self.config.ca_cert_pem.clone(),
         };
-        let shown = redact(&self.config.url);
-        let conn = Connection::connect_with_config(&self.config.url, props, tls)
-            .await
-            .map_err(|e| {
+        // A cluster's nodes in turn, from the last one that answered.
+        let urls = self.config.urls();
+        let first = self.preferred.load(Ordering::Relaxed) % urls.len();
+        let mut failures = Vec::new();
+        let mut connected = None;
+        for i in (0..urls.len()).map(|k| (first + k) % urls.len()) {
+            let shown = redact(urls[i]);
+            match Connection::connect_with_config(urls[i], props.clone(), tls()).await {
+                Ok(conn) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    connected = Some((conn, shown));
+                    break;
+                }
                 // lapin's errors carry no URL, so the cause can be shown: an operator
                 // needs "UnknownIssuer" or "connection refused" in the one log line.
-                BrokerError::unavailable(format!("amqp connect to {shown}: {e}"), e)
-            })?;
+                Err(e) => failures.push((shown, e)),
+            }
+        }
+        let Some((conn, shown)) = connected else {
+            let message = failures
+                .iter()
+                .map(|(url, e)| format!("{url}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let (_, last) = failures
+                .pop()
+                .ok_or_else(|| BrokerError::Protocol("amqp connect: no broker address".into()))?;
+            return Err(BrokerError::unavailable(
+                format!("amqp connect to {message}"),
+                last,
+            ));
+        };
         let publisher = conn
             .create_channel()
             .await

@@ -13,6 +13,7 @@ use worker_core::{BrokerError, JobId, LeaseToken};
 
 use crate::broker::Conn;
 use crate::error::{for_each_waiter, from_redis};
+use crate::replicas::{self, WaitReplicas};
 use crate::scripts;
 
 /// An ack: the job and the token of its delivery.
@@ -238,33 +239,35 @@ pub(crate) async fn flush_acks(
     batches.flush_with(queue, send).await;
 }
 
-/// Send enqueues of `queue` until none waits.
+/// Send enqueues of `queue` until none waits; with `wait`, each is acknowledged only
+/// once that many replicas confirm it.
 pub(crate) async fn flush_enqueues(
     batches: Arc<Batches<EnqueueItem, EnqueueOutcome>>,
     queue: String,
     conn: Conn,
     keys: Vec<String>,
     channel: String,
+    wait: Option<WaitReplicas>,
 ) {
     let send = |items: Vec<&EnqueueItem>| {
-        let mut inv = scripts::ENQUEUE.prepare_invoke();
-        for k in &keys {
-            inv.key(k);
-        }
-        inv.arg(&channel).arg(items.len());
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(2 + items.len() * 4);
+        args.push(channel.clone().into_bytes());
+        args.push(items.len().to_string().into_bytes());
         for group in &items {
-            inv.arg(group.len());
+            args.push(group.len().to_string().into_bytes());
         }
         for group in &items {
             for (id, env, delay) in group.iter() {
-                inv.arg(id.as_str()).arg(env.as_slice()).arg(*delay);
+                args.push(id.as_str().as_bytes().to_vec());
+                args.push(env.clone());
+                args.push(delay.to_string().into_bytes());
             }
         }
         let conn = conn.clone();
+        let keys = &keys;
         async move {
-            let reply: Vec<String> = invoke(&conn, &inv)
-                .await
-                .map_err(|e| from_redis("enqueue", e))?;
+            let reply: Vec<String> =
+                replicas::eval("enqueue", &conn, &scripts::ENQUEUE, keys, &args, wait).await?;
             // One item per group: empty when written, else the duplicate id.
             Ok(reply
                 .into_iter()

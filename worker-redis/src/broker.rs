@@ -18,6 +18,7 @@ use worker_core::{
 
 use crate::batch::{self, AckItem, AckOutcome, Batches, EnqueueItem, EnqueueOutcome, Taken};
 use crate::error::{for_each_waiter, from_redis};
+pub use crate::replicas::WaitReplicas;
 use crate::scripts;
 use crate::wait::Waiter;
 use worker_core::redact;
@@ -44,6 +45,10 @@ pub struct RedisConfig {
     pub ca_cert: Option<Vec<u8>>,
     /// Seed nodes of a Redis Cluster; empty for a single server at `url`.
     pub cluster_nodes: Vec<String>,
+    /// Replicas that must confirm an enqueue before it is acknowledged (`WAIT`), and
+    /// how long to wait for them; `None` acknowledges once the master has written it.
+    /// See [`wait_replicas`](Self::wait_replicas).
+    pub wait_replicas: Option<WaitReplicas>,
 }
 
 impl RedisConfig {
@@ -57,6 +62,7 @@ impl RedisConfig {
             response_timeout: Duration::from_secs(10),
             ca_cert: None,
             cluster_nodes: Vec::new(),
+            wait_replicas: None,
         }
     }
 
@@ -84,6 +90,22 @@ impl RedisConfig {
     /// Refuse payloads over `bytes`.
     pub fn max_payload(mut self, bytes: usize) -> Self {
         self.max_payload = bytes;
+        self
+    }
+
+    /// Acknowledge an enqueue only once `replicas` replicas of its master hold it
+    /// (Redis `WAIT`, sent on the same connection right after the write). Redis
+    /// replicates asynchronously: without this, a master killed just after
+    /// acknowledging loses the jobs its replica had not received yet, and the replica
+    /// promoted in its place never had them. With it, an enqueue its replicas have
+    /// not confirmed within `timeout` fails as transient (`Unavailable`): the jobs are
+    /// on the master and may or may not survive its failure, and enqueueing the same
+    /// ids again is safe (a `DuplicateJob` answer means they are stored). It costs one
+    /// replica round trip per enqueue call (concurrent enqueues to a queue share one);
+    /// `replicas` 0 turns it off. Other writes need no wait: a lost ack or lease only
+    /// makes a job run again, never lose it.
+    pub fn wait_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_replicas = (replicas > 0).then_some(WaitReplicas { replicas, timeout });
         self
     }
 
@@ -149,6 +171,7 @@ impl RedisConfig {
             waiter: Waiter::new(client),
             acks: Arc::new(Batches::new(1000, usize::MAX, |_| 1)),
             enqueues: Arc::new(Batches::new(500, 4 << 20, batch::enqueue_bytes)),
+            wait_replicas: self.wait_replicas,
         })
     }
 }
@@ -185,6 +208,7 @@ pub struct RedisBroker {
     waiter: Waiter,
     acks: Arc<Batches<AckItem, AckOutcome>>,
     enqueues: Arc<Batches<EnqueueItem, EnqueueOutcome>>,
+    wait_replicas: Option<WaitReplicas>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -534,6 +558,7 @@ impl Broker for RedisBroker {
                             conn,
                             self.queue_keys(&queue),
                             self.channel(&queue),
+                            self.wait_replicas,
                         ));
                     }
                     Err(e) => self.enqueues.fail_all(&queue, &e),

@@ -26,15 +26,25 @@
 //! state in one hash keeps every step to a few commands per batch: a fetch is six
 //! commands and an ack three, however many jobs they carry. Wake-ups go to the
 //! pub/sub channel `{p:q}:notify`. The worker registry lives under `{p:workers}`.
+//!
+//! ## Cluster and replicas
+//!
+//! [`RedisConfig::cluster`] (or `REDIS_CLUSTER_NODES`, see [`RedisConfig::from_env`])
+//! reaches a Redis Cluster through its seed nodes; the client follows failovers and
+//! slot moves. Replication is asynchronous, so a master that dies right after
+//! acknowledging an enqueue can take the jobs with it;
+//! [`RedisConfig::wait_replicas`] acknowledges an enqueue only once replicas hold it.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod batch;
 mod broker;
+mod env;
 mod error;
+mod replicas;
 mod scripts;
 mod wait;
 
-pub use broker::{RedisBroker, RedisConfig};
+pub use broker::{RedisBroker, RedisConfig, WaitReplicas};
 pub use worker_core::redact;

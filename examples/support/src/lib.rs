@@ -25,35 +25,37 @@ pub fn init_tracing() {
 pub struct Connected {
     /// The broker.
     pub broker: Arc<dyn Broker>,
-    /// The in-memory broker when neither `REDIS_URL` nor `AMQP_URL` is set (it dies
+    /// The in-memory broker when no broker variable is set (it dies
     /// with the process, so the worker reports what it still holds).
     pub memory: Option<MemoryBroker>,
 }
 
-/// Redis when `REDIS_URL` is set (key prefix `REDIS_PREFIX`, default `wp`), RabbitMQ
-/// when `AMQP_URL` is set (the other `AMQP_*` settings, see
-/// `worker_amqp::AmqpConfig::from_env`), else the embedded in-memory broker. The
-/// error says which variable is wrong (both set, or a bad URL).
+/// Redis when `REDIS_URL` or `REDIS_CLUSTER_NODES` is set (the other `REDIS_*`
+/// settings, see `worker_redis::RedisConfig::from_env`), RabbitMQ when `AMQP_URL` is
+/// set (the other `AMQP_*` settings, see `worker_amqp::AmqpConfig::from_env`), else
+/// the embedded in-memory broker. The error says which variable is wrong (both
+/// brokers set, or a bad value).
 pub async fn broker_from_env(config: &WorkerConfig) -> Result<Connected, String> {
-    let redis_url = std::env::var("REDIS_URL").ok().filter(|v| !v.is_empty());
-    let amqp = std::env::var_os("AMQP_URL").is_some_and(|v| !v.is_empty());
-    match (redis_url, amqp) {
-        (Some(_), true) => {
-            Err("both REDIS_URL and AMQP_URL are set: set the one broker to use".into())
-        }
-        (Some(url), false) => {
-            let prefix = std::env::var("REDIS_PREFIX").unwrap_or_else(|_| "wp".into());
-            let redis = worker_redis::RedisConfig::new(url)
-                .prefix(prefix)
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    let redis = set("REDIS_URL") || set("REDIS_CLUSTER_NODES");
+    match (redis, set("AMQP_URL")) {
+        (true, true) => Err(
+            "both REDIS_URL (or REDIS_CLUSTER_NODES) and AMQP_URL are set: \
+                             set the one broker to use"
+                .into(),
+        ),
+        (true, false) => {
+            let redis = worker_redis::RedisConfig::from_env()
+                .map_err(|e| e.to_string())?
                 .connect()
                 .await
-                .map_err(|e| format!("REDIS_URL: {e}"))?;
+                .map_err(|e| format!("redis: {e}"))?;
             Ok(Connected {
                 broker: Arc::new(redis),
                 memory: None,
             })
         }
-        (None, true) => {
+        (false, true) => {
             let amqp = worker_amqp::AmqpConfig::from_env()
                 .map_err(|e| format!("AMQP_URL: {e}"))?
                 .worker(config)
@@ -65,7 +67,7 @@ pub async fn broker_from_env(config: &WorkerConfig) -> Result<Connected, String>
                 memory: None,
             })
         }
-        (None, false) => {
+        (false, false) => {
             let memory = MemoryBroker::new();
             Ok(Connected {
                 broker: Arc::new(memory.clone()),
