@@ -162,3 +162,53 @@ async fn a_worker_dead_letters_a_corrupt_stored_job_and_runs_its_batch_mates_onc
     w.signal("TERM");
     assert_eq!(w.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
 }
+
+/// A batch over several queues is written queue by queue, in the order each queue
+/// first appears in it: a refused queue stops the batch there, so the producer knows
+/// from the error which jobs are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_several_queues_is_written_queue_by_queue_up_to_the_one_refused() {
+    let prefix = unique("spread");
+    let b = RedisConfig::new(URL)
+        .prefix(&prefix)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.enqueue(vec![NewJob::new("b", "first").id("taken")])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = b
+        .enqueue(vec![
+            NewJob::new("z", "1").id("z1"),
+            NewJob::new("b", "2").id("b-new"),
+            NewJob::new("b", "3").id("taken"),
+            NewJob::new("z", "4").id("z2"),
+            NewJob::new("a", "5").id("a1"),
+        ])
+        .await;
+    match r {
+        Err(BrokerError::DuplicateJob { job_id }) => assert_eq!(job_id.as_str(), "taken"),
+        other => panic!("expected DuplicateJob, got {other:?}"),
+    }
+    let pending = |q: &'static str| {
+        let b = &b;
+        async move { b.depth(q).await.unwrap_or_else(|e| panic!("{e}")).pending }
+    };
+    assert_eq!(
+        (pending("z").await, pending("b").await, pending("a").await),
+        (2, 1, 0),
+        "z (first in the batch) written whole, b (refused) left as it was, a (after it) not written"
+    );
+    // Sending again the refused queue's jobs (its duplicate left out) and the queues
+    // after it completes the batch without writing anything twice.
+    b.enqueue(vec![
+        NewJob::new("b", "2").id("b-new"),
+        NewJob::new("a", "5").id("a1"),
+    ])
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (pending("z").await, pending("b").await, pending("a").await),
+        (2, 2, 1)
+    );
+}

@@ -1,6 +1,6 @@
 //! [`RedisBroker`]: the `Broker` contract on Redis.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -168,6 +168,27 @@ fn install_crypto_provider() {
 }
 
 /// The Redis backend. Cheap to share behind an `Arc`.
+///
+/// # Enqueue: one queue is all or nothing, a batch over several is not
+///
+/// [`Broker::enqueue`] checks every job first (payload size, queue name) and writes
+/// nothing if one is refused. It then writes the batch queue by queue, in the order
+/// each queue first appears in it, each queue's jobs in one script call that stores
+/// all of them or none. The first queue whose call fails ends the enqueue with its
+/// error, and then:
+///
+/// - the queues before it are stored whole, the queues after it not at all;
+/// - on [`BrokerError::DuplicateJob`] none of its jobs are stored (the error names
+///   the job whose id was taken);
+/// - on any other error (a lost connection, a reply that did not come) its jobs may
+///   or may not be stored: the call may have run before the reply was lost.
+///
+/// A producer that retries should therefore give its jobs ids of its own
+/// ([`NewJob::id`]): sending a stored job again is then refused as a duplicate rather
+/// than stored twice, and after an error it sends again the failing queue's jobs and
+/// those of the queues after it. One queue per call makes every enqueue all or
+/// nothing. Queues of one batch are not written in one step because, on a cluster,
+/// each queue lives on its own slot, which one script cannot span.
 ///
 /// All calls share one multiplexed connection that reconnects by itself: concurrent
 /// calls from many tasks are pipelined on one socket, and no call pays a health-check
@@ -643,16 +664,21 @@ impl Broker for RedisBroker {
             }
         }
         let mut ids = Vec::with_capacity(jobs.len());
-        let mut by_queue: BTreeMap<String, Vec<(JobId, Vec<u8>, u64)>> = BTreeMap::new();
+        // Queues in the order each first appears in the batch: the order they are
+        // written in, which the type's docs promise producers.
+        let mut by_queue: Vec<(String, EnqueueItem)> = Vec::new();
         for job in jobs {
             let env = Envelope::from_new(job);
             let delay = env.due_at_ms.saturating_sub(env.enqueued_at_ms);
             ids.push(env.id.clone());
-            by_queue.entry(env.queue.clone()).or_default().push((
-                env.id.clone(),
-                env.to_bytes(),
-                delay,
-            ));
+            let at = match by_queue.iter().position(|(q, _)| *q == env.queue) {
+                Some(at) => at,
+                None => {
+                    by_queue.push((env.queue.clone(), Vec::new()));
+                    by_queue.len() - 1
+                }
+            };
+            by_queue[at].1.push((env.id.clone(), env.to_bytes(), delay));
         }
         for (queue, jobs) in by_queue {
             let (written, start) = self.enqueues.push(&queue, jobs);

@@ -312,8 +312,13 @@ impl WorkerInfo {
 /// many processes.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
-    /// Store jobs (pending, or delayed when they have a delay). All or nothing:
-    /// a refused job (too large, bad queue name) fails the batch before anything is written.
+    /// Store jobs (pending, or delayed when they have a delay). A refused job (too
+    /// large, bad queue name) fails the batch before anything is written. An error
+    /// that comes later (a duplicate id, a lost connection) may leave a batch written
+    /// in part: each backend documents which part (the in-memory broker writes a batch
+    /// all or nothing; Redis writes it queue by queue), so a producer knows what to
+    /// send again. Ids of the producer's own ([`NewJob::id`]) make sending again safe
+    /// where the backend [refuses duplicate ids](Self::refuses_duplicate_ids).
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, BrokerError>;
 
     /// Lease up to `plan.total` pending jobs as [`FetchPlan`] describes, oldest first
