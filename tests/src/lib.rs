@@ -496,6 +496,15 @@ impl RedisServer {
             let _ = child.wait();
         }
     }
+
+    /// Kill it with SIGKILL, as a crash or an OOM kill would: no shutdown, no final
+    /// write. [`RedisServer::start_again`] brings it back from what it had written.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Drop for RedisServer {
