@@ -173,3 +173,51 @@ async fn scaling_equals_what_the_test_counts_while_a_pool_runs() {
     w.signal("TERM");
     assert_eq!(w.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_releases_every_job_to_redis_and_exits_at_once() {
+    let (prefix, queue) = (unique("second"), "jobs");
+    let b = broker(&prefix).await;
+    let mut ids = enqueue(&b, queue, json!({"sleep_ms": 600_000}), 2).await;
+    let mut w = worker(
+        &prefix,
+        queue,
+        &[("WORKER_CONCURRENCY", "2"), ("WORKER_DRAIN_TIMEOUT", "10m")],
+    );
+    w.wait_for(Duration::from_secs(20), "both jobs started", |e| {
+        e.iter().filter(|e| e["event"] == "start").count() == 2
+    })
+    .await;
+    w.signal("TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.get("/readyz").await.0 != 503 {
+        assert!(Instant::now() < deadline, "not draining after SIGTERM");
+    }
+    // The drain would wait 10 minutes for these jobs; the second signal ends it now.
+    w.signal("TERM");
+    let status = w.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", w.stderr());
+    assert_eq!(w.stopped()["report"]["released"], 2);
+    let d = b.depth(queue).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (d.pending, d.in_flight, d.delayed, d.dead),
+        (2, 0, 0, 0),
+        "both jobs back in pending at once, not left to their leases"
+    );
+    let got = b
+        .fetch(&worker_core::FetchPlan::single(
+            queue,
+            2,
+            Duration::from_secs(30),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut again: Vec<(String, u32)> = got
+        .iter()
+        .map(|d| (d.envelope.id.to_string(), d.envelope.attempt))
+        .collect();
+    again.sort();
+    ids.sort();
+    let want: Vec<(String, u32)> = ids.into_iter().map(|id| (id, 1)).collect();
+    assert_eq!(again, want, "a release does not count an attempt");
+}

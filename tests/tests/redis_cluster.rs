@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use system_tests::{DemoWorker, RedisCluster};
 use worker_core::testing::unique;
-use worker_core::{Broker, BrokerError, NewJob};
+use worker_core::{Broker, BrokerError, FetchPlan, FetchShare, NewJob};
 use worker_redis::{RedisBroker, RedisConfig};
 
 /// How long a silent master takes to be failed over: short, for a quick test, and
@@ -444,4 +444,56 @@ async fn a_bad_cluster_node_list_stops_the_worker_naming_the_variable() {
         log.contains("REDIS_CLUSTER_NODES") && log.contains("redis://host:7000,redis://host:7001"),
         "{log}"
     );
+}
+
+/// A cluster fetch calls one queue at a time, and each call leases what it returns: a
+/// later queue's failing call must not drop what the earlier calls leased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_queue_does_not_drop_jobs_leased_from_the_queues_before_it() {
+    let cluster = RedisCluster::start(3, 0, Duration::from_secs(5)).await;
+    let prefix = unique("partial");
+    let b = connect(cluster_broker(&cluster, &prefix)).await;
+    b.enqueue(vec![NewJob::new("good", "x"), NewJob::new("good", "y")])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The broken queue's pending list is a string, so its fetch script fails with
+    // WRONGTYPE on whichever master holds it.
+    let out = std::process::Command::new("redis-cli")
+        .args(["-c", "-p", &cluster.nodes[0].port.to_string()])
+        .args(["set", &format!("{{{prefix}:broken}}:pending"), "not a list"])
+        .output()
+        .unwrap_or_else(|e| panic!("redis-cli: {e}"));
+    assert!(out.status.success(), "{out:?}");
+    let lease = Duration::from_secs(30);
+    let plan = |first: &str, second: &str| {
+        FetchPlan::new(
+            vec![FetchShare::new(first, 2, 2), FetchShare::new(second, 2, 2)],
+            4,
+            lease,
+        )
+    };
+
+    // The broken queue first: nothing is leased, so the fetch fails and the good
+    // queue is untouched.
+    let e = b
+        .fetch(&plan("broken", "good"))
+        .await
+        .expect_err("a fetch that leased nothing reports the failure");
+    assert!(e.to_string().contains("WRONGTYPE"), "{e}");
+    let d = b.depth("good").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((d.pending, d.in_flight), (2, 0));
+
+    // The broken queue second: the jobs leased from the good queue are handed out.
+    let got = b
+        .fetch(&plan("good", "broken"))
+        .await
+        .unwrap_or_else(|e| panic!("the jobs leased before the failing queue are lost: {e}"));
+    assert_eq!(got.len(), 2);
+    for d in &got {
+        assert_eq!(d.envelope.attempt, 1);
+        b.ack(&d.lease).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let d = b.depth("good").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(d.backlog(), 0);
+    drop(cluster);
 }

@@ -1,6 +1,6 @@
 //! [`RedisBroker`]: the `Broker` contract on Redis.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -192,6 +192,27 @@ fn install_crypto_provider() {
 
 /// The Redis backend. Cheap to share behind an `Arc`.
 ///
+/// # Enqueue: one queue is all or nothing, a batch over several is not
+///
+/// [`Broker::enqueue`] checks every job first (payload size, queue name) and writes
+/// nothing if one is refused. It then writes the batch queue by queue, in the order
+/// each queue first appears in it, each queue's jobs in one script call that stores
+/// all of them or none. The first queue whose call fails ends the enqueue with its
+/// error, and then:
+///
+/// - the queues before it are stored whole, the queues after it not at all;
+/// - on [`BrokerError::DuplicateJob`] none of its jobs are stored (the error names
+///   the job whose id was taken);
+/// - on any other error (a lost connection, a reply that did not come) its jobs may
+///   or may not be stored: the call may have run before the reply was lost.
+///
+/// A producer that retries should therefore give its jobs ids of its own
+/// ([`NewJob::id`]): sending a stored job again is then refused as a duplicate rather
+/// than stored twice, and after an error it sends again the failing queue's jobs and
+/// those of the queues after it. One queue per call makes every enqueue all or
+/// nothing. Queues of one batch are not written in one step because, on a cluster,
+/// each queue lives on its own slot, which one script cannot span.
+///
 /// All calls share one multiplexed connection that reconnects by itself: concurrent
 /// calls from many tasks are pipelined on one socket, and no call pays a health-check
 /// round trip (as a pool's check-out does). It is opened on first use, so a server
@@ -217,6 +238,17 @@ impl std::fmt::Debug for RedisBroker {
             .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
+}
+
+/// Items a fetch reply gives per job (see `lua/fetch.lua`).
+const ROW: usize = 5;
+
+/// A fetch reply, read: the deliveries to hand out, and the jobs leased with them that
+/// do not read, each with its lease and why.
+#[derive(Default)]
+struct Fetched {
+    deliveries: Vec<Delivery>,
+    unreadable: Vec<(Lease, String)>,
 }
 
 /// A queue's keys, in the order every script takes them (see `lua/prelude.lua`).
@@ -348,18 +380,20 @@ impl RedisBroker {
         self.fetch_plan(&FetchPlan::single(queue, n, lease)).await
     }
 
-    /// Deliveries from a fetch reply: quadruples (id, envelope, meta, history), the
-    /// i-th leased with `tokens[i]`, then one "ms until the first delayed job is due"
-    /// per queue (-1: none), which is remembered for the idle wait.
+    /// Deliveries from a fetch reply: quintuples (queue's number in the plan, id,
+    /// envelope, meta, history), the i-th leased with `tokens[i]`, then one "ms until
+    /// the first delayed job is due" per queue (-1: none), which is remembered for the
+    /// idle wait. A job that does not read is not a delivery: it comes back among the
+    /// unreadable, with its lease and why, for the caller to dead-letter.
     fn parse_fetched(
         &self,
         mut rows: Vec<Vec<u8>>,
         queues: &[&str],
         tokens: &[u64],
-    ) -> Result<Vec<Delivery>, BrokerError> {
+    ) -> Result<Fetched, BrokerError> {
         if rows.len() < queues.len()
-            || !(rows.len() - queues.len()).is_multiple_of(4)
-            || (rows.len() - queues.len()) / 4 > tokens.len()
+            || !(rows.len() - queues.len()).is_multiple_of(ROW)
+            || (rows.len() - queues.len()) / ROW > tokens.len()
         {
             return Err(BrokerError::Protocol(format!(
                 "malformed fetch reply of {} items",
@@ -370,28 +404,69 @@ impl RedisBroker {
         {
             let mut next = self.next_due.lock().unwrap_or_else(|p| p.into_inner());
             for (queue, due) in queues.iter().zip(&dues) {
-                let due = text(due)?.parse::<i64>().unwrap_or(-1);
-                if due >= 0 {
-                    next.insert(
-                        (*queue).to_owned(),
-                        Instant::now() + Duration::from_millis(due as u64),
-                    );
-                } else {
-                    next.remove(*queue);
+                let due = text(due).ok().and_then(|t| t.parse::<i64>().ok());
+                match due {
+                    Some(due) if due >= 0 => {
+                        next.insert(
+                            (*queue).to_owned(),
+                            Instant::now() + Duration::from_millis(due as u64),
+                        );
+                    }
+                    _ => {
+                        next.remove(*queue);
+                    }
                 }
             }
         }
-        rows.chunks_exact(4)
-            .zip(tokens)
-            .map(|(r, token)| {
-                let mut env = decode_envelope(&r[1])?;
-                let (attempt, due) = parse_meta(&r[0], &r[2]);
-                env.attempt = attempt;
-                env.history = decode_history(&r[3])?;
-                env.due_at_ms = due;
-                Ok(Delivery::new(env, LeaseToken(*token)))
-            })
-            .collect()
+        let mut fetched = Fetched::default();
+        for (r, token) in rows.chunks_exact(ROW).zip(tokens) {
+            let queue = text(&r[0])
+                .ok()
+                .and_then(|q| q.parse::<usize>().ok())
+                .and_then(|q| queues.get(q.checked_sub(1)?))
+                .ok_or_else(|| {
+                    BrokerError::Protocol(format!(
+                        "fetch reply names queue {:?} of a plan of {}",
+                        String::from_utf8_lossy(&r[0]),
+                        queues.len()
+                    ))
+                })?;
+            let id = String::from_utf8_lossy(&r[1]);
+            let lease = Lease::new(JobId::from(id.as_ref()), *queue, LeaseToken(*token));
+            match read_stored(&id, queue, &r[2]) {
+                Ok(mut env) => {
+                    let (attempt, due) = parse_meta(&r[1], &r[3]);
+                    env.attempt = attempt;
+                    env.history = read_history(&id, &r[4]);
+                    env.due_at_ms = due;
+                    fetched.deliveries.push(Delivery::new(env, lease.token));
+                }
+                Err(reason) => fetched.unreadable.push((lease, reason)),
+            }
+        }
+        Ok(fetched)
+    }
+
+    /// Dead-letter jobs a fetch leased but could not read, each with why. One that
+    /// fails stays leased: its lease runs out, it is reclaimed, and the fetch that
+    /// finds it next tries again.
+    async fn bury_unreadable(&self, unreadable: Vec<(Lease, String)>) {
+        for (lease, reason) in unreadable {
+            tracing::warn!(
+                job = %lease.job_id,
+                queue = %lease.queue,
+                %reason,
+                "unreadable job in redis; dead-lettered"
+            );
+            if let Err(e) = self.dead_letter(&lease, &reason).await {
+                tracing::warn!(
+                    job = %lease.job_id,
+                    queue = %lease.queue,
+                    error = %e,
+                    "could not dead-letter an unreadable job; it is retried when its lease runs out"
+                );
+            }
+        }
     }
 
     /// A whole plan in one round trip; all its queues must be on one server (always
@@ -466,7 +541,9 @@ impl RedisBroker {
             taken.settle(Ok(outcomes));
         }
         let queues: Vec<&str> = plan.shares.iter().map(|s| s.queue.as_str()).collect();
-        self.parse_fetched(rows, &queues, &tokens)
+        let fetched = self.parse_fetched(rows, &queues, &tokens)?;
+        self.bury_unreadable(fetched.unreadable).await;
+        Ok(fetched.deliveries)
     }
 }
 
@@ -506,21 +583,107 @@ fn parse_meta(id: &[u8], raw: &[u8]) -> (u32, u64) {
     })
 }
 
-fn decode_envelope(raw: &[u8]) -> Result<Envelope, BrokerError> {
-    Envelope::from_bytes(raw)
-        .map_err(|e| BrokerError::Protocol(format!("stored envelope is corrupt: {e}")))
+/// The end of a cluster fetch whose call to `queue` failed with `error`: the jobs
+/// leased by the calls before it, or the error when there are none.
+fn leased_before(
+    leased: Vec<Delivery>,
+    queue: &str,
+    error: BrokerError,
+) -> Result<Vec<Delivery>, BrokerError> {
+    if leased.is_empty() {
+        return Err(error);
+    }
+    tracing::warn!(
+        queue,
+        error = %error,
+        leased = leased.len(),
+        "redis fetch failed on one queue; handing out the jobs already leased from the others"
+    );
+    Ok(leased)
 }
 
-fn decode_history(raw: &[u8]) -> Result<Vec<AttemptRecord>, BrokerError> {
+/// The envelope stored for job `id` of `queue`, or why it cannot be run: it does not
+/// decode, or it names another job or queue (its lease would not be the one stored).
+fn read_stored(id: &str, queue: &str, raw: &[u8]) -> Result<Envelope, String> {
+    let env = Envelope::from_bytes(raw).map_err(|e| format!("stored envelope is corrupt: {e}"))?;
+    if env.id.as_str() != id || env.queue != queue {
+        return Err(format!(
+            "stored envelope is corrupt: it names job {:?} of queue {:?} but is stored as job {id:?} of queue {queue:?}",
+            env.id.as_str(),
+            env.queue
+        ));
+    }
+    Ok(env)
+}
+
+/// The stored envelope of job `id` of `queue`, under the id and queue it is stored
+/// as (which `requeue_dead` and `purge_dead` take), or, when it does not decode, as
+/// much of it as reads: the fields of its JSON that still decode, and as payload its
+/// own payload field if that reads, else the stored bytes whole, so nothing of the
+/// job is lost.
+fn envelope_or_salvage(id: &str, queue: &str, raw: &[u8]) -> Envelope {
+    match read_stored(id, queue, raw) {
+        Ok(env) => env,
+        Err(reason) => {
+            tracing::warn!(job = id, queue, %reason, "listing what reads of a stored envelope");
+            let mut env = Envelope::from_bytes(raw).unwrap_or_else(|_| salvage(id, queue, raw));
+            env.id = JobId::from(id);
+            env.queue = queue.to_owned();
+            env
+        }
+    }
+}
+
+fn salvage(id: &str, queue: &str, raw: &[u8]) -> Envelope {
+    use serde_json::Value;
+    let fields = match serde_json::from_slice::<Value>(raw) {
+        Ok(Value::Object(fields)) => fields,
+        _ => serde_json::Map::new(),
+    };
+    let payload = match fields.get("payload") {
+        Some(Value::String(text)) => text.as_bytes().to_vec(),
+        Some(Value::Array(bytes)) => bytes
+            .iter()
+            .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+            .collect::<Option<Vec<u8>>>()
+            .unwrap_or_else(|| raw.to_vec()),
+        _ => raw.to_vec(),
+    };
+    let mut env = Envelope::from_new(NewJob::new(queue, payload).id(id));
+    let number = |name: &str| fields.get(name).and_then(Value::as_u64);
+    env.enqueued_at_ms = number("enqueued_at_ms").unwrap_or(0);
+    env.due_at_ms = number("due_at_ms").unwrap_or(env.enqueued_at_ms);
+    env.max_attempts = number("max_attempts").and_then(|n| u32::try_from(n).ok());
+    env.cost = number("cost")
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0);
+    if let Some(Value::Object(headers)) = fields.get("headers") {
+        env.headers = headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+            .collect();
+    }
+    env
+}
+
+/// A job's stored history, its newest [`MAX_HISTORY`] records. A history that does
+/// not decode is only a record of past failures: the job keeps running without it.
+fn read_history(id: &str, raw: &[u8]) -> Vec<AttemptRecord> {
     if raw.is_empty() {
-        return Ok(Vec::new());
+        return Vec::new();
     }
-    let mut h: Vec<AttemptRecord> = serde_json::from_slice(raw)
-        .map_err(|e| BrokerError::Protocol(format!("stored history is corrupt: {e}")))?;
-    if h.len() > MAX_HISTORY {
-        h.drain(..h.len() - MAX_HISTORY);
+    match serde_json::from_slice::<Vec<AttemptRecord>>(raw) {
+        Ok(mut h) => {
+            if h.len() > MAX_HISTORY {
+                h.drain(..h.len() - MAX_HISTORY);
+            }
+            h
+        }
+        Err(e) => {
+            tracing::warn!(job = id, error = %e, "unreadable attempt history in redis; taken as empty");
+            Vec::new()
+        }
     }
-    Ok(h)
 }
 
 #[async_trait]
@@ -536,16 +699,21 @@ impl Broker for RedisBroker {
             }
         }
         let mut ids = Vec::with_capacity(jobs.len());
-        let mut by_queue: BTreeMap<String, Vec<(JobId, Vec<u8>, u64)>> = BTreeMap::new();
+        // Queues in the order each first appears in the batch: the order they are
+        // written in, which the type's docs promise producers.
+        let mut by_queue: Vec<(String, EnqueueItem)> = Vec::new();
         for job in jobs {
             let env = Envelope::from_new(job);
             let delay = env.due_at_ms.saturating_sub(env.enqueued_at_ms);
             ids.push(env.id.clone());
-            by_queue.entry(env.queue.clone()).or_default().push((
-                env.id.clone(),
-                env.to_bytes(),
-                delay,
-            ));
+            let at = match by_queue.iter().position(|(q, _)| *q == env.queue) {
+                Some(at) => at,
+                None => {
+                    by_queue.push((env.queue.clone(), Vec::new()));
+                    by_queue.len() - 1
+                }
+            };
+            by_queue[at].1.push((env.id.clone(), env.to_bytes(), delay));
         }
         for (queue, jobs) in by_queue {
             let (written, start) = self.enqueues.push(&queue, jobs);
@@ -587,14 +755,20 @@ impl Broker for RedisBroker {
             return self.fetch_plan(plan).await;
         }
         // One script per queue keeps every call on one cluster slot. The first pass
-        // takes each share; the second tops up from queues that had more.
+        // takes each share; the second tops up from queues that had more. Each call
+        // leases what it returns, so a call that fails ends the fetch with the jobs
+        // already leased: dropping them would leave them to wait out their lease.
         let mut out = Vec::new();
         let mut taken = vec![0u32; plan.shares.len()];
         let mut short = false;
         for (i, share) in plan.shares.iter().enumerate() {
-            let got = self
+            let got = match self
                 .fetch_queue(&share.queue, share.share, plan.lease)
-                .await?;
+                .await
+            {
+                Ok(got) => got,
+                Err(e) => return leased_before(out, &share.queue, e),
+            };
             taken[i] = got.len() as u32;
             short |= taken[i] < share.share;
             out.extend(got);
@@ -609,7 +783,10 @@ impl Broker for RedisBroker {
             if room == 0 || taken[i] < share.share {
                 continue;
             }
-            out.extend(self.fetch_queue(&share.queue, room, plan.lease).await?);
+            match self.fetch_queue(&share.queue, room, plan.lease).await {
+                Ok(got) => out.extend(got),
+                Err(e) => return leased_before(out, &share.queue, e),
+            }
         }
         Ok(out)
     }
@@ -756,14 +933,19 @@ impl Broker for RedisBroker {
                 inv.arg(limit.min(i64::MAX as usize) as u64);
             })
             .await?;
-        rows.chunks_exact(6)
+        // Each dead letter is read on its own: one that does not decode is listed with
+        // what reads of it, never hiding the others.
+        Ok(rows
+            .chunks_exact(6)
             .map(|r| {
-                let mut env = decode_envelope(&r[1])?;
-                env.attempt = parse_num(&r[3])? as u32;
-                env.history = decode_history(&r[4])?;
-                Ok(DeadLetter::new(env, text(&r[2])?, parse_num(&r[5])?))
+                let id = String::from_utf8_lossy(&r[0]);
+                let mut env = envelope_or_salvage(&id, queue, &r[1]);
+                env.attempt = parse_num(&r[3]).map_or(1, |a| a as u32);
+                env.history = read_history(&id, &r[4]);
+                let died_at = parse_num(&r[5]).unwrap_or(0);
+                DeadLetter::new(env, String::from_utf8_lossy(&r[2]), died_at)
             })
-            .collect()
+            .collect())
     }
 
     async fn requeue_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError> {

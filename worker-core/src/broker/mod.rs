@@ -320,18 +320,24 @@ impl WorkerInfo {
 /// many processes.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
-    /// Store jobs (pending, or delayed when they have a delay). All or nothing:
-    /// a refused job (too large, bad queue name, a taken id) fails the batch before
-    /// anything is written.
+    /// Store jobs (pending, or delayed when they have a delay). A refused job (too
+    /// large, bad queue name) fails the batch before anything is written. An error
+    /// that comes later (a duplicate id, a lost connection) may leave a batch written
+    /// in part: each backend documents which part (the in-memory broker writes a batch
+    /// all or nothing; Redis writes it queue by queue, each queue all or nothing), so a
+    /// producer knows what to send again. Ids of the producer's own ([`NewJob::id`])
+    /// make sending again safe where the backend
+    /// [refuses duplicate ids](Self::refuses_duplicate_ids).
     ///
     /// An id belongs to one job of a queue from this enqueue until that job is acked or
     /// its dead letter is purged. While a job of the queue with the same id is pending,
-    /// delayed, in flight or dead, the batch is refused with
-    /// [`BrokerError::DuplicateJob`] naming that id, and nothing of it is written; so is
-    /// a batch naming one id twice for one queue. Another queue may use the id. After
-    /// the ack or [`purge_dead`](Self::purge_dead) the id may be enqueued again, as a new
-    /// job. A backend whose [`refuses_duplicate_ids`](Self::refuses_duplicate_ids) is
-    /// false stores every job it is given instead.
+    /// delayed, in flight or dead, its queue's part of the batch is refused with
+    /// [`BrokerError::DuplicateJob`] naming that id, and nothing of that part is
+    /// written; so is a batch naming one id twice for one queue. Another queue may use
+    /// the id. After the ack or [`purge_dead`](Self::purge_dead) the id may be enqueued
+    /// again, as a new job. A backend whose
+    /// [`refuses_duplicate_ids`](Self::refuses_duplicate_ids) is false stores every job
+    /// it is given instead.
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, BrokerError>;
 
     /// Lease up to `plan.total` pending jobs as [`FetchPlan`] describes, oldest first

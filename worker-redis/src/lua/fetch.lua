@@ -6,9 +6,13 @@
 -- ARGV[4+2k .. 3+2k+total]: one fresh token per job wanted;
 -- ARGV[4+2k+total]: a, the number of acks that travel with this fetch; then a triples
 -- (queue's number in the plan, id, '|' .. token), acked first as ack.lua does
--- Returns: quadruples (id, envelope, meta 'attempt|due|', history JSON or ''), the i-th
---          leased with the i-th token; then k items: ms until each queue's first
---          delayed job is due, or -1; then a items, '1' acked or '0' (see ack_all)
+-- Returns: quintuples (queue's number in the plan, id, envelope, meta 'attempt|due|',
+--          history JSON or ''), the i-th leased with the i-th token; then k items: ms
+--          until each queue's first delayed job is due, or -1; then a items, '1' acked
+--          or '0' (see ack_all)
+-- Every job is returned as stored, readable or not: the client reads each one and
+-- dead-letters with its token one it cannot read, so one corrupt job never holds back
+-- the jobs leased with it.
 -- Invariant: each queue gives up to its share first; then, in plan order, queues that
 -- filled their share top up to their max until the total is reached (work-conserving).
 -- Cost: two commands, then four per queue and slice of up to 333 jobs.
@@ -54,6 +58,7 @@ end
 local n_out = 0
 local function take(q, n)
   local c = 0
+  local q_text = tostring(q)
   while c < n do
     local ids = redis.call('LPOP', key(q, 1), math.min(n - c, SLICE / 3))
     if not ids then
@@ -84,11 +89,12 @@ local function take(q, n)
         deadlines[d] = id
         metas[d - 1] = fields[3 * i - 1]
         metas[d] = meta .. token
-        out[n_out + 1] = id
-        out[n_out + 2] = env
-        out[n_out + 3] = meta
-        out[n_out + 4] = vals[3 * i] or ''
-        n_out = n_out + 4
+        out[n_out + 1] = q_text
+        out[n_out + 2] = id
+        out[n_out + 3] = env
+        out[n_out + 4] = meta
+        out[n_out + 5] = vals[3 * i] or ''
+        n_out = n_out + 5
       end
     end
     if d > 0 then
