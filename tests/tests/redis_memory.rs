@@ -7,20 +7,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use system_tests::{since_epoch_ms, DemoWorker, RedisServer};
+use system_tests::{redis_cli, since_epoch_ms, DemoWorker, RedisServer};
 use worker_core::{Broker, NewJob};
 use worker_redis::RedisConfig;
-
-/// Run `redis-cli -p port args`; its stdout.
-async fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = tokio::process::Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("redis-cli {args:?}: {e}"));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
 
 /// Filler keys, together well over the server's `maxmemory`.
 const FILLER_KEYS: usize = 40;
@@ -52,18 +41,7 @@ async fn unfill(port: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_refused_for_less_than_a_lease_lose_no_lease_and_start_no_job() {
-    let args: Vec<String> = [
-        "--maxmemory",
-        "4mb",
-        "--maxmemory-policy",
-        "noeviction",
-        "--enable-debug-command",
-        "local",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let server = RedisServer::start_with(&args, false);
+    let server = RedisServer::start_with_maxmemory("4mb");
     let url = server.url();
     let queue = "jobs";
     let b = RedisConfig::new(&url)
@@ -104,10 +82,21 @@ async fn writes_refused_for_less_than_a_lease_lose_no_lease_and_start_no_job() {
             .map(|id| id.to_string()),
     );
 
-    let refused_from = since_epoch_ms(Instant::now());
+    let filled = Instant::now();
+    let refused_from = since_epoch_ms(filled);
     fill(server.port).await;
+    // A heartbeat (every 500 ms) is refused: the worker says it is not ready.
+    let mut readyz = Vec::new();
+    while filled.elapsed() < Duration::from_millis(2500) {
+        let (status, body) = w.get("/readyz").await;
+        readyz.push(format!("{status} {}", body.trim()));
+        if status == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // The injected fault: 3 s of refused writes, half the lease.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(filled.elapsed())).await;
     let refused_until = since_epoch_ms(Instant::now());
     assert!(
         Instant::now() > probes_due,
@@ -157,6 +146,9 @@ async fn writes_refused_for_less_than_a_lease_lose_no_lease_and_start_no_job() {
         if ended != 1 {
             problems.push(format!("job {id} ended {ended} times"));
         }
+    }
+    if readyz.last().map(String::as_str) != Some("503 broker refuses writes") {
+        problems.push(format!("/readyz while writes were refused: {readyz:?}"));
     }
     let lost = log.matches("lease lost").count();
     if lost > 0 {
