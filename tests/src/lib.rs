@@ -391,6 +391,17 @@ pub fn demo_jobs(n: usize, payload: Value) -> String {
     Value::Array(std::iter::repeat_n(payload, n).collect()).to_string()
 }
 
+/// Run `redis-cli -p port args`; its stdout, trimmed (an error reply included).
+pub async fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = tokio::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("redis-cli {args:?}: {e}"));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// How a [`RedisServer`] persists its data: its append-only file's `appendfsync`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Aof {
@@ -445,6 +456,21 @@ impl RedisServer {
         };
         server.spawn();
         server
+    }
+
+    /// Start one with `maxmemory` (e.g. `4mb`) and `noeviction`, so writes that need
+    /// memory are refused past it, and with `DEBUG` open to local clients: `DEBUG
+    /// POPULATE` is not refused for memory, so a test can push the server past its limit.
+    pub fn start_with_maxmemory(maxmemory: &str) -> Self {
+        let args = [
+            "--maxmemory",
+            maxmemory,
+            "--maxmemory-policy",
+            "noeviction",
+            "--enable-debug-command",
+            "local",
+        ];
+        Self::start_with(&args.map(str::to_owned), false)
     }
 
     /// A fresh directory for a server on `port` (data, certificates).

@@ -2,7 +2,6 @@
 //! `controller.kubernetes.io/pod-deletion-cost` annotation, authenticated with the
 //! pod's service-account token and trusting only the cluster CA.
 
-use std::error::Error as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use reqwest::Url;
 
 use crate::config::{PodDeletionCost, POD_DELETION_COST_SETTING};
-use crate::error::ConfigError;
+use crate::error::{chain, ConfigError};
 
 /// A refused or failed request can take this long before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -221,19 +220,6 @@ async fn read_token(path: &std::path::Path) -> Result<String, String> {
         return Err("the file is empty".into());
     }
     Ok(token.to_owned())
-}
-
-/// An error and its causes on one line (reqwest's own text leaves out the cause, such
-/// as "Connection refused").
-fn chain(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The start of an answer's body, on one line.

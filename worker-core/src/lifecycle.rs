@@ -9,6 +9,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Where a worker is in its life.
@@ -42,6 +43,10 @@ pub(crate) struct Lifecycle {
     state: AtomicU8,
     /// Whether the last broker call succeeded (for `/readyz`).
     connected: AtomicBool,
+    /// Whether the broker accepts writes: `false` from a transient failure of a write
+    /// the runtime depends on (a lease extension, a settle, a heartbeat) until a lease
+    /// extension or a heartbeat succeeds. The fetch loop takes no new jobs meanwhile.
+    writes: watch::Sender<bool>,
     pub(crate) drain: CancellationToken,
     pub(crate) hard: CancellationToken,
 }
@@ -51,6 +56,7 @@ impl Lifecycle {
         Arc::new(Self {
             state: AtomicU8::new(State::Starting as u8),
             connected: AtomicBool::new(true),
+            writes: watch::Sender::new(true),
             drain: CancellationToken::new(),
             hard: CancellationToken::new(),
         })
@@ -70,12 +76,29 @@ impl Lifecycle {
         self.connected.store(ok, Ordering::Relaxed);
     }
 
-    /// Ready only while running, connected, and not asked to drain (the token is
-    /// checked directly so `/readyz` fails the moment a signal arrives).
+    /// Record whether a write was accepted; `true` when this changed it.
+    pub(crate) fn set_writes_accepted(&self, ok: bool) -> bool {
+        self.writes
+            .send_if_modified(|now| std::mem::replace(now, ok) != ok)
+    }
+
+    pub(crate) fn writes_accepted(&self) -> bool {
+        *self.writes.borrow()
+    }
+
+    /// Wait until the broker accepts writes again.
+    pub(crate) async fn writes_resumed(&self) {
+        // The sender lives as long as `self`, so the wait ends only by the value.
+        let _ = self.writes.subscribe().wait_for(|ok| *ok).await;
+    }
+
+    /// Ready only while running, connected, accepting writes, and not asked to drain
+    /// (the token is checked directly so `/readyz` fails the moment a signal arrives).
     pub(crate) fn is_ready(&self) -> bool {
         self.state() == State::Running
             && !self.drain.is_cancelled()
             && self.connected.load(Ordering::Relaxed)
+            && self.writes_accepted()
     }
 }
 
@@ -129,4 +152,31 @@ pub(crate) fn install_signal_handlers(
             }
         })?;
     Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn not_ready_while_writes_are_refused() {
+        let life = Lifecycle::new();
+        life.advance(State::Running);
+        assert!(life.is_ready());
+        assert!(life.set_writes_accepted(false));
+        assert!(
+            !life.set_writes_accepted(false),
+            "no change the second time"
+        );
+        assert!(!life.is_ready());
+        let resumed = tokio::spawn({
+            let life = life.clone();
+            async move { life.writes_resumed().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!resumed.is_finished());
+        assert!(life.set_writes_accepted(true));
+        resumed.await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(life.is_ready());
+    }
 }

@@ -399,9 +399,11 @@ async fn an_expired_lease_is_redelivered_and_the_late_ack_refused() {
     assert_eq!(stop(w).await.ok, 1);
 }
 
-/// A broker whose lease extensions fail while `partitioned` is set, as when a worker
-/// loses its connection while its handler keeps running. It counts the extensions
-/// asked for, per job, and notes each ack the inner broker confirmed, in `acked`.
+/// A broker whose lease extensions and heartbeats fail transiently while `partitioned`
+/// is set, as when a worker loses its connection while its handler keeps running, or
+/// when a Redis at its `maxmemory` refuses the writes that need memory (its pops and
+/// deletes, and so fetches and settles, still work). It counts the extensions asked
+/// for, per job, and notes each ack the inner broker confirmed, in `acked`.
 #[derive(Clone)]
 struct Partitionable {
     inner: MemoryBroker,
@@ -480,6 +482,12 @@ impl Broker for Partitionable {
         self.inner.purge_dead(q, ids).await
     }
     async fn register_worker(&self, w: &WorkerInfo, ttl: Duration) -> Result<(), BrokerError> {
+        if self.partitioned.load(Ordering::SeqCst) {
+            return Err(BrokerError::Unavailable {
+                message: "partitioned".into(),
+                source: None,
+            });
+        }
         self.inner.register_worker(w, ttl).await
     }
     async fn list_workers(&self, pool: Option<&str>) -> Result<Vec<WorkerInfo>, BrokerError> {
@@ -491,6 +499,160 @@ impl Broker for Partitionable {
     async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
         self.inner.wait_for_work(queues, timeout).await
     }
+}
+
+/// What a [`sleeper`] handler saw: each job's start (its name and attempt) and
+/// cancellation, with the paused clock's time.
+#[derive(Default)]
+struct Seen {
+    starts: Vec<(String, u32, tokio::time::Instant)>,
+    cancelled: Vec<(String, tokio::time::Instant)>,
+}
+
+/// A handler for payloads `{"name": .., "ms": ..}`: sleeps `ms` unless cancelled.
+fn sleeper(seen: Arc<Mutex<Seen>>) -> impl worker_core::Handler<Payload = serde_json::Value> {
+    handler_fn(move |job: Job<serde_json::Value>| {
+        let seen = seen.clone();
+        async move {
+            let name = job.payload["name"].as_str().unwrap_or("").to_owned();
+            let ms = job.payload["ms"].as_u64().unwrap_or(0);
+            let now = tokio::time::Instant::now;
+            seen.lock()
+                .unwrap()
+                .starts
+                .push((name.clone(), job.ctx.attempt(), now()));
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(ms)) => Ok(()),
+                _ = job.ctx.cancellation().cancelled() => {
+                    seen.lock().unwrap().cancelled.push((name, now()));
+                    Err(JobError::retry("cancelled"))
+                }
+            }
+        }
+    })
+}
+
+/// A worker with a lease of `LEASE` on a broker that refuses writes on demand, running
+/// one 8 s job named "long"; returned once that job started.
+struct Refusable {
+    memory: MemoryBroker,
+    refusing: Partitionable,
+    seen: Arc<Mutex<Seen>>,
+    worker: RunningWorker,
+    /// Before the worker's first fetch.
+    spawned_at: tokio::time::Instant,
+}
+
+const LEASE: Duration = Duration::from_secs(6);
+
+async fn start_refusable(cfg: worker_core::WorkerConfigBuilder) -> Refusable {
+    let memory = MemoryBroker::new();
+    let long = serde_json::json!({"name": "long", "ms": 8000});
+    put(&memory, "default", [long]).await;
+    let refusing = Partitionable::new(memory.clone());
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let spawned_at = tokio::time::Instant::now();
+    let cfg = cfg.lease(LEASE).build().unwrap();
+    let worker = Worker::new(refusing.clone(), cfg, sleeper(seen.clone()))
+        .spawn()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "the long job started", || async {
+        seen.lock().unwrap().starts.len() == 1
+    })
+    .await;
+    Refusable {
+        memory,
+        refusing,
+        seen,
+        worker,
+        spawned_at,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn writes_refused_for_less_than_a_lease_keep_the_job_and_pause_fetching() {
+    let cfg = config()
+        .concurrency(4)
+        .heartbeat(Duration::from_millis(500))
+        .reap_interval(Duration::from_secs(3600));
+    let Refusable {
+        memory,
+        refusing,
+        seen,
+        worker,
+        ..
+    } = start_refusable(cfg).await;
+
+    // Refused from 1 s to 5 s after the start: past the first two extensions (at 2 s
+    // and 4 s), short of the lease's end at 6 s.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    refusing.partitioned.store(true, Ordering::SeqCst);
+    // A heartbeat and an extension have been refused by then.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let short = serde_json::json!({"name": "short", "ms": 10});
+    put(&memory, "default", [short]).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        seen.lock().unwrap().starts.len(),
+        1,
+        "no job started while writes were refused"
+    );
+    let healed = tokio::time::Instant::now();
+    refusing.partitioned.store(false, Ordering::SeqCst);
+
+    settled(&memory, &["default"]).await;
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    assert!(seen.cancelled.is_empty(), "cancelled: {:?}", seen.cancelled);
+    let starts: Vec<(&str, u32)> = seen
+        .starts
+        .iter()
+        .map(|(n, a, _)| (n.as_str(), *a))
+        .collect();
+    assert_eq!(starts, [("long", 1), ("short", 1)]);
+    assert!(
+        seen.starts[1].2 >= healed,
+        "the short job started after the refusal"
+    );
+    let report = stop(worker).await;
+    assert_eq!((report.ok, report.failed, report.retried), (2, 0, 0));
+    let d = memory.depth("default").await.unwrap();
+    assert_eq!((d.pending, d.in_flight, d.delayed, d.dead), (0, 0, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lease_that_runs_out_while_writes_are_refused_is_given_up_at_its_deadline() {
+    let cfg = config()
+        .concurrency(1)
+        .reap_interval(Duration::from_millis(500));
+    let Refusable {
+        memory,
+        refusing,
+        seen,
+        worker,
+        spawned_at,
+    } = start_refusable(cfg).await;
+    refusing.partitioned.store(true, Ordering::SeqCst);
+    eventually(Duration::from_secs(10), "the handler cancelled", || async {
+        !seen.lock().unwrap().cancelled.is_empty()
+    })
+    .await;
+    // Given up by the worker's own clock, no later than the lease's end: past it,
+    // another worker may own the job.
+    let cancelled_at = seen.lock().unwrap().cancelled[0].1;
+    assert!(
+        cancelled_at <= spawned_at + LEASE + Duration::from_millis(10),
+        "cancelled {:?} after the fetch",
+        cancelled_at - spawned_at
+    );
+    assert!(cancelled_at >= spawned_at + LEASE - Duration::from_secs(1));
+    refusing.partitioned.store(false, Ordering::SeqCst);
+    // Reclaimed when its lease expires, and run again as attempt 2.
+    settled(&memory, &["default"]).await;
+    let starts: Vec<u32> = seen.lock().unwrap().starts.iter().map(|s| s.1).collect();
+    assert_eq!(starts, [1, 2]);
+    let report = stop(worker).await;
+    assert_eq!((report.ok, report.failed), (1, 1));
 }
 
 #[tokio::test(start_paused = true)]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use crate::error::chain;
 use crate::handler::Handler;
 
 /// Register, beat every `heartbeat` with TTL = 3 × heartbeat, deregister at the end.
@@ -24,12 +25,22 @@ pub(crate) async fn heartbeat<H: Handler>(shared: Arc<Shared<H>>, stop: Cancella
         } else {
             shared.broker.register_worker(&info, ttl).await
         };
-        match result {
-            Ok(()) => registered = true,
+        // A heartbeat is a write that needs memory: it tells whether the broker accepts
+        // writes when no lease is being extended. One refused for good (not a passing
+        // refusal) must not keep fetching paused.
+        let accepted = match result {
+            Ok(()) => {
+                registered = true;
+                true
+            }
             Err(e) => {
                 shared.broker_error("heartbeat");
-                tracing::warn!(error = %e, "worker heartbeat failed");
+                tracing::warn!(error = %chain(&e), "worker heartbeat failed");
+                !e.is_transient()
             }
+        };
+        if shared.life.set_writes_accepted(accepted) && accepted {
+            tracing::info!("heartbeat written: the broker accepts writes again");
         }
     }
     if let Err(e) = shared.broker.deregister_worker(&shared.worker_id).await {

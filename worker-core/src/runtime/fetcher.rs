@@ -5,17 +5,23 @@
 //! once instead of after that reply, so a busy pool's pipeline stays full. Together
 //! they never ask for more jobs than there are permits, and the scheduler reserves
 //! each plan's room, so per-queue limits hold across them.
+//!
+//! While the broker refuses writes (a lease extension, a settle or a heartbeat failed
+//! transiently; see `Lifecycle::set_writes_accepted`), no new fetch starts: a job taken
+//! now could not keep its lease, and would run again elsewhere with its attempt raised.
+//! Fetching resumes once a lease extension or a heartbeat succeeds.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::{job, Shared};
 use crate::broker::{Delivery, FetchPlan};
-use crate::error::BrokerError;
+use crate::error::{chain, BrokerError};
 use crate::handler::Handler;
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
@@ -34,9 +40,11 @@ enum Pause {
     Failed(Duration),
 }
 
+/// A fetch's plan, permits, the time it was sent, and what it got.
 type Fetched = (
     FetchPlan,
     Vec<OwnedSemaphorePermit>,
+    Instant,
     Result<Vec<Delivery>, BrokerError>,
 );
 
@@ -45,8 +53,24 @@ async fn fetch_one<H: Handler>(
     plan: FetchPlan,
     held: Vec<OwnedSemaphorePermit>,
 ) -> Fetched {
+    let sent = Instant::now();
     let result = shared.broker.fetch(&plan).await;
-    (plan, held, result)
+    (plan, held, sent, result)
+}
+
+/// Wait while the broker refuses writes; `false` when the drain began meanwhile.
+async fn wait_for_writes<H>(shared: &Shared<H>) -> bool {
+    let life = &shared.life;
+    if life.writes_accepted() {
+        return true;
+    }
+    tracing::warn!("the broker refuses writes: no new jobs until it accepts them again");
+    tokio::select! {
+        _ = life.drain.cancelled() => return false,
+        _ = life.writes_resumed() => {}
+    }
+    tracing::info!("the broker accepts writes again: fetching resumes");
+    true
 }
 
 /// Runs until the drain begins. Never holds more jobs than `held` permits allow, so a
@@ -82,8 +106,14 @@ pub(crate) async fn fetch_loop<H: Handler>(shared: Arc<Shared<H>>, tracker: Task
                 }
                 None => {}
             }
+            if !wait_for_writes(&shared).await {
+                break;
+            }
         }
-        let may_fetch = pause.is_none() && !blocked && fetches.len() < MAX_FETCHES;
+        let may_fetch = pause.is_none()
+            && !blocked
+            && fetches.len() < MAX_FETCHES
+            && shared.life.writes_accepted();
         tokio::select! {
             biased;
             _ = drain.cancelled() => break,
@@ -120,7 +150,7 @@ pub(crate) async fn fetch_loop<H: Handler>(shared: Arc<Shared<H>>, tracker: Task
 fn settle_fetch<H: Handler>(
     shared: &Arc<Shared<H>>,
     tracker: &TaskTracker,
-    (plan, mut held, result): Fetched,
+    (plan, mut held, sent, result): Fetched,
     backoff: &mut Duration,
 ) -> Option<Pause> {
     match result {
@@ -131,7 +161,7 @@ fn settle_fetch<H: Handler>(
             shared.sched().fetched(&plan, &got);
             let empty = deliveries.is_empty();
             for (delivery, permit) in deliveries.into_iter().zip(held.drain(..)) {
-                tracker.spawn(job::run(shared.clone(), delivery, permit));
+                tracker.spawn(job::run(shared.clone(), delivery, permit, sent));
             }
             empty.then(|| Pause::Idle(plan.shares.into_iter().map(|s| s.queue).collect()))
         }
@@ -141,7 +171,7 @@ fn settle_fetch<H: Handler>(
             shared.life.set_connected(false);
             shared.broker_error("fetch");
             let wait = jitter(*backoff);
-            tracing::warn!(error = %e, retry_in = ?wait, "fetch failed; backing off");
+            tracing::warn!(error = %chain(&e), retry_in = ?wait, "fetch failed; backing off");
             *backoff = (*backoff * 2).min(BACKOFF_MAX);
             Some(Pause::Failed(wait))
         }

@@ -6,7 +6,8 @@
 //!    beginning before the job starts releases it at once;
 //! 3. **decode** — an undecodable payload is dead-lettered with the decode error;
 //! 4. **run** — the handler on its own task (a panic is caught there), supervised by this
-//!    task: lease extended every lease/3, the per-job timeout, the drain deadline;
+//!    task: lease extended every lease/3 (see [`LeaseKeeper`]), the per-job timeout, the
+//!    drain deadline;
 //! 5. **settle** — ack, retry with backoff, dead-letter or release, fenced by the lease
 //!    token; transient broker errors are retried until the lease would have expired.
 //!    The job's fetch permit is already back by then (it returns with the handler), so
@@ -57,21 +58,24 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::{JoinError, JoinHandle};
-use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::limits::RunPermits;
 use super::{Settled, Shared};
 use crate::broker::{Delivery, Lease};
-use crate::error::{BrokerError, JobError};
+use crate::error::{chain, BrokerError, JobError};
 use crate::handler::Handler;
 use crate::job::{now_ms, Envelope, Job, JobContext, Progress};
 use crate::telemetry::{names, Outcome};
 
+/// `fetched_at` is when the fetch that leased `delivery` was sent: the broker started
+/// the lease no earlier, so the lease surely lasts until `fetched_at + lease`.
 pub(crate) async fn run<H: Handler>(
     shared: Arc<Shared<H>>,
     delivery: Delivery,
     held: OwnedSemaphorePermit,
+    fetched_at: Instant,
 ) {
     let queue = delivery.lease.queue.clone();
     let (id, attempt) = (delivery.envelope.id.clone(), delivery.envelope.attempt);
@@ -81,7 +85,10 @@ pub(crate) async fn run<H: Handler>(
         queue = %queue,
         attempt = delivery.envelope.attempt,
     );
-    let outcome = supervise(&shared, delivery, held).instrument(span).await;
+    let keeper = LeaseKeeper::new(shared.config.lease, fetched_at);
+    let outcome = supervise(&shared, delivery, held, keeper)
+        .instrument(span)
+        .await;
     // After the settling call returned: what is recorded is what the broker confirmed.
     shared.record(Settled {
         id,
@@ -113,27 +120,101 @@ enum RunEnd {
     Stopped { why: Stop, answer: Answer },
 }
 
-fn lease_ticker(lease: Duration) -> Interval {
-    let period = lease / 3;
-    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    tick
+/// First wait before extending again after a transient failure; it doubles up to
+/// lease/3.
+const EXTEND_RETRY: Duration = Duration::from_millis(250);
+/// Least wait between two extensions.
+const EXTEND_RETRY_MIN: Duration = Duration::from_millis(10);
+
+/// Keeps one job's lease: extends it every lease/3, and knows by the worker's own clock
+/// until when the lease surely lasts. The lease is lost when the broker refuses the
+/// token, or when that time passes without an extension: another worker may own the
+/// job by then. A transient failure (the broker unreachable, or refusing writes) loses
+/// nothing while time is left: the extension is tried again sooner, and the fetch loop
+/// takes no new jobs until writes are accepted again.
+pub(crate) struct LeaseKeeper {
+    lease: Duration,
+    /// When to extend next.
+    next: Instant,
+    /// Until when the lease surely lasts: the last successful extension (or the fetch)
+    /// was sent `lease` before, and the broker started that lease no earlier.
+    held_until: Instant,
+    /// The wait after the next transient failure.
+    retry: Duration,
 }
 
-/// Extend the lease once. `Err` only when the lease is gone for good; a transient
-/// failure is logged and the next tick tries again (the lease is still ours until it
-/// expires).
-async fn extend<H>(shared: &Shared<H>, lease: &Lease) -> Result<(), BrokerError> {
-    match shared.broker.extend_lease(lease, shared.config.lease).await {
-        Ok(()) => Ok(()),
-        Err(e) if !e.is_transient() => {
-            tracing::warn!(error = %e, "lease lost: another worker owns this job now");
-            Err(e)
+impl LeaseKeeper {
+    fn new(lease: Duration, fetched_at: Instant) -> Self {
+        Self {
+            lease,
+            next: Instant::now() + lease / 3,
+            held_until: fetched_at + lease,
+            retry: EXTEND_RETRY,
         }
-        Err(e) => {
-            shared.broker_error("extend_lease");
-            tracing::warn!(error = %e, "lease extension failed; retrying at the next tick");
-            Ok(())
+    }
+
+    /// Wait until an extension is due.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only sleeps.
+    async fn due(&self) {
+        tokio::time::sleep_until(self.next).await;
+    }
+
+    /// Extend the lease once. `Err` only when the lease is lost.
+    async fn extend<H>(&mut self, shared: &Shared<H>, lease: &Lease) -> Result<(), BrokerError> {
+        let sent = Instant::now();
+        let call = shared.broker.extend_lease(lease, self.lease);
+        // A reply after `held_until` still counts: the broker is the judge of its lease.
+        match tokio::time::timeout_at(self.held_until, call).await {
+            Ok(Ok(())) => {
+                self.held_until = sent + self.lease;
+                self.next = Instant::now() + self.lease / 3;
+                self.retry = EXTEND_RETRY;
+                if shared.life.set_writes_accepted(true) {
+                    tracing::info!("lease extended: the broker accepts writes again");
+                }
+                Ok(())
+            }
+            Ok(Err(e)) if !e.is_transient() => {
+                tracing::warn!(error = %chain(&e), "lease lost: another worker owns this job now");
+                Err(e)
+            }
+            Ok(Err(e)) => {
+                shared.broker_error("extend_lease");
+                shared.life.set_writes_accepted(false);
+                let now = Instant::now();
+                if now >= self.held_until {
+                    return Err(self.ran_out(lease, Some(&e)));
+                }
+                let left = self.held_until - now;
+                let wait = self.retry.min(left / 2).max(EXTEND_RETRY_MIN);
+                self.next = now + wait;
+                self.retry = (self.retry * 2).min(self.lease / 3);
+                tracing::warn!(
+                    error = %chain(&e),
+                    retry_in = ?wait,
+                    lease_left = ?left,
+                    "lease extension failed; retrying while the lease lasts"
+                );
+                Ok(())
+            }
+            Err(_) => {
+                shared.broker_error("extend_lease");
+                shared.life.set_writes_accepted(false);
+                Err(self.ran_out(lease, None))
+            }
+        }
+    }
+
+    fn ran_out(&self, lease: &Lease, last: Option<&BrokerError>) -> BrokerError {
+        let error = last.map(|e| chain(e)).unwrap_or_else(|| "no reply".into());
+        tracing::warn!(
+            %error,
+            "lease lost: it ran out before an extension succeeded; another worker may own this job now"
+        );
+        BrokerError::LeaseLost {
+            job_id: lease.job_id.clone(),
         }
     }
 }
@@ -144,6 +225,7 @@ async fn supervise<H: Handler>(
     shared: &Shared<H>,
     delivery: Delivery,
     held: OwnedSemaphorePermit,
+    mut keeper: LeaseKeeper,
 ) -> Outcome {
     let Delivery { envelope, lease } = delivery;
     let max_attempts = envelope.max_attempts.unwrap_or(shared.config.max_attempts);
@@ -166,7 +248,7 @@ async fn supervise<H: Handler>(
     }
 
     // 2. start
-    let Some(permits) = wait_to_start(shared, &lease, envelope.cost).await else {
+    let Some(permits) = wait_to_start(shared, &lease, &mut keeper, envelope.cost).await else {
         return if shared.life.drain.is_cancelled() {
             release(shared, &lease).await
         } else {
@@ -220,7 +302,7 @@ async fn supervise<H: Handler>(
     let handler = shared.handler.clone();
     let task =
         tokio::spawn(async move { handler.handle(job).await }.instrument(tracing::Span::current()));
-    let end = supervise_handler(shared, &lease, task, &cancel).await;
+    let end = supervise_handler(shared, &lease, &mut keeper, task, &cancel).await;
 
     metrics::histogram!(names::JOB_DURATION, &labels).record(started.elapsed().as_secs_f64());
     shared.running.fetch_sub(1, Ordering::Relaxed);
@@ -284,7 +366,12 @@ async fn supervise<H: Handler>(
 
 /// Wait for budget units and a run permit, extending the lease while waiting. `None`
 /// when the drain began first (the caller releases) or the lease was lost.
-async fn wait_to_start<H>(shared: &Shared<H>, lease: &Lease, cost: u32) -> Option<RunPermits> {
+async fn wait_to_start<H>(
+    shared: &Shared<H>,
+    lease: &Lease,
+    keeper: &mut LeaseKeeper,
+    cost: u32,
+) -> Option<RunPermits> {
     let drain = &shared.life.drain;
     let units = shared.limits.units_for(cost);
     if drain.is_cancelled() {
@@ -293,7 +380,6 @@ async fn wait_to_start<H>(shared: &Shared<H>, lease: &Lease, cost: u32) -> Optio
     if let Some(p) = shared.limits.try_start(units) {
         return Some(p);
     }
-    let mut tick = lease_ticker(shared.config.lease);
     let start = shared.limits.start(units);
     tokio::pin!(start);
     loop {
@@ -301,7 +387,7 @@ async fn wait_to_start<H>(shared: &Shared<H>, lease: &Lease, cost: u32) -> Optio
             biased;
             _ = drain.cancelled() => return None,
             permits = &mut start => return permits,
-            _ = tick.tick() => extend(shared, lease).await.ok()?,
+            _ = keeper.due() => keeper.extend(shared, lease).await.ok()?,
         }
     }
 }
@@ -311,10 +397,10 @@ async fn wait_to_start<H>(shared: &Shared<H>, lease: &Lease, cost: u32) -> Optio
 async fn supervise_handler<H>(
     shared: &Shared<H>,
     lease: &Lease,
+    keeper: &mut LeaseKeeper,
     mut task: JoinHandle<Result<(), JobError>>,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> RunEnd {
-    let mut tick = lease_ticker(shared.config.lease);
     let timeout = shared.config.job_timeout;
     let timed_out = async {
         match timeout {
@@ -335,8 +421,8 @@ async fn supervise_handler<H>(
             }
             _ = cancel.cancelled() => break Stop::Drain,
             _ = &mut timed_out => break Stop::TimedOut(timeout.unwrap_or_default()),
-            _ = tick.tick() => {
-                if extend(shared, lease).await.is_err() {
+            _ = keeper.due() => {
+                if keeper.extend(shared, lease).await.is_err() {
                     break Stop::LeaseLost;
                 }
             }
@@ -344,7 +430,7 @@ async fn supervise_handler<H>(
     };
     cancel.cancel();
     let keep_lease = !matches!(why, Stop::LeaseLost);
-    let (answer, lost) = wait_for_end(shared, lease, &mut task, &mut tick, keep_lease).await;
+    let (answer, lost) = wait_for_end(shared, lease, &mut task, keeper, keep_lease).await;
     let why = if lost { Stop::LeaseLost } else { why };
     RunEnd::Stopped { why, answer }
 }
@@ -356,7 +442,7 @@ async fn wait_for_end<H>(
     shared: &Shared<H>,
     lease: &Lease,
     task: &mut JoinHandle<Result<(), JobError>>,
-    tick: &mut Interval,
+    keeper: &mut LeaseKeeper,
     mut keep_lease: bool,
 ) -> (Answer, bool) {
     let mut lost = false;
@@ -383,8 +469,8 @@ async fn wait_for_end<H>(
                 task.abort();
                 aborted_at = Some(Instant::now());
             }
-            _ = tick.tick(), if keep_lease => {
-                if extend(shared, lease).await.is_err() {
+            _ = keeper.due(), if keep_lease => {
+                if keeper.extend(shared, lease).await.is_err() {
                     keep_lease = false;
                     lost = true;
                 }
@@ -445,7 +531,8 @@ where
             Ok(()) => return outcome,
             Err(e) if e.is_transient() && Instant::now() + wait < give_up => {
                 shared.broker_error("settle");
-                tracing::warn!(error = %e, outcome = outcome.as_str(), retry_in = ?wait, "could not record outcome; retrying");
+                shared.life.set_writes_accepted(false);
+                tracing::warn!(error = %chain(&e), outcome = outcome.as_str(), retry_in = ?wait, "could not record outcome; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }

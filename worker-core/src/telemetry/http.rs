@@ -61,6 +61,9 @@ async fn readyz(AxumState(s): AxumState<HttpState>) -> Response {
     }
     let why = match s.life.state() {
         State::Starting => "starting",
+        State::Running if !s.life.drain.is_cancelled() && !s.life.writes_accepted() => {
+            "broker refuses writes"
+        }
         State::Running if !s.life.drain.is_cancelled() => "broker unreachable",
         State::Running | State::Draining => "draining",
         State::Stopped => "stopped",
