@@ -930,7 +930,8 @@ impl Broker for RedisBroker {
         }
         let rows: Vec<Vec<u8>> = self
             .queue_call("dead_letters", &scripts::DEAD_LIST, queue, |inv| {
-                inv.arg(limit.min(i64::MAX as usize) as u64);
+                // ZRANGE takes a signed 64-bit rank.
+                inv.arg((limit.min(i64::MAX as usize) - 1) as u64);
             })
             .await?;
         // Each dead letter is read on its own: one that does not decode is listed with

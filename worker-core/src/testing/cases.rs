@@ -466,6 +466,11 @@ pub async fn dead_letters_keep_reason_and_history(b: &dyn Broker) {
         .collect();
     assert_eq!(errors, vec!["first failure", &format!("poison {}", ids[0])]);
     assert_eq!(b.dead_letters(&q, 2).await.unwrap().len(), 2);
+    // No limit at all is a limit too.
+    assert_eq!(
+        b.dead_letters(&q, usize::MAX).await.unwrap().len(),
+        b.dead_letters(&q, 1000).await.unwrap().len()
+    );
 
     assert_eq!(
         b.requeue_dead(&q, std::slice::from_ref(&ids[0]))

@@ -1,7 +1,8 @@
--- ARGV[1]: most to return
+-- ARGV[1]: the last rank to return (most to return - 1), sent as text: a limit near
+--          2^63 does not survive Lua's numbers
 -- Returns: flat list of sextuples, oldest first: id, envelope, reason, attempt,
 --          history JSON ('' if none), died at (ms)
-local rows = redis.call('ZRANGE', KEYS[5], 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+local rows = redis.call('ZRANGE', KEYS[5], 0, ARGV[1], 'WITHSCORES')
 local out = {}
 for i = 1, #rows, 2 do
   local id = rows[i]
