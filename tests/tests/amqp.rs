@@ -767,3 +767,73 @@ async fn the_exporter_serves_the_backlog_the_broker_holds() {
     let _ = exporter.wait().await;
     admin.delete_queues(&queue).await;
 }
+
+/// A worker running one job at a time holds three more received and not started when
+/// its connection is closed: each comes back once, with one attempt counted, the three
+/// that never ran too (the crate documentation says why: "Jobs that never ran, after
+/// a reconnect").
+async fn prefetched_jobs_after_a_reconnect(kind: QueueType) {
+    let queue = unique("unstarted");
+    let b = broker(kind).await;
+    let w = worker(
+        &queue,
+        kind,
+        &[
+            ("WORKER_CONCURRENCY", "1"),
+            ("WORKER_PREFETCH", "0"),
+            ("AMQP_PREFETCH", "4"),
+        ],
+    );
+    w.wait_listening().await;
+    let admin = RabbitAdmin::new();
+    let conn = admin.wait_connection_of(w.pid(), &[]).await;
+    // First in the queue, a job that runs through the cut; then three short ones.
+    let first = enqueue(&b, &queue, json!({"sleep_ms": 15_000}), 1)
+        .await
+        .remove(0);
+    let short = enqueue(&b, &queue, json!({"sleep_ms": 10}), 3).await;
+    w.wait_for(Duration::from_secs(20), "the first job starts", |_| {
+        w.starts() == [(first.clone(), 1)]
+    })
+    .await;
+    // The consumer holds the other three by now: RabbitMQ sends up to the prefetch.
+    settled(&queue, (0, 4, 0, 0)).await;
+    assert_eq!(w.starts(), [(first.clone(), 1)], "nothing else started");
+    assert!(admin.close_connection(&conn).await, "cut");
+    w.wait_for(
+        Duration::from_secs(60),
+        "each job starts again after the cut",
+        |ev| {
+            short.iter().all(|id| ended_ok(&w, id))
+                && ev
+                    .iter()
+                    .filter(|e| e["event"] == "start" && e["id"] == first.as_str())
+                    .count()
+                    == 2
+        },
+    )
+    .await;
+    let mut starts = w.starts();
+    starts.sort();
+    let mut want: Vec<(String, u64)> = short.iter().map(|id| (id.clone(), 2)).collect();
+    want.push((first.clone(), 1));
+    want.push((first.clone(), 2));
+    want.sort();
+    assert_eq!(
+        starts, want,
+        "each returned job counts one attempt, no more"
+    );
+    settled(&queue, (0, 1, 0, 0)).await;
+    w.signal("KILL");
+    admin.delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_jobs_redelivered_after_a_reconnect_count_one_attempt() {
+    prefetched_jobs_after_a_reconnect(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_quorum_queue_prefetched_jobs_after_a_reconnect_count_one_attempt() {
+    prefetched_jobs_after_a_reconnect(QueueType::Quorum).await;
+}
