@@ -823,7 +823,19 @@ async fn prefetched_jobs_after_a_reconnect(kind: QueueType) {
         starts, want,
         "each returned job counts one attempt, no more"
     );
-    settled(&queue, (0, 1, 0, 0)).await;
+    w.wait_for(
+        Duration::from_secs(60),
+        "the first job ends its second run",
+        |ev| {
+            ev.iter()
+                .filter(|e| e["event"] == "end" && e["id"] == first.as_str() && e["ok"] == true)
+                .count()
+                >= 1
+                && ev.iter().filter(|e| e["event"] == "end").count() >= 5
+        },
+    )
+    .await;
+    settled(&queue, (0, 0, 0, 0)).await;
     w.signal("KILL");
     admin.delete_queues(&queue).await;
 }
