@@ -1383,3 +1383,152 @@ impl Drop for RabbitCluster {
         let _ = std::fs::remove_dir_all(&self.home);
     }
 }
+
+/// A reader of the shared RabbitMQ that holds nothing and sees, through the management
+/// API, every process's unacked deliveries and every delay queue.
+pub async fn rabbit_observer() -> worker_amqp::AmqpBroker {
+    worker_amqp::AmqpConfig::new(AMQP_URL)
+        .management_url(RabbitAdmin::new().url())
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("rabbitmq: {e}"))
+}
+
+/// How long a reading of the management API must hold before it is taken as settled:
+/// longer than the broker's statistics interval (5 s by default), so that a reading
+/// from before the last delivery cannot pass.
+const RABBIT_STATS_WINDOW: Duration = Duration::from_secs(6);
+
+/// Wait until `queue` of the shared RabbitMQ holds exactly `want` = (pending, in
+/// flight, delayed, dead), in flight read from the management API (every process's
+/// unacked deliveries), and holds it for a whole statistics interval; panics after
+/// 60 s with the last reading.
+pub async fn rabbit_exact(queue: &str, want: (u64, u64, u64, u64)) {
+    use worker_core::Broker;
+    let b = rabbit_observer().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut since: Option<Instant> = None;
+    loop {
+        let last = match b.depth(queue).await {
+            Ok(d) => {
+                let got = (d.pending, d.in_flight, d.delayed, d.dead);
+                let from_api = d
+                    .sources
+                    .get("in_flight")
+                    .is_some_and(|s| s.starts_with("management API"));
+                if from_api && got == want {
+                    let at = *since.get_or_insert_with(Instant::now);
+                    if at.elapsed() >= RABBIT_STATS_WINDOW {
+                        b.close().await;
+                        return;
+                    }
+                } else {
+                    since = None;
+                }
+                format!("{got:?} from {:?}", d.sources)
+            }
+            Err(e) => {
+                since = None;
+                format!("error: {e}")
+            }
+        };
+        assert!(
+            Instant::now() < deadline,
+            "{queue}: (pending, in flight, delayed, dead) never settled at {want:?}; last {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A TCP proxy owned by one test, in front of `upstream`: [`cut`](Self::cut) drops
+/// every connection through it, and while [`refuse`](Self::refuse) is on, new ones
+/// are closed as soon as they arrive. It stops when dropped.
+pub struct CutProxy {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    refusing: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CutProxy {
+    /// Listen on a loopback port of its own and forward to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("local addr: {e}"));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let refusing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = {
+            let (conns, refusing) = (conns.clone(), refusing.clone());
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                        continue;
+                    }
+                    let handle = tokio::spawn(async move {
+                        let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    });
+                    conns
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(handle.abort_handle());
+                }
+            })
+        };
+        Self {
+            addr,
+            conns,
+            refusing,
+            task,
+        }
+    }
+
+    /// Close every connection through it, both ways.
+    pub fn cut(&self) {
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            c.abort();
+        }
+    }
+
+    /// Close new connections at once (`true`) or forward them again (`false`).
+    pub fn refuse(&self, on: bool) {
+        self.refusing.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}
+
+impl PoolBroker {
+    /// Wait until `queue` holds exactly `want` = (pending, in flight, delayed, dead): on
+    /// RabbitMQ read from the broker itself ([`rabbit_exact`]), on Redis from its keys.
+    pub async fn settled(&self, queue: &str, want: (u64, u64, u64, u64)) {
+        if self.rabbit_queues.is_some() {
+            return rabbit_exact(queue, want).await;
+        }
+        let what = format!("{queue} settled at {want:?}");
+        worker_core::testing::eventually(Duration::from_secs(30), &what, || async {
+            self.broker
+                .depth(queue)
+                .await
+                .is_ok_and(|d| (d.pending, d.in_flight, d.delayed, d.dead) == want)
+        })
+        .await;
+    }
+}

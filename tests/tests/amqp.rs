@@ -51,15 +51,10 @@ fn ended_ok(w: &DemoWorker, id: &str) -> bool {
         .any(|e| e["event"] == "end" && e["id"] == id && e["ok"] == true)
 }
 
-async fn settled(b: &AmqpBroker, queue: &str) {
-    worker_core::testing::eventually(Duration::from_secs(20), "queue settled", || async {
-        let d = b
-            .depth(queue)
-            .await
-            .unwrap_or_else(|e| panic!("depth: {e}"));
-        d.pending + d.in_flight + d.delayed == 0
-    })
-    .await;
+/// Wait until `queue` holds exactly (pending, in flight, delayed, dead) = `want`, read
+/// from the broker itself: every process's unacked deliveries and delay queue count.
+async fn settled(queue: &str, want: (u64, u64, u64, u64)) {
+    system_tests::rabbit_exact(queue, want).await;
 }
 
 async fn killed_worker_s_job_completes_elsewhere(kind: QueueType) {
@@ -84,7 +79,7 @@ async fn killed_worker_s_job_completes_elsewhere(kind: QueueType) {
         vec![(ids[0].clone(), 2)],
         "attempt raised once"
     );
-    settled(&b, &queue).await;
+    settled(&queue, (0, 0, 0, 0)).await;
     bw.signal("TERM");
     assert!(bw.wait_exit(Duration::from_secs(20)).await.success());
     RabbitAdmin::new().delete_queues(&queue).await;
@@ -132,7 +127,7 @@ async fn connection_cut(fetch: &str) {
         ids.iter().all(|id| ended_ok(&w, id))
     })
     .await;
-    settled(&b, &queue).await;
+    settled(&queue, (0, 0, 0, 0)).await;
     // A job whose ack was lost with the connection runs again; no other job does.
     let runs = w.starts().len();
     let total = ids.len();
@@ -202,7 +197,7 @@ async fn a_drain_hands_jobs_to_another_worker_at_once_and_exits_cleanly() {
             ids.iter().all(|id| ended_ok(&other, id))
         })
         .await;
-    settled(&b, &queue).await;
+    settled(&queue, (0, 0, 0, 0)).await;
     assert!(
         RabbitAdmin::new().connections_of(a.pid()).await.is_empty(),
         "the drained worker's connection is closed"
@@ -249,6 +244,7 @@ async fn retries_go_through_delay_queues_then_die(kind: QueueType) {
     // The backoffs went through the queue's delay queues.
     let delays = RabbitAdmin::new().queues(&format!("{queue}.delay.")).await;
     assert!(!delays.is_empty(), "no delay queue was used");
+    settled(&queue, (0, 0, 0, 1)).await;
     w.signal("TERM");
     RabbitAdmin::new().delete_queues(&queue).await;
 }
@@ -289,9 +285,21 @@ async fn poison_and_undecodable_messages_are_dead_lettered_not_redelivered() {
         reasons[garbage[0].as_str()].contains("undecodable"),
         "{reasons:?}"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(w.starts().len(), 1, "each message ran at most once");
-    settled(&b, &queue).await;
+    // A job enqueued behind them ends only after whatever was put back ahead of it.
+    let marker = enqueue(&b, &queue, json!({"sleep_ms": 10}), 1).await;
+    w.wait_for(Duration::from_secs(20), "the job behind them ends", |_| {
+        ended_ok(&w, &marker[0])
+    })
+    .await;
+    let starts = w.starts();
+    assert_eq!(
+        starts,
+        vec![(fatal[0].clone(), 1), (marker[0].clone(), 1)],
+        "the poison job ran once, the undecodable one never"
+    );
+    // Nothing held, nothing put back, each dead-lettered once.
+    settled(&queue, (0, 0, 0, 2)).await;
+    assert_eq!(w.starts(), starts, "no start since");
     w.signal("TERM");
     RabbitAdmin::new().delete_queues(&queue).await;
 }
@@ -395,6 +403,7 @@ async fn a_job_timeout_beyond_the_consumer_timeout_is_warned_at_start_up() {
         ids.iter().all(|id| ended_ok(&w, id))
     })
     .await;
+    settled(&queue, (0, 0, 0, 0)).await;
     let log = w.stderr();
     assert!(
         log.contains("WORKER_JOB_TIMEOUT (2h) is longer than AMQP_CONSUMER_TIMEOUT (1h)"),
@@ -479,6 +488,8 @@ async fn a_worker_consuming_two_queues_holds_only_the_jobs_it_can_start() {
         2,
         "once {hi} is empty, {lo} has both slots"
     );
+    settled(&hi, (0, 0, 0, 0)).await;
+    settled(&lo, (0, 0, 0, 0)).await;
     w.signal("TERM");
     assert!(w.wait_exit(Duration::from_secs(20)).await.success());
     RabbitAdmin::new().delete_queues(&base).await;
@@ -543,4 +554,300 @@ async fn a_channel_closed_for_the_consumer_timeout_is_named_and_its_job_redelive
         );
         w.signal("KILL");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_releases_everything_and_exits_at_once() {
+    let queue = unique("second");
+    let b = broker(QueueType::Classic).await;
+    let ids = enqueue(&b, &queue, json!({"sleep_ms": 600_000}), 2).await;
+    // A drain that would wait ten minutes for the running jobs.
+    let mut w = worker(
+        &queue,
+        QueueType::Classic,
+        &[("WORKER_CONCURRENCY", "2"), ("WORKER_DRAIN_TIMEOUT", "10m")],
+    );
+    w.wait_for(Duration::from_secs(20), "both jobs start", |ev| {
+        ev.iter().filter(|e| e["event"] == "start").count() == 2
+    })
+    .await;
+    w.signal("INT");
+    worker_core::testing::eventually(Duration::from_secs(10), "draining", || async {
+        w.get("/readyz").await.0 == 503
+    })
+    .await;
+    w.signal("TERM");
+    // Far inside the ten minutes the first signal would have waited.
+    let status = w.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", w.stderr());
+    let report = &w.stopped()["report"];
+    assert_eq!(report["released"], 2, "{report}");
+    assert_eq!(report["ok"], 0, "{report}");
+    // Both back in the queue, nothing held by the gone worker.
+    settled(&queue, (2, 0, 0, 0)).await;
+    let other = worker(&queue, QueueType::Classic, &[("WORKER_CONCURRENCY", "2")]);
+    other
+        .wait_for(Duration::from_secs(20), "both start elsewhere", |ev| {
+            ev.iter().filter(|e| e["event"] == "start").count() == 2
+        })
+        .await;
+    let mut got = other.starts();
+    got.sort();
+    let mut want: Vec<(String, u64)> = ids.iter().map(|id| (id.clone(), 1)).collect();
+    want.sort();
+    assert_eq!(got, want, "released jobs keep their attempt");
+    other.signal("KILL");
+    RabbitAdmin::new().delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn depth_while_reconnecting_is_an_error_or_exact_never_zero() {
+    use worker_core::FetchPlan;
+
+    let queue = unique("redepth");
+    let upstream = "127.0.0.1:5672"
+        .parse()
+        .unwrap_or_else(|e| panic!("address: {e}"));
+    let proxy = system_tests::CutProxy::start(upstream).await;
+    let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
+    // Without the management API: every number is this process's or exact.
+    let b = AmqpConfig::new(&url)
+        .prefetch(4)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("rabbitmq: {e}"));
+    let n = 6u64;
+    enqueue(&b, &queue, json!({}), n as usize).await;
+    // Two leased, two more received and held unstarted, two ready in the broker.
+    let held = b
+        .fetch(&FetchPlan::single(&queue, 2, Duration::from_secs(60)))
+        .await
+        .unwrap_or_else(|e| panic!("fetch: {e}"));
+    assert_eq!(held.len(), 2);
+    let exact =
+        |d: &worker_core::QueueDepth| (d.pending + d.in_flight, d.delayed, d.dead) == (n, 0, 0);
+    let before = b
+        .depth(&queue)
+        .await
+        .unwrap_or_else(|e| panic!("depth: {e}"));
+    assert!(exact(&before) && before.in_flight == 2, "{before:?}");
+
+    proxy.refuse(true);
+    proxy.cut();
+    let mut readings = Vec::new();
+    // Unreachable: errors; then reachable again: exact readings.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut reopened = false;
+    loop {
+        let reading = b.depth(&queue).await;
+        if let Ok(d) = &reading {
+            assert!(
+                exact(d),
+                "a reading while reconnecting: {d:?}; readings before: {readings:?}"
+            );
+        }
+        let errors = readings
+            .iter()
+            .filter(|r: &&String| r.starts_with("error"))
+            .count();
+        readings.push(match &reading {
+            Ok(d) => format!("{:?}", (d.pending, d.in_flight, d.delayed, d.dead)),
+            Err(e) => format!("error: {e}"),
+        });
+        if !reopened && errors >= 3 {
+            proxy.refuse(false);
+            reopened = true;
+        }
+        let exact_after = readings
+            .iter()
+            .rev()
+            .take_while(|r| !r.starts_with("error"))
+            .count();
+        if reopened && exact_after >= 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never exact again after the reconnect: {readings:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What the lost connection held went back to the queue, whole.
+    let last = b
+        .depth(&queue)
+        .await
+        .unwrap_or_else(|e| panic!("depth: {e}"));
+    assert_eq!((last.pending, last.in_flight), (n, 0), "{readings:?}");
+    for d in &held {
+        assert!(
+            b.ack(&d.lease).await.is_err(),
+            "a lease of the lost connection"
+        );
+    }
+    let mut taken = 0;
+    while taken < n {
+        let got = b
+            .fetch(&FetchPlan::single(
+                &queue,
+                n as u32,
+                Duration::from_secs(60),
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("fetch: {e}"));
+        for d in &got {
+            b.ack(&d.lease).await.unwrap_or_else(|e| panic!("ack: {e}"));
+        }
+        taken += got.len() as u64;
+    }
+    b.close().await;
+    settled(&queue, (0, 0, 0, 0)).await;
+    RabbitAdmin::new().delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exporter_serves_the_backlog_the_broker_holds() {
+    let queue = unique("exporter");
+    let admin = RabbitAdmin::new();
+    let management = admin.url();
+    let b = broker(QueueType::Classic).await;
+    // One to die, five to run far longer than the test, and one waiting for ten minutes.
+    let fatal = enqueue(&b, &queue, json!({"outcome": "fatal"}), 1).await;
+    let long = enqueue(&b, &queue, json!({"sleep_ms": 600_000}), 5).await;
+    let later = NewJob::json(&queue, &json!({})).unwrap_or_else(|e| panic!("{e}"));
+    b.enqueue(vec![later.delay(Duration::from_secs(600))])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Holds only what it runs: two jobs.
+    let w = worker(
+        &queue,
+        QueueType::Classic,
+        &[("WORKER_CONCURRENCY", "2"), ("WORKER_PREFETCH", "0")],
+    );
+    w.wait_for(Duration::from_secs(30), "the poison ends, two run", |ev| {
+        ev.iter().filter(|e| e["event"] == "start").count() == 3
+            && ev.iter().filter(|e| e["event"] == "end").count() == 1
+    })
+    .await;
+    // What the test counts: from the worker's events, and from the broker itself.
+    let running = w.count("start") - w.count("end");
+    let pending = long.len() - running;
+    assert!(
+        w.starts().contains(&(fatal[0].clone(), 1)),
+        "{:?}",
+        w.starts()
+    );
+    let want = (pending as u64, running as u64, 1, 1);
+    assert_eq!(want, (3, 2, 1, 1));
+    settled(&queue, want).await;
+
+    let (mut exporter, addr) = system_tests::start_exporter(
+        &["--pool", "p", "--queues", &queue, "--capacity", "2"],
+        &[
+            ("AMQP_URL", URL),
+            ("AMQP_MANAGEMENT_URL", management.as_str()),
+        ],
+    )
+    .await;
+    let (status, body) = worker_core::testing::http_get(addr, "/scaling")
+        .await
+        .unwrap_or_else(|e| panic!("/scaling: {e}"));
+    assert_eq!(status, 200, "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let q = &doc["queues"][queue.as_str()];
+    assert_eq!(
+        (&q["pending"], &q["in_flight"], &q["delayed"], &q["dead"]),
+        (&json!(3), &json!(2), &json!(1), &json!(1)),
+        "{doc}"
+    );
+    assert_eq!(doc["backlog"], 5, "{doc}");
+    // ceil(5 / 2).
+    assert_eq!(doc["desired_replicas"], 3, "{doc}");
+    w.signal("KILL");
+    let _ = exporter.start_kill();
+    let _ = exporter.wait().await;
+    admin.delete_queues(&queue).await;
+}
+
+/// A worker running one job at a time holds three more received and not started when
+/// its connection is closed: each comes back once, with one attempt counted, the three
+/// that never ran too (the crate documentation says why: "Jobs that never ran, after
+/// a reconnect").
+async fn prefetched_jobs_after_a_reconnect(kind: QueueType) {
+    let queue = unique("unstarted");
+    let b = broker(kind).await;
+    let w = worker(
+        &queue,
+        kind,
+        &[
+            ("WORKER_CONCURRENCY", "1"),
+            ("WORKER_PREFETCH", "0"),
+            ("AMQP_PREFETCH", "4"),
+        ],
+    );
+    w.wait_listening().await;
+    let admin = RabbitAdmin::new();
+    let conn = admin.wait_connection_of(w.pid(), &[]).await;
+    // First in the queue, a job that runs through the cut; then three short ones.
+    let first = enqueue(&b, &queue, json!({"sleep_ms": 15_000}), 1)
+        .await
+        .remove(0);
+    let short = enqueue(&b, &queue, json!({"sleep_ms": 10}), 3).await;
+    w.wait_for(Duration::from_secs(20), "the first job starts", |_| {
+        w.starts() == [(first.clone(), 1)]
+    })
+    .await;
+    // The consumer holds the other three by now: RabbitMQ sends up to the prefetch.
+    settled(&queue, (0, 4, 0, 0)).await;
+    assert_eq!(w.starts(), [(first.clone(), 1)], "nothing else started");
+    assert!(admin.close_connection(&conn).await, "cut");
+    w.wait_for(
+        Duration::from_secs(60),
+        "each job starts again after the cut",
+        |ev| {
+            short.iter().all(|id| ended_ok(&w, id))
+                && ev
+                    .iter()
+                    .filter(|e| e["event"] == "start" && e["id"] == first.as_str())
+                    .count()
+                    == 2
+        },
+    )
+    .await;
+    let mut starts = w.starts();
+    starts.sort();
+    let mut want: Vec<(String, u64)> = short.iter().map(|id| (id.clone(), 2)).collect();
+    want.push((first.clone(), 1));
+    want.push((first.clone(), 2));
+    want.sort();
+    assert_eq!(
+        starts, want,
+        "each returned job counts one attempt, no more"
+    );
+    w.wait_for(
+        Duration::from_secs(60),
+        "the first job ends its second run",
+        |ev| {
+            // Its first run ended, or was cancelled when its lease was lost.
+            ev.iter()
+                .filter(|e| {
+                    e["id"] == first.as_str() && (e["event"] == "end" || e["event"] == "cancelled")
+                })
+                .count()
+                == 2
+        },
+    )
+    .await;
+    settled(&queue, (0, 0, 0, 0)).await;
+    w.signal("KILL");
+    admin.delete_queues(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_jobs_redelivered_after_a_reconnect_count_one_attempt() {
+    prefetched_jobs_after_a_reconnect(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_quorum_queue_prefetched_jobs_after_a_reconnect_count_one_attempt() {
+    prefetched_jobs_after_a_reconnect(QueueType::Quorum).await;
 }

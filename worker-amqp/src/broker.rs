@@ -543,11 +543,13 @@ impl Inner {
     /// looked at the queue; a second call on the same channel (a no-op qos) answers
     /// after every delivery the channel had taken from the queue by then.
     async fn sync(&self, s: &Session, queue: &str) -> Result<u64, BrokerError> {
+        // A consumer on a closed channel holds nothing: the broker's count is exact.
         let channel = {
             let st = self.state();
             st.queues
                 .get(queue)
                 .and_then(|q| q.consuming.as_ref())
+                .filter(|c| c.channel.status().connected())
                 .map(|c| c.channel.clone())
         };
         let Some(channel) = channel else {
@@ -623,18 +625,10 @@ impl Inner {
 
     /// Give `r` back to the broker for another worker: published again with its
     /// attempt unchanged, then acked. (A requeue through AMQP would mark it redelivered,
-    /// which counts an attempt.)
-    async fn hand_back(&self, s: &Session, r: Received) -> Result<(), BrokerError> {
-        self.hand_back_or_keep(s, r).await.map_err(|(e, _)| e)
-    }
-
-    /// [`hand_back`](Self::hand_back), giving `r` back to the caller when it failed.
-    async fn hand_back_or_keep(
-        &self,
-        s: &Session,
-        r: Received,
-    ) -> Result<(), (BrokerError, Received)> {
-        if r.gen != s.gen || !r.channel.status().connected() {
+    /// which counts an attempt.) When the copy is not stored, `r` is still held and
+    /// comes back with the error, for the caller to keep.
+    async fn hand_back(&self, s: &Session, r: Received) -> Result<(), (BrokerError, Received)> {
+        if !r.channel.status().connected() {
             // The broker already took it back when that channel closed.
             return Ok(());
         }
@@ -679,6 +673,11 @@ impl Inner {
 
     fn put_lease(&self, token: LeaseToken, held: Held) {
         self.state().leases.insert(token, held);
+    }
+
+    /// Put `leases` back in the table, under their own tokens and deadlines.
+    fn keep_leases(&self, leases: Vec<(LeaseToken, Held)>) {
+        self.state().leases.extend(leases);
     }
 }
 
@@ -846,8 +845,10 @@ impl Broker for AmqpBroker {
 
     async fn release(&self, lease: &Lease) -> Result<(), BrokerError> {
         let inner = &self.inner;
-        let held = inner.take_lease(lease)?;
-        let r = held.received;
+        let Held {
+            received: r,
+            deadline,
+        } = inner.take_lease(lease)?;
         if !r.channel.status().connected() {
             return Err(lost(lease));
         }
@@ -872,8 +873,21 @@ impl Broker for AmqpBroker {
             }
             r
         };
-        let s = inner.sessions.get().await?;
-        inner.hand_back(&s, r).await
+        let handed = match inner.sessions.get().await {
+            Ok(s) => inner.hand_back(&s, r).await,
+            Err(e) => Err((e, r)),
+        };
+        handed.map_err(|(e, r)| {
+            // Still held: the lease stays, for a later release, ack or reap.
+            inner.put_lease(
+                lease.token,
+                Held {
+                    received: r,
+                    deadline,
+                },
+            );
+            e
+        })
     }
 
     /// Refused: a published message cannot be changed, and storing progress beside it
@@ -903,10 +917,14 @@ impl Broker for AmqpBroker {
         }
     }
 
+    /// A job whose copy the broker does not store (a nack under a `reject-publish`
+    /// limit, a lost connection) stays leased here, its deadline passed, and the next
+    /// reap tries again; one whose channel closed was taken back by the broker.
     async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError> {
         let inner = &self.inner;
         let now = Instant::now();
-        let expired: Vec<Held> = {
+        // Out of the table while being reaped, so no ack or extension races the copy.
+        let expired: Vec<(LeaseToken, Held)> = {
             let mut st = inner.state();
             let tokens: Vec<LeaseToken> = st
                 .leases
@@ -916,28 +934,52 @@ impl Broker for AmqpBroker {
                 .collect();
             tokens
                 .into_iter()
-                .filter_map(|t| st.leases.remove(&t))
+                .filter_map(|t| st.leases.remove(&t).map(|h| (t, h)))
                 .collect()
         };
         if expired.is_empty() {
             return Ok(0);
         }
-        let s = inner.sessions.get().await?;
+        let s = match inner.sessions.get().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(jobs = expired.len(), error = %e, "amqp: expired leases not reaped: no connection; the jobs stay leased here until the next reap");
+                inner.keep_leases(expired);
+                return Err(e);
+            }
+        };
         let mut reclaimed = 0;
-        for held in expired {
-            let r = held.received;
-            if r.gen != s.gen || !r.channel.status().connected() {
-                // The broker took it back when the channel closed.
+        let mut failure = None;
+        let mut left = expired.into_iter();
+        while let Some((token, held)) = left.next() {
+            let r = &held.received;
+            if !r.channel.status().connected() {
+                tracing::debug!(job = %r.envelope.id, "amqp: expired lease on a closed channel; the broker took the job back");
                 continue;
             }
             let mut env = r.envelope.clone();
             env.attempt = env.attempt.saturating_add(1);
-            inner.publish(&s, Target::Queue, &env).await?;
-            settle_ack(&r).await;
-            tracing::warn!(job = %env.id, queue = %env.queue, "amqp: lease expired; job returned to its queue");
-            reclaimed += 1;
+            match inner.publish(&s, Target::Queue, &env).await {
+                Ok(()) => {
+                    settle_ack(r).await;
+                    tracing::warn!(job = %env.id, queue = %env.queue, "amqp: lease expired; job returned to its queue");
+                    reclaimed += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(job = %env.id, queue = %env.queue, error = %e, "amqp: lease expired but the broker did not store the job's copy; it stays leased here until the next reap");
+                    inner.put_lease(token, held);
+                    failure.get_or_insert(e);
+                    if !s.alive() {
+                        // The rest would fail the same way; they wait for the next reap.
+                        inner.keep_leases(left.by_ref().collect());
+                    }
+                }
+            }
         }
-        Ok(reclaimed)
+        match failure {
+            Some(e) if reclaimed == 0 => Err(e),
+            _ => Ok(reclaimed),
+        }
     }
 
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
@@ -946,11 +988,11 @@ impl Broker for AmqpBroker {
         let s = inner.sessions.get().await?;
         // A doorbell holds nothing it has not delivered: a passive declare is exact.
         let consumed = !inner.getting()
-            && inner
-                .state()
-                .queues
-                .get(queue)
-                .is_some_and(|q| q.consuming.is_some());
+            && inner.state().queues.get(queue).is_some_and(|q| {
+                q.consuming
+                    .as_ref()
+                    .is_some_and(|c| c.channel.status().connected())
+            });
         let ready = if consumed {
             inner.sync(&s, queue).await?
         } else {
@@ -983,12 +1025,20 @@ impl Broker for AmqpBroker {
                 None => s.forget(&name),
             }
         }
+        // What a closed channel held, the broker has taken back and counts itself.
         let st = inner.state();
-        let local_ready = st.queues.get(queue).map_or(0, |q| q.ready.len() as u64);
+        let local_ready = st.queues.get(queue).map_or(0, |q| {
+            q.ready
+                .iter()
+                .filter(|r| r.channel.status().connected())
+                .count() as u64
+        });
         let leased = st
             .leases
             .values()
-            .filter(|h| h.received.envelope.queue == queue)
+            .filter(|h| {
+                h.received.envelope.queue == queue && h.received.channel.status().connected()
+            })
             .count() as u64;
         let oldest = st
             .queues
@@ -1319,8 +1369,16 @@ impl Broker for AmqpBroker {
             };
             let count = left.len();
             for r in left {
-                if let Err(e) = inner.hand_back(&s, r).await {
-                    tracing::warn!(queue = %q, error = %e, "amqp: could not hand a job back; the broker returns it when the connection closes");
+                if let Err((e, r)) = inner.hand_back(&s, r).await {
+                    // Kept: a later fetch starts it, or close hands it back.
+                    tracing::warn!(queue = %q, error = %e, "amqp: could not hand a job back yet; kept");
+                    inner
+                        .state()
+                        .queues
+                        .entry(q.clone())
+                        .or_default()
+                        .ready
+                        .push_back(r);
                 }
             }
             if count > 0 {

@@ -39,14 +39,25 @@
 //!   delivered on until it is acked; when the process dies or its connection drops,
 //!   RabbitMQ delivers the job again. `extend_lease` moves a deadline kept in this
 //!   process, and `reap_expired` returns this process's own expired jobs (republished
-//!   with the attempt counted). No process can reclaim another's jobs; the broker does
-//!   that when the owner's connection closes. AMQP heartbeats keep a long job's
+//!   with the attempt counted, then acked). A job whose copy the broker does not store
+//!   (a nack under a `max-length` + `reject-publish` limit, a lost connection) stays
+//!   leased here, counted in flight, and the next reap tries again; one whose channel
+//!   closed is the broker's again. No process can reclaim another's jobs; the broker
+//!   does that when the owner's connection closes. AMQP heartbeats keep a long job's
 //!   connection alive.
 //! - **Attempts after a crash.** A redelivered message counts an attempt. Quorum
 //!   queues count every redelivery exactly (`x-delivery-count`); classic queues only
 //!   flag a message as redelivered, so a job that crashes its worker twice counts one
 //!   extra attempt, not two. Prefer quorum queues where a crash loop must end in the
 //!   dead letters.
+//! - **Jobs that never ran, after a reconnect.** What the consumer had received
+//!   ahead (its prefetch) and not handed to a handler when its channel or connection
+//!   closed comes back marked redelivered (on a quorum queue, `x-delivery-count`
+//!   raised), and so counts one attempt although it never ran; so does a job the
+//!   runtime had fetched and held unstarted (`WORKER_PREFETCH`). The broker does not
+//!   tell such a return from a crash, and a message cannot be changed to say so. A
+//!   pool whose connection drops often and whose jobs must not be dead-lettered early
+//!   keeps the prefetch small or raises `WORKER_MAX_ATTEMPTS` by the drops it expects.
 //! - **Prefetch is per consumer.** RabbitMQ bounds what it sends ahead per consumer
 //!   (global QoS is deprecated and refused by quorum queues), so the worker takes jobs
 //!   one of two ways ([`FetchMode`], `AMQP_FETCH`):
@@ -76,7 +87,8 @@
 //!   process holds unstarted (in get mode, nothing: the age of the oldest pending job
 //!   then comes from the management API only); `in_flight` is this process's leases plus, with the
 //!   management API configured, the unacked count beyond them (other processes',
-//!   refreshed every statistics interval). Delay queues of other processes are found
+//!   refreshed every statistics interval). Deliveries held on a closed channel are not
+//!   counted: the broker has them back. Delay queues of other processes are found
 //!   through the management API. Each [`QueueDepth`](worker_core::QueueDepth) says in
 //!   its `sources` where every number came from, and `/scaling` shows them.
 //! - **Consumer timeout.** RabbitMQ closes a channel whose delivery stays unacked past

@@ -245,7 +245,7 @@ impl Inner {
         }
         for r in beyond {
             let queue = r.envelope.queue.clone();
-            if let Err((e, r)) = self.hand_back_or_keep(&s, r).await {
+            if let Err((e, r)) = self.hand_back(&s, r).await {
                 // Kept: the next fetch starts it or tries again.
                 tracing::warn!(queue = %queue, error = %e, "amqp: could not hand a job back yet");
                 self.state()
