@@ -98,11 +98,23 @@ async fn stopping_the_node_that_leads_a_quorum_queue_loses_no_job() {
     ids.extend(producer.await.unwrap_or_else(|e| panic!("{e}")));
 
     let want: HashSet<String> = ids.iter().cloned().collect();
-    worker_core::testing::eventually(Duration::from_secs(120), "every job ran", || async {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !want.is_subset(&ended_ok(&workers)) {
+        if Instant::now() > deadline {
+            let done = ended_ok(&workers);
+            let missing: Vec<&String> = ids.iter().filter(|id| !done.contains(*id)).collect();
+            let depth = broker.depth(&queue).await;
+            panic!(
+                "{} of {} jobs never ended ok within 120 s: {missing:?}; depth {depth:?}; \
+                 worker logs:\n{}\n---\n{}",
+                missing.len(),
+                ids.len(),
+                workers[0].stderr(),
+                workers[1].stderr()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        want.is_subset(&ended_ok(&workers))
-    })
-    .await;
+    }
     let done = ended_ok(&workers);
     let lost: Vec<&String> = ids.iter().filter(|id| !done.contains(*id)).collect();
     let starts: usize = workers.iter().map(|w| w.count("start")).sum();

@@ -44,8 +44,8 @@ pub(crate) struct Lifecycle {
     /// Whether the last broker call succeeded (for `/readyz`).
     connected: AtomicBool,
     /// Whether the broker accepts writes: `false` from a transient failure of a write
-    /// the runtime depends on (a lease extension, a settle, a heartbeat) until a lease
-    /// extension or a heartbeat succeeds. The fetch loop takes no new jobs meanwhile.
+    /// on a job (a lease extension, a settle) until a lease extension or a heartbeat
+    /// succeeds. The fetch loop takes no new jobs meanwhile.
     writes: watch::Sender<bool>,
     pub(crate) drain: CancellationToken,
     pub(crate) hard: CancellationToken,

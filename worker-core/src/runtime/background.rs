@@ -25,22 +25,23 @@ pub(crate) async fn heartbeat<H: Handler>(shared: Arc<Shared<H>>, stop: Cancella
         } else {
             shared.broker.register_worker(&info, ttl).await
         };
-        // A heartbeat is a write that needs memory: it tells whether the broker accepts
-        // writes when no lease is being extended. One refused for good (not a passing
-        // refusal) must not keep fetching paused.
-        let accepted = match result {
+        // A heartbeat is a write that needs memory: one that lands tells that the broker
+        // accepts writes again when no lease is being extended. One that fails pauses
+        // nothing: the registry may live apart from the jobs (on RabbitMQ, a queue whose
+        // node is down while the job queues are served elsewhere), and a pause would
+        // strand the deliveries a consumer already holds. Lease extensions, which touch
+        // the jobs themselves, are what pause fetching.
+        match result {
             Ok(()) => {
                 registered = true;
-                true
+                if shared.life.set_writes_accepted(true) {
+                    tracing::info!("heartbeat written: the broker accepts writes again");
+                }
             }
             Err(e) => {
                 shared.broker_error("heartbeat");
                 tracing::warn!(error = %chain(&e), "worker heartbeat failed");
-                !e.is_transient()
             }
-        };
-        if shared.life.set_writes_accepted(accepted) && accepted {
-            tracing::info!("heartbeat written: the broker accepts writes again");
         }
     }
     if let Err(e) = shared.broker.deregister_worker(&shared.worker_id).await {

@@ -6,8 +6,8 @@
 //! they never ask for more jobs than there are permits, and the scheduler reserves
 //! each plan's room, so per-queue limits hold across them.
 //!
-//! While the broker refuses writes (a lease extension, a settle or a heartbeat failed
-//! transiently; see `Lifecycle::set_writes_accepted`), no new fetch starts: a job taken
+//! While the broker refuses writes (a lease extension or a settle failed transiently;
+//! see `Lifecycle::set_writes_accepted`), no new fetch starts: a job taken
 //! now could not keep its lease, and would run again elsewhere with its attempt raised.
 //! Fetching resumes once a lease extension or a heartbeat succeeds.
 
