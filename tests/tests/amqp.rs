@@ -608,7 +608,7 @@ async fn depth_while_reconnecting_is_an_error_or_exact_never_zero() {
     let upstream = "127.0.0.1:5672"
         .parse()
         .unwrap_or_else(|e| panic!("address: {e}"));
-    let proxy = system_tests::CutProxy::start(upstream).await;
+    let proxy = system_tests::soak::ChaosProxy::start(upstream).await;
     let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
     // Without the management API: every number is this process's or exact.
     let b = AmqpConfig::new(&url)
@@ -632,8 +632,7 @@ async fn depth_while_reconnecting_is_an_error_or_exact_never_zero() {
         .unwrap_or_else(|e| panic!("depth: {e}"));
     assert!(exact(&before) && before.in_flight == 2, "{before:?}");
 
-    proxy.refuse(true);
-    proxy.cut();
+    proxy.set_down(true);
     let mut readings = Vec::new();
     // Unreachable: errors; then reachable again: exact readings.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -655,7 +654,7 @@ async fn depth_while_reconnecting_is_an_error_or_exact_never_zero() {
             Err(e) => format!("error: {e}"),
         });
         if !reopened && errors >= 3 {
-            proxy.refuse(false);
+            proxy.set_down(false);
             reopened = true;
         }
         let exact_after = readings

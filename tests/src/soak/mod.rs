@@ -642,7 +642,7 @@ fn memory_full(server: &Server, on: bool) {
     match server {
         Server::Redis(r) => {
             let limit = if on {
-                let info = redis_cli(r.port, &["info", "memory"]);
+                let info = r.cli(&["info", "memory"]);
                 info.lines()
                     .find_map(|l| l.strip_prefix("used_memory:"))
                     .and_then(|v| v.trim().parse::<u64>().ok())
@@ -650,18 +650,9 @@ fn memory_full(server: &Server, on: bool) {
             } else {
                 "0".to_owned()
             };
-            redis_cli(r.port, &["config", "set", "maxmemory-policy", "noeviction"]);
-            redis_cli(r.port, &["config", "set", "maxmemory", &limit]);
+            r.cli(&["config", "set", "maxmemory-policy", "noeviction"]);
+            r.cli(&["config", "set", "maxmemory", &limit]);
         }
         Server::Rabbit(n) => n.memory_alarm(on),
     }
-}
-
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("redis-cli: {e}"));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
