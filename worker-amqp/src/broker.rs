@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    BasicQosOptions, BasicRejectOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
@@ -26,9 +26,13 @@ use crate::error::{from_lapin, is_ack_timeout};
 use crate::management::Management;
 use crate::message::{dead_fields, decode, properties};
 use crate::session::{passive_count, Session, Sessions};
+use crate::settle::{Copy, SettleError, Settler};
 use crate::topology::{self, QueueType};
 
 mod get;
+
+/// How long `close` tries to reach the broker to store copies it refused before.
+const STRANDED_CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// How long a fetch waits for deliveries the broker has said are on their way.
 const ARRIVAL_WAIT: Duration = Duration::from_millis(200);
@@ -41,6 +45,8 @@ const OWED_WAIT: Duration = Duration::from_millis(2);
 struct Received {
     tag: u64,
     channel: Channel,
+    /// Commits the settles of `channel`.
+    settler: Settler,
     gen: u64,
     envelope: Envelope,
 }
@@ -65,6 +71,7 @@ enum Target<'a> {
 struct Consuming {
     gen: u64,
     channel: Channel,
+    settler: Settler,
     consumer: Consumer,
     tag: String,
 }
@@ -79,10 +86,93 @@ struct QueueState {
     stopped: bool,
 }
 
+/// What became of a job moved in a transaction.
+enum Moved {
+    /// The broker holds its copy, and its delivery is acked.
+    Stored,
+    /// The commit did not take effect, or its answer was lost: the broker holds the
+    /// job either way (its delivery, given to a consumer again, or its copy).
+    NotCommitted,
+    /// The delivery is acked and the broker refused the copy: this process keeps the
+    /// copy and publishes it again at each reap (see `Inner::strand`).
+    Kept(BrokerError),
+}
+
+/// A job's copy the broker refused after its delivery was acked: it exists only here
+/// until a publish of it is confirmed.
+struct Stranded {
+    id: JobId,
+    queue: String,
+    route: String,
+    props: BasicProperties,
+    payload: bytes::Bytes,
+}
+
+/// How long this process remembers a job it held unstarted when its channel closed.
+const RETURNED_KEPT: Duration = Duration::from_secs(3600);
+
+/// At most this many such jobs are remembered.
+const RETURNED_MAX: usize = 65_536;
+
+/// Jobs this process received and never started, on a channel that closed since. The
+/// broker gives each to a consumer again marked redelivered (on a quorum queue, its
+/// `x-delivery-count` raised), which reads as an attempt spent; when this process gets
+/// one back, it takes that attempt back.
+#[derive(Default)]
+struct Returned(HashMap<(String, JobId), (u32, Instant)>);
+
+impl Returned {
+    /// Drop from `ready` what a closed channel held (the broker has it back), noting each.
+    fn drop_closed(&mut self, ready: &mut VecDeque<Received>) {
+        let mut closed = Vec::new();
+        ready.retain(|r| {
+            let open = r.channel.status().connected();
+            if !open {
+                closed.push((
+                    r.envelope.queue.clone(),
+                    r.envelope.id.clone(),
+                    r.envelope.attempt,
+                ));
+            }
+            open
+        });
+        for (queue, id, attempt) in closed {
+            self.note(queue, id, attempt);
+        }
+    }
+
+    /// Note that the job `id` of `queue`, at `attempt`, went back unstarted.
+    fn note(&mut self, queue: String, id: JobId, attempt: u32) {
+        if self.0.len() >= RETURNED_MAX {
+            self.0.retain(|_, (_, at)| at.elapsed() < RETURNED_KEPT);
+            if self.0.len() >= RETURNED_MAX {
+                // Jobs other processes took long ago: nothing to take back for them.
+                self.0.clear();
+            }
+        }
+        self.0.insert((queue, id), (attempt, Instant::now()));
+    }
+
+    /// Take back the attempt the broker counted for `env`'s unstarted return, if this
+    /// process returned it.
+    fn correct(&mut self, env: &mut Envelope) {
+        if let Some((attempt, at)) = self.0.remove(&(env.queue.clone(), env.id.clone())) {
+            if at.elapsed() < RETURNED_KEPT {
+                // One return is ours; any other (a crash elsewhere) still counts.
+                env.attempt = env.attempt.saturating_sub(1).max(attempt);
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     queues: HashMap<String, QueueState>,
+    /// Jobs returned unstarted when their channel closed.
+    returned: Returned,
     leases: HashMap<LeaseToken, Held>,
+    /// Copies refused by the broker, published again at each reap and at close.
+    stranded: Vec<Stranded>,
     /// Get mode: the channel of every get and doorbell.
     pull: Option<get::PullChannel>,
 }
@@ -243,6 +333,30 @@ impl Inner {
         Ok(name)
     }
 
+    /// Where `env` goes for `target` and the properties it carries there, declaring
+    /// that queue (and its work queue) first.
+    async fn route(
+        &self,
+        s: &Session,
+        target: Target<'_>,
+        env: &Envelope,
+    ) -> Result<(String, BasicProperties), BrokerError> {
+        let queue = env.queue.as_str();
+        // A delay queue dead-letters into the work queue when the time is up, and
+        // RabbitMQ drops a message routed to a queue that does not exist yet.
+        self.declare_work(s, queue).await?;
+        Ok(match target {
+            Target::Delayed(d) if !d.is_zero() => {
+                (self.declare_delay(s, queue, d).await?, properties(env, &[]))
+            }
+            Target::Queue | Target::Delayed(_) => (queue.to_owned(), properties(env, &[])),
+            Target::Dead(reason) => (
+                topology::dead_queue(queue),
+                properties(env, &dead_fields(reason, now_ms())),
+            ),
+        })
+    }
+
     /// Put `env` on the wire to where `target` says, declaring that queue first;
     /// the returned confirm resolves when the broker has it.
     async fn send(
@@ -251,26 +365,7 @@ impl Inner {
         target: Target<'_>,
         env: &Envelope,
     ) -> Result<lapin::publisher_confirm::PublisherConfirm, BrokerError> {
-        let queue = env.queue.as_str();
-        let (route, props) = match target {
-            Target::Delayed(d) if !d.is_zero() => {
-                // The delay queue dead-letters into the work queue when the time is up;
-                // RabbitMQ drops a message routed to a queue that does not exist yet.
-                self.declare_work(s, queue).await?;
-                (self.declare_delay(s, queue, d).await?, properties(env, &[]))
-            }
-            Target::Queue | Target::Delayed(_) => {
-                self.declare_work(s, queue).await?;
-                (queue.to_owned(), properties(env, &[]))
-            }
-            Target::Dead(reason) => {
-                self.declare_work(s, queue).await?;
-                (
-                    topology::dead_queue(queue),
-                    properties(env, &dead_fields(reason, now_ms())),
-                )
-            }
-        };
+        let (route, props) = self.route(s, target, env).await?;
         s.publisher
             .basic_publish(
                 "",
@@ -294,9 +389,47 @@ impl Inner {
         confirmed(confirm.await.map_err(|e| self.failed(s, "publish", e))?)
     }
 
-    /// Settle `lease` by publishing a new copy of its job, changed by `change`, to
-    /// `target`, then acking the delivery. If the publish fails the lease stays held
-    /// and nothing changed.
+    /// Move `r` to `target` as `env`: its copy published and its delivery acked in one
+    /// transaction (see [`crate::settle`]). `Err` (the target could not be declared)
+    /// leaves `r` as it was; otherwise the caller holds `r` no more.
+    async fn move_to(
+        &self,
+        s: &Session,
+        r: &Received,
+        target: Target<'_>,
+        env: &Envelope,
+    ) -> Result<Moved, BrokerError> {
+        let (route, props) = self.route(s, target, env).await?;
+        let copy = Copy {
+            route,
+            payload: env.payload.to_vec(),
+            props,
+        };
+        let kept = Stranded {
+            id: env.id.clone(),
+            queue: env.queue.clone(),
+            route: copy.route.clone(),
+            props: copy.props.clone(),
+            payload: env.payload.clone(),
+        };
+        match r.settler.settle(r.tag, Some(copy)).await {
+            Ok(()) => Ok(Moved::Stored),
+            Err(SettleError::Failed(e)) => {
+                tracing::debug!(job = %env.id, error = %e, "amqp: move not committed; the broker holds the job");
+                Ok(Moved::NotCommitted)
+            }
+            Err(e @ SettleError::Refused(_)) => {
+                tracing::warn!(job = %env.id, queue = %env.queue, error = %worker_core::error::chain(&e), "amqp: the job's copy was refused; publishing it again from this worker");
+                Ok(match self.strand(s, kept).await {
+                    Ok(()) => Moved::Stored,
+                    Err(e) => Moved::Kept(e),
+                })
+            }
+        }
+    }
+
+    /// Settle `lease` by moving its job, changed by `change`, to `target`. If the
+    /// target cannot be declared the lease stays held and nothing changed.
     async fn replace(
         &self,
         lease: &Lease,
@@ -309,16 +442,19 @@ impl Inner {
         }
         let mut env = held.received.envelope.clone();
         change(&mut env);
-        let published = match self.sessions.get().await {
-            Ok(s) => self.publish(&s, target, &env).await,
+        let moved = match self.sessions.get().await {
+            Ok(s) => self.move_to(&s, &held.received, target, &env).await,
             Err(e) => Err(e),
         };
-        if let Err(e) = published {
-            self.put_lease(lease.token, held);
-            return Err(e);
+        match moved {
+            // A kept copy is this worker's to store: the lease is settled.
+            Ok(Moved::Stored | Moved::Kept(_)) => Ok(()),
+            Ok(Moved::NotCommitted) => Err(lost(lease)),
+            Err(e) => {
+                self.put_lease(lease.token, held);
+                Err(e)
+            }
         }
-        settle_ack(&held.received).await;
-        Ok(())
     }
 
     /// Map a lapin error, noting a lost connection so the next call reconnects.
@@ -333,30 +469,50 @@ impl Inner {
     /// Start consuming each of `queues` that is not consumed on the current session.
     async fn ensure_consuming(&self, s: &Session, queues: &[String]) -> Result<(), BrokerError> {
         for q in queues {
-            let needed = {
-                let mut st = self.state();
-                let qs = st.queues.entry(q.clone()).or_default();
+            let (needed, old) = {
+                let mut guard = self.state();
+                let State {
+                    queues, returned, ..
+                } = &mut *guard;
+                let qs = queues.entry(q.clone()).or_default();
                 if qs.stopped {
-                    false
+                    (false, None)
                 } else {
                     let current = qs
                         .consuming
                         .as_ref()
                         .is_some_and(|c| c.gen == s.gen && c.channel.status().connected());
+                    let mut old = None;
                     if !current {
                         // What an earlier connection or channel held, the broker
                         // gives to a consumer again.
-                        qs.consuming = None;
-                        qs.ready.retain(|r| r.channel.status().connected());
+                        old = qs.consuming.take();
+                        returned.drop_closed(&mut qs.ready);
                     }
-                    !current
+                    (!current, old)
                 }
             };
+            if let Some(old) = old {
+                self.forget_consumer(q, &old);
+            }
             if needed {
                 self.consume(s, q).await?;
             }
         }
         Ok(())
+    }
+
+    /// Note what the closed consumer `c` of `queue` received and nobody took: the
+    /// broker has each back, and this process never started it.
+    fn forget_consumer(&self, queue: &str, c: &Consuming) {
+        if c.channel.status().connected() {
+            return;
+        }
+        let mut consumer = c.consumer.clone();
+        while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
+            let env = decode(queue, d.data, &d.properties, d.redelivered).envelope;
+            self.state().returned.note(env.queue, env.id, env.attempt);
+        }
     }
 
     /// The arguments of every consumer: the consumer timeout, when one is set.
@@ -371,14 +527,15 @@ impl Inner {
     }
 
     /// A new channel on `s` whose consumers get `prefetch`, for `what` (a queue's
-    /// consumer, or get mode's). A close by the broker for the consumer timeout is
-    /// logged the moment it comes, whether or not a fetch is waiting on the channel.
+    /// consumer, or get mode's), in transaction mode with its settler. A close by the
+    /// broker for the consumer timeout is logged the moment it comes, whether or not a
+    /// fetch is waiting on the channel.
     async fn open_channel(
         &self,
         s: &Session,
         what: &str,
         prefetch: u16,
-    ) -> Result<Channel, BrokerError> {
+    ) -> Result<(Channel, Settler), BrokerError> {
         let channel = s
             .conn
             .create_channel()
@@ -404,13 +561,16 @@ impl Inner {
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| self.failed(s, "qos", e))?;
-        Ok(channel)
+        let settler = Settler::start(&channel)
+            .await
+            .map_err(|e| self.failed(s, "tx.select", e))?;
+        Ok((channel, settler))
     }
 
     async fn consume(&self, s: &Session, queue: &str) -> Result<(), BrokerError> {
         validate_queue_name(queue)?;
         self.declare_work(s, queue).await?;
-        let channel = self.open_channel(s, queue, self.config.prefetch).await?;
+        let (channel, settler) = self.open_channel(s, queue, self.config.prefetch).await?;
         let tag = consumer_tag();
         let args = self.consumer_args();
         let consumer = channel
@@ -433,6 +593,7 @@ impl Inner {
                 qs.consuming = Some(Arc::new(Consuming {
                     gen: s.gen,
                     channel,
+                    settler,
                     consumer,
                     tag,
                 }));
@@ -477,8 +638,11 @@ impl Inner {
         from: &Consuming,
         item: Option<lapin::Result<lapin::message::Delivery>>,
     ) {
-        let mut st = self.state();
-        let Some(qs) = st.queues.get_mut(queue) else {
+        let mut guard = self.state();
+        let State {
+            queues, returned, ..
+        } = &mut *guard;
+        let Some(qs) = queues.get_mut(queue) else {
             // Every consumed queue has its state from the consume on.
             return;
         };
@@ -487,34 +651,38 @@ impl Inner {
             Some(Ok(d)) if current || from.channel.status().connected() => {
                 // From a consumer being cancelled, on a channel still open, the job is
                 // ours all the same: whoever cancels hands it out or back.
-                let envelope = decode(queue, d.data, &d.properties, d.redelivered).envelope;
+                let mut envelope = decode(queue, d.data, &d.properties, d.redelivered).envelope;
+                returned.correct(&mut envelope);
                 let received = Received {
                     tag: d.delivery_tag,
                     channel: from.channel.clone(),
+                    settler: from.settler.clone(),
                     gen: from.gen,
                     envelope,
                 };
                 qs.ready.push_back(received);
             }
-            Some(Ok(_)) => {
+            Some(Ok(d)) => {
                 // From a consumer already replaced whose channel is closed: the broker
-                // delivers the message again.
+                // delivers the message again, and this process never started it.
+                let env = decode(queue, d.data, &d.properties, d.redelivered).envelope;
+                returned.note(env.queue, env.id, env.attempt);
             }
             _ if !current => {}
             Some(Err(e)) if is_ack_timeout(&e) => {
                 // Logged by the channel's error handler when the broker closed it.
                 qs.consuming = None;
-                qs.ready.retain(|r| r.channel.status().connected());
+                returned.drop_closed(&mut qs.ready);
             }
             Some(Err(e)) => {
                 tracing::warn!(queue, error = %e, "amqp: consumer failed; it will be restarted");
                 qs.consuming = None;
-                qs.ready.retain(|r| r.channel.status().connected());
+                returned.drop_closed(&mut qs.ready);
             }
             None => {
                 tracing::warn!(queue, "amqp: the broker cancelled the consumer (queue deleted?); it will be restarted");
                 qs.consuming = None;
-                qs.ready.retain(|r| r.channel.status().connected());
+                returned.drop_closed(&mut qs.ready);
             }
         }
     }
@@ -524,13 +692,16 @@ impl Inner {
     fn take_cancelled(&self, queue: &str, c: &Consuming) {
         let mut consumer = c.consumer.clone();
         while let Some(Some(Ok(d))) = consumer.next().now_or_never() {
+            let mut st = self.state();
+            let mut envelope = decode(queue, d.data, &d.properties, d.redelivered).envelope;
+            st.returned.correct(&mut envelope);
             let received = Received {
                 tag: d.delivery_tag,
                 channel: c.channel.clone(),
+                settler: c.settler.clone(),
                 gen: c.gen,
-                envelope: decode(queue, d.data, &d.properties, d.redelivered).envelope,
+                envelope,
             };
-            let mut st = self.state();
             let qs = st.queues.entry(queue.to_owned()).or_default();
             qs.ready.push_back(received);
         }
@@ -550,16 +721,18 @@ impl Inner {
                 .get(queue)
                 .and_then(|q| q.consuming.as_ref())
                 .filter(|c| c.channel.status().connected())
-                .map(|c| c.channel.clone())
+                .map(|c| (c.channel.clone(), c.settler.clone()))
         };
-        let Some(channel) = channel else {
+        let Some((channel, settler)) = channel else {
             return Ok(s.ready_count(queue).await?.unwrap_or(0));
         };
+        let calm = settler.calm().await;
         // Both on the wire before either answer is awaited: one round trip.
         let (ready, qos) = tokio::join!(
             passive_count(&channel, queue),
             channel.basic_qos(self.config.prefetch, BasicQosOptions::default())
         );
+        drop(calm);
         let ready = ready?.unwrap_or(0);
         qos.map_err(|e| self.failed(s, "qos", e))?;
         self.pull(queue);
@@ -623,20 +796,24 @@ impl Inner {
         }
     }
 
-    /// Give `r` back to the broker for another worker: published again with its
-    /// attempt unchanged, then acked. (A requeue through AMQP would mark it redelivered,
-    /// which counts an attempt.) When the copy is not stored, `r` is still held and
+    /// Give `r` back to the broker for another worker: moved to its queue with its
+    /// attempt unchanged. (A requeue through AMQP would mark it redelivered, which
+    /// counts an attempt.) When its queue cannot be declared, `r` is still held and
     /// comes back with the error, for the caller to keep.
     async fn hand_back(&self, s: &Session, r: Received) -> Result<(), (BrokerError, Received)> {
         if !r.channel.status().connected() {
             // The broker already took it back when that channel closed.
+            let e = &r.envelope;
+            self.state()
+                .returned
+                .note(e.queue.clone(), e.id.clone(), e.attempt);
             return Ok(());
         }
-        if let Err(e) = self.publish(s, Target::Queue, &r.envelope).await {
-            return Err((e, r));
+        let env = r.envelope.clone();
+        match self.move_to(s, &r, Target::Queue, &env).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err((e, r)),
         }
-        settle_ack(&r).await;
-        Ok(())
     }
 
     /// Lease what the ready lists of `queues` (the plan's, in order) hold, as `plan`
@@ -679,6 +856,64 @@ impl Inner {
     fn keep_leases(&self, leases: Vec<(LeaseToken, Held)>) {
         self.state().leases.extend(leases);
     }
+
+    /// Publish `job`, whose copy the broker refused in a move, with a confirm; when the
+    /// broker refuses it again, keep it for the next reap (the job exists nowhere else).
+    async fn strand(&self, s: &Session, job: Stranded) -> Result<(), BrokerError> {
+        let published = self.publish_stranded(s, &job).await;
+        if let Err(e) = &published {
+            tracing::error!(job = %job.id, queue = %job.queue, to = %job.route, error = %worker_core::error::chain(e), "amqp: the broker refuses the job's copy (a full queue under reject-publish?); the job is held only by this worker, which publishes it again at each reap until the broker takes it");
+            self.state().stranded.push(job);
+        }
+        published
+    }
+
+    async fn publish_stranded(&self, s: &Session, job: &Stranded) -> Result<(), BrokerError> {
+        let confirm = s
+            .publisher
+            .basic_publish(
+                "",
+                &job.route,
+                BasicPublishOptions::default(),
+                &job.payload,
+                job.props.clone(),
+            )
+            .await
+            .map_err(|e| self.failed(s, "publish", e))?;
+        confirmed(confirm.await.map_err(|e| self.failed(s, "publish", e))?)
+    }
+
+    /// Publish again the copies the broker refused, of `queues` (all when `None`).
+    /// Returns how many it now holds, and the first error.
+    async fn flush_stranded(
+        &self,
+        s: &Session,
+        queues: Option<&[String]>,
+    ) -> (u64, Option<BrokerError>) {
+        let jobs: Vec<Stranded> = {
+            let mut st = self.state();
+            let (take, keep) = std::mem::take(&mut st.stranded)
+                .into_iter()
+                .partition(|j| queues.is_none_or(|q| q.contains(&j.queue)));
+            st.stranded = keep;
+            take
+        };
+        let mut stored = 0;
+        let mut failure = None;
+        for job in jobs {
+            match self.publish_stranded(s, &job).await {
+                Ok(()) => {
+                    tracing::warn!(job = %job.id, queue = %job.queue, "amqp: the broker took a copy it had refused");
+                    stored += 1;
+                }
+                Err(e) => {
+                    failure.get_or_insert(e);
+                    self.state().stranded.push(job);
+                }
+            }
+        }
+        (stored, failure)
+    }
 }
 
 fn lost(lease: &Lease) -> BrokerError {
@@ -694,14 +929,6 @@ fn confirmed(c: Confirmation) -> Result<(), BrokerError> {
             message: "amqp: the broker refused the message (nack); it was not stored".into(),
             source: None,
         }),
-    }
-}
-
-/// Ack `r` on its channel. A failure means the channel is gone and the broker gives
-/// the message to a consumer again: at-least-once, never lost.
-async fn settle_ack(r: &Received) {
-    if let Err(e) = r.channel.basic_ack(r.tag, BasicAckOptions::default()).await {
-        tracing::warn!(job = %r.envelope.id, error = %e, "amqp: ack not sent; the broker will deliver the job again");
     }
 }
 
@@ -814,10 +1041,10 @@ impl Broker for AmqpBroker {
         if !r.channel.status().connected() {
             return Err(lost(lease));
         }
-        r.channel
-            .basic_ack(r.tag, BasicAckOptions::default())
-            .await
-            .map_err(|_| lost(lease))
+        r.settler.settle(r.tag, None).await.map_err(|e| {
+            tracing::debug!(job = %lease.job_id, error = %worker_core::error::chain(&e), "amqp: ack not committed; the broker delivers the job again");
+            lost(lease)
+        })
     }
 
     async fn retry_after(
@@ -917,9 +1144,10 @@ impl Broker for AmqpBroker {
         }
     }
 
-    /// A job whose copy the broker does not store (a nack under a `reject-publish`
-    /// limit, a lost connection) stays leased here, its deadline passed, and the next
-    /// reap tries again; one whose channel closed was taken back by the broker.
+    /// Each expired lease is moved back to its queue with its attempt counted, in one
+    /// transaction (see the crate documentation). A copy the broker refused earlier is
+    /// published again first. A lease on a closed channel is the broker's already. When the connection
+    /// is down, the expired leases stay here for the next reap.
     async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError> {
         let inner = &self.inner;
         let now = Instant::now();
@@ -937,7 +1165,12 @@ impl Broker for AmqpBroker {
                 .filter_map(|t| st.leases.remove(&t).map(|h| (t, h)))
                 .collect()
         };
-        if expired.is_empty() {
+        let stranded = inner
+            .state()
+            .stranded
+            .iter()
+            .any(|j| queues.contains(&j.queue));
+        if expired.is_empty() && !stranded {
             return Ok(0);
         }
         let s = match inner.sessions.get().await {
@@ -948,8 +1181,7 @@ impl Broker for AmqpBroker {
                 return Err(e);
             }
         };
-        let mut reclaimed = 0;
-        let mut failure = None;
+        let (mut reclaimed, mut failure) = inner.flush_stranded(&s, Some(queues)).await;
         let mut left = expired.into_iter();
         while let Some((token, held)) = left.next() {
             let r = &held.received;
@@ -959,14 +1191,19 @@ impl Broker for AmqpBroker {
             }
             let mut env = r.envelope.clone();
             env.attempt = env.attempt.saturating_add(1);
-            match inner.publish(&s, Target::Queue, &env).await {
-                Ok(()) => {
-                    settle_ack(r).await;
+            match inner.move_to(&s, r, Target::Queue, &env).await {
+                Ok(Moved::Stored) => {
                     tracing::warn!(job = %env.id, queue = %env.queue, "amqp: lease expired; job returned to its queue");
                     reclaimed += 1;
                 }
+                Ok(Moved::NotCommitted) => {
+                    tracing::warn!(job = %env.id, queue = %env.queue, "amqp: lease expired; the broker takes the job back with its channel");
+                }
+                Ok(Moved::Kept(e)) => {
+                    failure.get_or_insert(e);
+                }
                 Err(e) => {
-                    tracing::warn!(job = %env.id, queue = %env.queue, error = %e, "amqp: lease expired but the broker did not store the job's copy; it stays leased here until the next reap");
+                    tracing::warn!(job = %env.id, queue = %env.queue, error = %e, "amqp: lease expired but its queue cannot be declared; it stays leased here until the next reap");
                     inner.put_lease(token, held);
                     failure.get_or_insert(e);
                     if !s.alive() {
@@ -976,8 +1213,13 @@ impl Broker for AmqpBroker {
                 }
             }
         }
+        let still = inner
+            .state()
+            .stranded
+            .iter()
+            .any(|j| queues.contains(&j.queue));
         match failure {
-            Some(e) if reclaimed == 0 => Err(e),
+            Some(e) if reclaimed == 0 || still => Err(e),
             _ => Ok(reclaimed),
         }
     }
@@ -1039,7 +1281,8 @@ impl Broker for AmqpBroker {
             .filter(|h| {
                 h.received.envelope.queue == queue && h.received.channel.status().connected()
             })
-            .count() as u64;
+            .count() as u64
+            + st.stranded.iter().filter(|j| j.queue == queue).count() as u64;
         let oldest = st
             .queues
             .get(queue)
@@ -1138,11 +1381,36 @@ impl Broker for AmqpBroker {
                 if !wanted.is_empty() && !wanted.contains(&letter.envelope.id) {
                     continue;
                 }
-                let mut env = letter.envelope;
+                let mut env = letter.envelope.clone();
                 env.attempt = 1;
                 env.due_at_ms = now_ms();
-                inner.publish(&s, Target::Queue, &env).await?;
-                reader.remove(tag).await?;
+                let (route, props) = inner.route(&s, Target::Queue, &env).await?;
+                let copy = Copy {
+                    route,
+                    payload: env.payload.to_vec(),
+                    props,
+                };
+                match reader.settler.settle(tag, Some(copy)).await {
+                    Ok(()) => {}
+                    Err(SettleError::Failed(e)) => {
+                        return Err(from_lapin("requeue dead letter", e));
+                    }
+                    Err(refused @ SettleError::Refused(_)) => {
+                        // The dead letter is gone and its queue refused the job: it
+                        // goes back among the dead letters.
+                        let back = inner
+                            .publish(&s, Target::Dead(&letter.reason), &letter.envelope)
+                            .await;
+                        if let Err(e) = &back {
+                            tracing::error!(job = %letter.envelope.id, queue, error = %worker_core::error::chain(e), "amqp: a requeued dead letter was refused by its queue and could not be put back among the dead letters: it is lost");
+                        }
+                        back?;
+                        return Err(BrokerError::unavailable(
+                            format!("amqp: requeue of {} refused by its queue; it stays dead", letter.envelope.id),
+                            refused,
+                        ));
+                    }
+                }
                 moved += 1;
             }
             Ok(())
@@ -1350,11 +1618,13 @@ impl Broker for AmqpBroker {
             return;
         };
         for (q, c) in stopped {
-            if let Err(e) = c
+            let calm = c.settler.calm().await;
+            let cancelled = c
                 .channel
                 .basic_cancel(&c.tag, BasicCancelOptions::default())
-                .await
-            {
+                .await;
+            drop(calm);
+            if let Err(e) = cancelled {
                 tracing::debug!(queue = %q, error = %e, "amqp: cancel consumer");
             }
             inner.take_cancelled(&q, &c);
@@ -1398,6 +1668,17 @@ impl Broker for AmqpBroker {
                 "amqp: closing with unsettled jobs; the broker delivers them again"
             );
         }
+        if !inner.state().stranded.is_empty() {
+            // Worth a reconnect: these jobs exist nowhere else.
+            let session = tokio::time::timeout(STRANDED_CLOSE_WAIT, inner.sessions.get()).await;
+            if let Ok(Ok(s)) = session {
+                inner.flush_stranded(&s, None).await;
+            }
+            let st = inner.state();
+            for job in &st.stranded {
+                tracing::error!(job = %job.id, queue = %job.queue, to = %job.route, "amqp: closing while the broker still refuses this job's copy: it is lost");
+            }
+        }
         inner.sessions.close().await;
     }
 
@@ -1410,6 +1691,7 @@ impl Broker for AmqpBroker {
 /// acked goes back where it was when the reader closes.
 struct DeadReader {
     ch: Channel,
+    settler: Settler,
     queue: String,
     dead: String,
 }
@@ -1421,8 +1703,12 @@ impl DeadReader {
             .create_channel()
             .await
             .map_err(|e| inner.failed(s, "open channel", e))?;
+        let settler = Settler::start(&ch)
+            .await
+            .map_err(|e| inner.failed(s, "tx.select", e))?;
         Ok(Self {
             ch,
+            settler,
             queue: queue.to_owned(),
             dead: topology::dead_queue(queue),
         })
@@ -1447,10 +1733,9 @@ impl DeadReader {
 
     /// Remove the dead letter read under `tag`.
     async fn remove(&self, tag: u64) -> Result<(), BrokerError> {
-        self.ch
-            .basic_ack(tag, BasicAckOptions::default())
-            .await
-            .map_err(|e| from_lapin("ack dead letter", e))
+        self.settler.settle(tag, None).await.map_err(|e| match e {
+            SettleError::Failed(e) | SettleError::Refused(e) => from_lapin("ack dead letter", e),
+        })
     }
 
     /// Put back every dead letter read and not removed.

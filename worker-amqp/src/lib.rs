@@ -2,8 +2,8 @@
 //!
 //! A RabbitMQ backend for `worker-core`: [`AmqpBroker`] implements the `Broker`
 //! contract with manual acks, a prefetch bounded by the worker's concurrency, retries
-//! through delay queues, dead letters that keep their reason and history, and
-//! publisher confirms on every write.
+//! through delay queues, dead letters that keep their reason and history, publisher
+//! confirms on every enqueue, and transactions that move a job in one step.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -39,25 +39,36 @@
 //!   delivered on until it is acked; when the process dies or its connection drops,
 //!   RabbitMQ delivers the job again. `extend_lease` moves a deadline kept in this
 //!   process, and `reap_expired` returns this process's own expired jobs (republished
-//!   with the attempt counted, then acked). A job whose copy the broker does not store
-//!   (a nack under a `max-length` + `reject-publish` limit, a lost connection) stays
-//!   leased here, counted in flight, and the next reap tries again; one whose channel
-//!   closed is the broker's again. No process can reclaim another's jobs; the broker
+//!   with the attempt counted, in one transaction); one whose channel closed is the
+//!   broker's again. No process can reclaim another's jobs; the broker
 //!   does that when the owner's connection closes. AMQP heartbeats keep a long job's
 //!   connection alive.
+//! - **A move is one transaction.** Every channel that receives jobs is in
+//!   transaction mode: a retry, a dead letter, a hand-back and a reaped lease publish
+//!   the job's next copy and ack its delivery in one commit, so a worker killed at any
+//!   point leaves the job once in the broker (its delivery or its copy, never both);
+//!   acks are committed too, many per commit on a busy channel. RabbitMQ applies a
+//!   transaction's acks even when it refuses its publish (a full queue under a
+//!   `max-length` + `reject-publish` limit) and then closes the channel: the refused
+//!   copy then lives only in the worker, which counts it in flight, logs an error and
+//!   publishes it again at each reap until the broker takes it (lost only if the worker
+//!   dies meanwhile); the other jobs on that channel go back to the broker with it. Do
+//!   not put `reject-publish` limits on a pool's own queues.
 //! - **Attempts after a crash.** A redelivered message counts an attempt. Quorum
 //!   queues count every redelivery exactly (`x-delivery-count`); classic queues only
 //!   flag a message as redelivered, so a job that crashes its worker twice counts one
 //!   extra attempt, not two. Prefer quorum queues where a crash loop must end in the
 //!   dead letters.
 //! - **Jobs that never ran, after a reconnect.** What the consumer had received
-//!   ahead (its prefetch) and not handed to a handler when its channel or connection
-//!   closed comes back marked redelivered (on a quorum queue, `x-delivery-count`
-//!   raised), and so counts one attempt although it never ran; so does a job the
-//!   runtime had fetched and held unstarted (`WORKER_PREFETCH`). The broker does not
-//!   tell such a return from a crash, and a message cannot be changed to say so. A
-//!   pool whose connection drops often and whose jobs must not be dead-lettered early
-//!   keeps the prefetch small or raises `WORKER_MAX_ATTEMPTS` by the drops it expects.
+//!   ahead (its prefetch) and not handed out when its channel or connection closed
+//!   comes back marked redelivered (on a quorum queue, `x-delivery-count` raised),
+//!   which reads as an attempt spent. The process remembers what it held unstarted (up
+//!   to an hour) and, when it gets such a job back, takes that attempt back. Two
+//!   returns are still counted: a job that another process gets instead, and a job
+//!   the runtime had fetched and held unstarted (`WORKER_PREFETCH`), which the broker
+//!   cannot tell from a job that ran. A pool whose connection drops often and whose
+//!   jobs must not be dead-lettered early keeps the prefetch small or raises
+//!   `WORKER_MAX_ATTEMPTS` by the drops it expects.
 //! - **Prefetch is per consumer.** RabbitMQ bounds what it sends ahead per consumer
 //!   (global QoS is deprecated and refused by quorum queues), so the worker takes jobs
 //!   one of two ways ([`FetchMode`], `AMQP_FETCH`):
@@ -76,9 +87,10 @@
 //! - **Release and hand-back.** A job released while this process still consumes its
 //!   queue goes first in this process's ready list (in get mode: the next fetch starts
 //!   it, or hands it back when it cannot). At drain, jobs received but not
-//!   started, and jobs released, are published again with their attempt unchanged and
-//!   then acked: they go to the back of the queue (a requeue through AMQP would put
-//!   them in front but mark them redelivered, which counts an attempt).
+//!   started, and jobs released, are moved to their queue with their attempt
+//!   unchanged, in one transaction like a retry: they go to the back of the queue (a
+//!   requeue through AMQP would put them in front but mark them redelivered, which
+//!   counts an attempt).
 //! - **Duplicate ids are not refused.** RabbitMQ cannot look a message up by id, so
 //!   two jobs with one explicit id are both stored ([`Broker::refuses_duplicate_ids`]
 //!   is false). Handlers must be idempotent by job id anyway.
@@ -117,6 +129,7 @@ mod error;
 mod management;
 mod message;
 mod session;
+mod settle;
 mod topology;
 
 pub use broker::AmqpBroker;

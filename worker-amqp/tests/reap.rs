@@ -1,7 +1,10 @@
 //! Reaping expired leases when RabbitMQ refuses the copy: a queue under a
-//! `max-length` + `reject-publish` policy nacks the republished job. Nothing is
-//! stranded: the deliveries stay leased here, counted in flight, and the first reap
-//! after the broker accepts again returns each of them once, attempt counted.
+//! `max-length` + `reject-publish` policy refuses the republished job. A reap moves a
+//! job in one transaction (copy published, delivery acked); RabbitMQ applies the ack
+//! of a transaction whose publish it refuses, and closes the channel. Nothing is
+//! lost: the refused copy stays in the worker, counted in flight, and is published
+//! again at each reap; the jobs still on that channel go back to the broker with it.
+//! Once the broker accepts, every job is delivered once more, its attempt counted.
 //! Runs on the shared RabbitMQ (`AMQP_URL`'s host, management API on 15672); the
 //! policy matches the test's own queue only and is deleted at the end.
 
@@ -157,27 +160,33 @@ async fn a_refused_republish_keeps_reaped_jobs_until_the_broker_accepts() {
         refused
             .as_ref()
             .is_err_and(|e| e.to_string().contains("refused")),
-        "a reap whose every copy was refused reports it: {refused:?}"
+        "a reap whose copy was refused reports it: {refused:?}"
     );
-    // Still leased here, so counted in flight; nothing is ready in the broker.
+    // One copy held here, in flight; the others are the broker's again, ready. None is
+    // lost and none is counted twice.
     let d = b
         .depth(&queue)
         .await
         .unwrap_or_else(|e| panic!("depth: {e}"));
     assert_eq!(
         (d.pending, d.in_flight, d.delayed, d.dead),
-        (0, n as u64, 0, 0),
+        (n as u64 - 1, 1, 0, 0),
         "after the refused reap (sources: {:?})",
         d.sources
     );
     // Refused again: still kept, nothing lost.
     assert!(b.reap_expired(q).await.is_err());
+    let d = b
+        .depth(&queue)
+        .await
+        .unwrap_or_else(|e| panic!("depth: {e}"));
+    assert_eq!((d.pending, d.in_flight), (n as u64 - 1, 1));
 
     accept_publishes(&http, &policy, &queue).await;
     assert_eq!(
         b.reap_expired(q).await.unwrap_or_else(|e| panic!("{e}")),
-        n as u64,
-        "the first reap once the broker accepts returns every job"
+        1,
+        "the first reap once the broker accepts stores the kept copy"
     );
     assert_eq!(b.reap_expired(q).await.unwrap_or_else(|e| panic!("{e}")), 0);
     let again = b

@@ -192,7 +192,7 @@ impl BrokerError {
 /// An error and its causes on one line, for logs and messages: the text of many
 /// errors leaves out their cause (reqwest's "Connection refused", the server's reply
 /// behind a [`BrokerError::Unavailable`]).
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

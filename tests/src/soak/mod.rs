@@ -231,8 +231,6 @@ struct Run {
     live: Vec<usize>,
     counts: BTreeMap<&'static str, u64>,
     timeline: Vec<String>,
-    /// When connections were lost to a fault, on the events' clock.
-    connection_faults_ms: Vec<u64>,
     began: Instant,
 }
 
@@ -325,7 +323,6 @@ impl Run {
             live: Vec::new(),
             counts: BTreeMap::new(),
             timeline: Vec::new(),
-            connection_faults_ms: Vec::new(),
             began: Instant::now(),
             soak,
         };
@@ -441,8 +438,6 @@ impl Run {
                 self.spawn_worker();
             }
             Fault::CutConnections => {
-                self.connection_faults_ms
-                    .push(since_epoch_ms(Instant::now()));
                 self.proxy.cut();
                 self.note("cut every connection".into());
             }
@@ -463,8 +458,6 @@ impl Run {
                 let down = Duration::from_millis(self.rng.u64(200..2000));
                 self.note(format!("{fault:?}, down for {down:?}"));
                 let hard = fault == Fault::KillBroker;
-                self.connection_faults_ms
-                    .push(since_epoch_ms(Instant::now()));
                 let server = self.server.take().unwrap_or_else(|| panic!("no server"));
                 let server = tokio::task::spawn_blocking(move || restart(server, hard, down))
                     .await
@@ -518,11 +511,7 @@ impl Run {
             p.worker.wait_exit(Duration::from_secs(30)).await;
         }
         self.note("every worker exited".into());
-        let mut end = FinalState {
-            acks_confirmed: self.soak.backend == Backend::Redis,
-            connection_faults_ms: std::mem::take(&mut self.connection_faults_ms),
-            ..FinalState::default()
-        };
+        let mut end = FinalState::default();
         for q in &self.queues {
             let depth = self
                 .broker
@@ -556,6 +545,16 @@ impl Run {
             .insert("seconds", self.began.elapsed().as_secs());
         for (k, v) in &self.counts {
             verdict.figures.insert(k, *v);
+        }
+        if !verdict.problems.is_empty() {
+            // Each worker's log beside the verdict, for the on-call reading a failure.
+            let dir = std::env::temp_dir()
+                .join(format!("soak-{}-{:?}", self.soak.seed, self.soak.backend));
+            let _ = std::fs::create_dir_all(&dir);
+            for (i, p) in self.procs.iter().enumerate() {
+                let _ = std::fs::write(dir.join(format!("worker-{i}.log")), p.worker.stderr());
+            }
+            self.note(format!("worker logs in {}", dir.display()));
         }
         let outcome = Outcome {
             seed: self.soak.seed,

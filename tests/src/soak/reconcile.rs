@@ -17,13 +17,8 @@
 //!   lease of the first run's process can explain the second: a confirmed ack removes
 //!   the job, and a stale token is refused. (A handler that *returned* `Ok` twice is
 //!   fine when the first run's ack never landed: its process was killed with SIGKILL,
-//!   or its outcome was `failed`, i.e. its lease was lost; those are counted.)
-//!   On RabbitMQ an ack gets no reply (AMQP 0-9-1), so `settled ok` there means
-//!   the ack went to a live channel: a second ack is explained when the first one's
-//!   process was killed with SIGKILL, or a connection was cut or the node
-//!   restarted, from 1 s before to 2 s after it (counted as
-//!   `acked_again_after_unconfirmed_ack`); any other is a copy of the job delivered
-//!   twice.
+//!   or its outcome was `failed`, i.e. its lease was lost; those are counted.) Both
+//!   backends confirm an ack: Redis answers it, RabbitMQ commits it.
 //! - **an Ok thrown away**: an `end ok` whose run settled as `retried`, `released`
 //!   or `dead`.
 //! - **stuck**: pending, in flight or delayed not all 0 at the end.
@@ -95,17 +90,7 @@ pub struct FinalState {
     pub depth: BTreeMap<String, QueueDepth>,
     /// Every dead letter of the soak's queues.
     pub dead: Vec<DeadLetter>,
-    /// Whether the broker answers each ack (Redis), or an ack only goes out on the
-    /// connection with no reply (AMQP 0-9-1).
-    pub acks_confirmed: bool,
-    /// When connections were lost to a fault (cut, broker restart), on the events'
-    /// clock.
-    pub connection_faults_ms: Vec<u64>,
 }
-
-/// How long around an unconfirmed ack a connection loss or a SIGKILL of its process
-/// explains its redelivery.
-const UNCONFIRMED_WINDOW_MS: u64 = 2000;
 
 /// The outcome of a reconciliation: figures, and what broke a promise.
 #[derive(Debug, Default)]
@@ -217,11 +202,7 @@ pub fn reconcile(plan: &[Planned], procs: &[ProcRecord], end: &FinalState) -> Ve
             }
         }
         if acks > 1 {
-            let unexplained = twice_unexplained(evs, procs, end);
-            v.add("acked_again_after_unconfirmed_ack", acks - 1 - unexplained);
-            if unexplained > 0 {
-                trouble.push(format!("completed {acks} times by live workers"));
-            }
+            trouble.push(format!("completed {acks} times by live workers"));
         }
         if deaths.len() > 1 {
             trouble.push(format!("dead-lettered {} times", deaths.len()));
@@ -264,28 +245,6 @@ pub fn reconcile(plan: &[Planned], procs: &[ProcRecord], end: &FinalState) -> Ve
     }
     v.figures.entry("lost").or_default();
     v
-}
-
-/// Of a job's acks after its first, how many no lost connection or SIGKILL
-/// explains: on a broker that confirms acks, all of them; on one that does not, those
-/// whose previous ack had neither its process killed nor a connection fault within
-/// [`UNCONFIRMED_WINDOW_MS`] of it.
-fn twice_unexplained(evs: &[Ev<'_>], procs: &[ProcRecord], end: &FinalState) -> u64 {
-    let mut oks: Vec<&Ev<'_>> = settled(evs, "ok").collect();
-    oks.sort_by_key(|e| e.at);
-    let near =
-        |at: u64, t: u64| t + UNCONFIRMED_WINDOW_MS / 2 >= at && t <= at + UNCONFIRMED_WINDOW_MS;
-    oks.windows(2)
-        .filter(|pair| {
-            let first = pair[0];
-            let explained = !end.acks_confirmed
-                && (procs[first.proc]
-                    .killed_at_ms
-                    .is_some_and(|k| near(first.at, k))
-                    || end.connection_faults_ms.iter().any(|&t| near(first.at, t)));
-            !explained
-        })
-        .count() as u64
 }
 
 fn settled<'a>(evs: &'a [Ev<'a>], outcome: &'a str) -> impl Iterator<Item = &'a Ev<'a>> {

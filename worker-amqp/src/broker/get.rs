@@ -23,6 +23,7 @@ use super::*;
 pub(super) struct PullChannel {
     gen: u64,
     channel: Channel,
+    settler: Settler,
 }
 
 impl PullChannel {
@@ -44,31 +45,41 @@ impl Inner {
 
     /// The get-mode channel of `s`, opened on first use. Its per-consumer prefetch,
     /// which only the doorbells use, is 1. Call with the turn held.
-    async fn pull_channel(&self, s: &Session) -> Result<Channel, BrokerError> {
+    async fn pull_channel(&self, s: &Session) -> Result<(Channel, Settler), BrokerError> {
         if let Some(ch) = self.live_pull_channel(s.gen) {
             return Ok(ch);
         }
-        let channel = self.open_channel(s, "get mode", 1).await?;
-        let mut st = self.state();
+        let (channel, settler) = self.open_channel(s, "get mode", 1).await?;
+        let mut guard = self.state();
+        let st = &mut *guard;
         // What the last channel held went back to the broker when it closed.
-        for qs in st.queues.values_mut() {
-            qs.consuming = None;
-            qs.ready.retain(|r| r.channel.status().connected());
+        let mut old = Vec::new();
+        for (q, qs) in st.queues.iter_mut() {
+            if let Some(c) = qs.consuming.take() {
+                old.push((q.clone(), c));
+            }
+            st.returned.drop_closed(&mut qs.ready);
         }
-        st.pull = Some(PullChannel {
+        drop(guard);
+        for (q, c) in &old {
+            self.forget_consumer(q, c);
+        }
+        let mut guard = self.state();
+        guard.pull = Some(PullChannel {
             gen: s.gen,
             channel: channel.clone(),
+            settler: settler.clone(),
         });
-        Ok(channel)
+        Ok((channel, settler))
     }
 
-    /// The get-mode channel of session `gen`, if it is open.
-    fn live_pull_channel(&self, gen: u64) -> Option<Channel> {
+    /// The get-mode channel of session `gen` and its settler, if it is open.
+    fn live_pull_channel(&self, gen: u64) -> Option<(Channel, Settler)> {
         let st = self.state();
         st.pull
             .as_ref()
             .filter(|p| p.gen == gen && p.channel.status().connected())
-            .map(|p| p.channel.clone())
+            .map(|p| (p.channel.clone(), p.settler.clone()))
     }
 
     /// Whether a doorbell listens on `queue` on the open get-mode channel.
@@ -88,7 +99,7 @@ impl Inner {
     pub(super) async fn ring_on(&self, queues: &[String]) -> Result<(), BrokerError> {
         let s = self.sessions.get().await?;
         let _turn = self.turn.lock().await;
-        let channel = self.pull_channel(&s).await?;
+        let (channel, settler) = self.pull_channel(&s).await?;
         let needed: Vec<String> = {
             let st = self.state();
             queues
@@ -104,6 +115,7 @@ impl Inner {
             self.declare_work(&s, q).await?;
         }
         let args = self.consumer_args();
+        let calm = settler.calm().await;
         let started = join_all(needed.iter().map(|q| {
             let channel = channel.clone();
             let args = args.clone();
@@ -116,6 +128,7 @@ impl Inner {
             }
         }))
         .await;
+        drop(calm);
         let mut failed = None;
         let mut st = self.state();
         for (q, tag, consumer) in started {
@@ -124,6 +137,7 @@ impl Inner {
                     st.queues.entry(q.clone()).or_default().consuming = Some(Arc::new(Consuming {
                         gen: s.gen,
                         channel: channel.clone(),
+                        settler: settler.clone(),
                         consumer,
                         tag,
                     }));
@@ -148,11 +162,13 @@ impl Inner {
                 .collect()
         };
         join_all(rung.iter().map(|(q, c)| async move {
-            if let Err(e) = c
+            let calm = c.settler.calm().await;
+            let cancelled = c
                 .channel
                 .basic_cancel(&c.tag, BasicCancelOptions::default())
-                .await
-            {
+                .await;
+            drop(calm);
+            if let Err(e) = cancelled {
                 // The channel is gone, and with it what the doorbell held.
                 tracing::debug!(queue = %q, error = %e, "amqp: cancel doorbell");
             }
@@ -265,7 +281,7 @@ impl Inner {
     async fn get_rounds(
         &self,
         s: &Session,
-        channel: &Channel,
+        (channel, settler): &(Channel, Settler),
         plan: &FetchPlan,
         queues: &[String],
         open: &[bool],
@@ -314,19 +330,25 @@ impl Inner {
                     let channel = channel.clone();
                     async move { (i, channel.basic_get(q, BasicGetOptions::default()).await) }
                 });
+            let calm = settler.calm().await;
+            let answers = join_all(gets).await;
+            drop(calm);
             let mut failure = None;
-            for (i, got) in join_all(gets).await {
+            for (i, got) in answers {
                 match got {
                     Ok(Some(m)) => {
                         let count = u64::from(m.message_count);
                         left[i] = Some(left[i].map_or(count, |n| n.min(count)));
                         let d = m.delivery;
+                        let mut envelope =
+                            decode(&queues[i], d.data, &d.properties, d.redelivered).envelope;
+                        self.state().returned.correct(&mut envelope);
                         mine[i].push_back(Received {
                             tag: d.delivery_tag,
                             channel: channel.clone(),
+                            settler: settler.clone(),
                             gen: s.gen,
-                            envelope: decode(&queues[i], d.data, &d.properties, d.redelivered)
-                                .envelope,
+                            envelope,
                         });
                     }
                     Ok(None) => exhausted[i] = true,
