@@ -1303,6 +1303,11 @@ impl RabbitCluster {
             nodes.push(s.await.unwrap_or_else(|e| panic!("start node: {e}")));
         }
         let cluster = Self { nodes, home };
+        // The AMQP port opens before the node has finished booting, and `stop_app` on
+        // a node still booting stops the whole node: wait for every boot to finish.
+        for node in &cluster.nodes {
+            cluster.ctl(node, &["await_startup"]).await;
+        }
         let first = cluster.nodes[0].name();
         for node in &cluster.nodes[1..] {
             for args in [
