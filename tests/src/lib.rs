@@ -1239,6 +1239,9 @@ impl RabbitNode {
 
     /// Stop it cleanly and wait until it is gone (drop does it too).
     pub fn stop(&mut self) {
+        // The script runs the VM as a child of its own: killing the script alone would
+        // leave the node running, half stopped.
+        let tree = self.pids();
         if let Some(mut child) = self.child.take() {
             // The script stops the node cleanly on SIGTERM.
             let _ = std::process::Command::new("kill")
@@ -1248,6 +1251,18 @@ impl RabbitNode {
             while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(50));
+            }
+            if child.try_wait().ok().flatten().is_none() {
+                eprintln!(
+                    "{} did not stop within 30 s of SIGTERM; killing it (log in {:?})",
+                    self.name(),
+                    self.log_dir()
+                );
+                for pid in &tree {
+                    let _ = std::process::Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                }
             }
             let _ = child.kill();
             let _ = child.wait();
@@ -1390,10 +1405,11 @@ impl Drop for RabbitCluster {
 }
 
 /// A reader of the shared RabbitMQ that holds nothing and sees, through the management
-/// API, every process's unacked deliveries and every delay queue.
+/// API, every process's unacked deliveries and every later queue.
 pub async fn rabbit_observer() -> worker_amqp::AmqpBroker {
     worker_amqp::AmqpConfig::new(AMQP_URL)
         .management_url(RabbitAdmin::new().url())
+        .move_delayed(false)
         .connect()
         .await
         .unwrap_or_else(|e| panic!("rabbitmq: {e}"))

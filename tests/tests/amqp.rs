@@ -1,7 +1,8 @@
 //! Real `demo-worker` processes against the real RabbitMQ on 127.0.0.1:5672: a worker
 //! killed with SIGKILL mid-job, its connection closed by the broker while busy, a
-//! drain handing jobs to another worker, retries through the delay queues into the
-//! dead letters, and poison and undecodable messages. Each test uses queues of its own
+//! drain handing jobs to another worker, retries through the later queues into the
+//! dead letters, delayed jobs held by a worker killed with SIGKILL, and poison and
+//! undecodable messages. Each test uses queues of its own
 //! and deletes them at the end.
 
 use std::collections::HashMap;
@@ -52,7 +53,7 @@ fn ended_ok(w: &DemoWorker, id: &str) -> bool {
 }
 
 /// Wait until `queue` holds exactly (pending, in flight, delayed, dead) = `want`, read
-/// from the broker itself: every process's unacked deliveries and delay queue count.
+/// from the broker itself: every process's unacked deliveries and later queue count.
 async fn settled(queue: &str, want: (u64, u64, u64, u64)) {
     system_tests::rabbit_exact(queue, want).await;
 }
@@ -206,7 +207,7 @@ async fn a_drain_hands_jobs_to_another_worker_at_once_and_exits_cleanly() {
     RabbitAdmin::new().delete_queues(&queue).await;
 }
 
-async fn retries_go_through_delay_queues_then_die(kind: QueueType) {
+async fn retries_go_through_later_queues_then_die(kind: QueueType) {
     let queue = unique("retry");
     let b = broker(kind).await;
     let ids = enqueue(&b, &queue, json!({"outcome": "retry"}), 1).await;
@@ -241,22 +242,100 @@ async fn retries_go_through_delay_queues_then_die(kind: QueueType) {
         dead[0].reason
     );
     assert_eq!(dead[0].envelope.history.len(), 3, "{:?}", dead[0].envelope);
-    // The backoffs went through the queue's delay queues.
-    let delays = RabbitAdmin::new().queues(&format!("{queue}.delay.")).await;
-    assert!(!delays.is_empty(), "no delay queue was used");
+    // The backoffs went through the queue's later queues.
+    let delays = RabbitAdmin::new().queues(&format!("{queue}.later.")).await;
+    assert!(!delays.is_empty(), "no later queue was used");
     settled(&queue, (0, 0, 0, 1)).await;
     w.signal("TERM");
     RabbitAdmin::new().delete_queues(&queue).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_wait_in_delay_queues_then_dead_letter_with_the_reason() {
-    retries_go_through_delay_queues_then_die(QueueType::Classic).await;
+/// Delayed jobs held by a worker's mover when the worker is killed with SIGKILL go back
+/// to their later queue; another worker's mover moves each on when it is due, once,
+/// and each job runs once, on its first attempt, not before its time.
+async fn delayed_jobs_held_by_a_killed_worker_move_once_elsewhere(kind: QueueType) {
+    const JOBS: usize = 20;
+    const DELAY: Duration = Duration::from_secs(6);
+    let queue = unique("later-kill");
+    // A producer that moves nothing, so that only the workers hold the delayed jobs.
+    let producer = AmqpConfig::new(URL)
+        .default_queue_type(kind)
+        .move_delayed(false)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("rabbitmq: {e}"));
+    let jobs = (0..JOBS)
+        .map(|i| {
+            NewJob::new(&queue, json!({"n": i}).to_string())
+                .id(format!("later-{i}"))
+                .delay(DELAY)
+        })
+        .collect();
+    let enqueued = Instant::now();
+    producer
+        .enqueue(jobs)
+        .await
+        .unwrap_or_else(|e| panic!("enqueue: {e}"));
+    let a = worker(&queue, kind, &[]);
+    // Every job held by the first worker's mover: none ready in a later queue, none
+    // pending, none started.
+    worker_core::testing::eventually(
+        Duration::from_secs(20),
+        "the first worker holds every delayed job",
+        || async {
+            producer
+                .depth(&queue)
+                .await
+                .is_ok_and(|d| d.delayed == 0 && d.pending == 0)
+        },
+    )
+    .await;
+    assert!(
+        enqueued.elapsed() < DELAY,
+        "the jobs came due before the first worker held them ({:?}); its log:\n{}",
+        enqueued.elapsed(),
+        a.stderr()
+    );
+    assert_eq!(a.count("start"), 0, "a job started before its time");
+    a.signal("KILL");
+    let b = worker(&queue, kind, &[]);
+    b.wait_for(Duration::from_secs(60), "every delayed job ends ok", |ev| {
+        ev.iter()
+            .filter(|e| e["event"] == "end" && e["ok"] == true)
+            .count()
+            >= JOBS
+    })
+    .await;
+    assert!(enqueued.elapsed() >= DELAY);
+    let mut starts = b.starts();
+    starts.sort();
+    let mut want: Vec<(String, u64)> = (0..JOBS).map(|i| (format!("later-{i}"), 1)).collect();
+    want.sort();
+    assert_eq!(starts, want, "each job ran once, on its first attempt");
+    settled(&queue, (0, 0, 0, 0)).await;
+    b.signal("TERM");
+    producer.close().await;
+    RabbitAdmin::new().delete_queues(&queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_quorum_queues_retries_wait_in_delay_queues_then_dead_letter() {
-    retries_go_through_delay_queues_then_die(QueueType::Quorum).await;
+async fn delayed_jobs_held_by_a_killed_worker_move_once_on_classic_queues() {
+    delayed_jobs_held_by_a_killed_worker_move_once_elsewhere(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_jobs_held_by_a_killed_worker_move_once_on_quorum_queues() {
+    delayed_jobs_held_by_a_killed_worker_move_once_elsewhere(QueueType::Quorum).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_wait_in_later_queues_then_dead_letter_with_the_reason() {
+    retries_go_through_later_queues_then_die(QueueType::Classic).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_quorum_queues_retries_wait_in_later_queues_then_dead_letter() {
+    retries_go_through_later_queues_then_die(QueueType::Quorum).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

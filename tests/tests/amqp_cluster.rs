@@ -15,24 +15,49 @@ use worker_core::{Broker, NewJob};
 
 /// Enqueue `n` jobs with ids `{tag}-0…`, one call each, retrying transient failures
 /// (the node the broker talks to may be stopping) with the same ids.
-async fn enqueue(b: &AmqpBroker, queue: &str, tag: &str, n: usize) -> Vec<String> {
+async fn enqueue(b: &AmqpBroker, queue: &str, tag: &str, n: usize) -> Result<Vec<String>, String> {
     let mut ids = Vec::new();
     for i in 0..n {
         let id = format!("{tag}-{i}");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let started = Instant::now();
+        let mut tries = 0;
         loop {
+            tries += 1;
             let job = NewJob::new(queue, json!({"sleep_ms": 100}).to_string()).id(id.as_str());
             match b.enqueue(vec![job]).await {
                 Ok(_) => break,
-                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                Err(e) if e.is_transient() && started.elapsed() < Duration::from_secs(60) => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(e) => panic!("enqueue {id}: {e}"),
+                Err(e) => {
+                    return Err(format!(
+                        "enqueue {id}: {} (after {tries} tries in {:?})",
+                        worker_core::error::chain(&e),
+                        started.elapsed()
+                    ))
+                }
             }
         }
         ids.push(id);
     }
-    ids
+    Ok(ids)
+}
+
+/// The last lines of every node's log, for a failure's message.
+fn node_logs(cluster: &RabbitCluster) -> String {
+    let mut out = String::new();
+    for node in &cluster.nodes {
+        let Ok(dir) = std::fs::read_dir(node.log_dir()) else {
+            continue;
+        };
+        for entry in dir.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            out.push_str(&format!("--- {} {:?}\n{tail}\n", node.name(), entry.path()));
+        }
+    }
+    out
 }
 
 fn ended_ok(workers: &[DemoWorker]) -> HashSet<String> {
@@ -57,7 +82,9 @@ async fn stopping_the_node_that_leads_a_quorum_queue_loses_no_job() {
             .await
             .unwrap_or_else(|e| panic!("{e}")),
     );
-    let mut ids = enqueue(&broker, &queue, "before", 300).await;
+    let mut ids = enqueue(&broker, &queue, "before", 300)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", node_logs(&cluster)));
     let leader = cluster.leader_of(0, &queue).await;
 
     // The first worker is connected to the leader, the second to another node.
@@ -95,7 +122,8 @@ async fn stopping_the_node_that_leads_a_quorum_queue_loses_no_job() {
     let survivor = (leader + 1) % 3;
     let new_leader = cluster.leader_of(survivor, &queue).await;
     assert_ne!(new_leader, leader, "a surviving node leads the queue");
-    ids.extend(producer.await.unwrap_or_else(|e| panic!("{e}")));
+    let during = producer.await.unwrap_or_else(|e| panic!("{e}"));
+    ids.extend(during.unwrap_or_else(|e| panic!("{e}\n{}", node_logs(&cluster))));
 
     let want: HashSet<String> = ids.iter().cloned().collect();
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -3,11 +3,10 @@
 //! queues and RabbitMQ quorum queues at once (each on a broker of its own). The seed
 //! is printed first; `SOAK_SEED=<seed>` replays a run, `SOAK_MINUTES` changes its
 //! length, `SOAK_BACKENDS` (a comma-separated subset of `redis,classic,quorum`) picks
-//! the backends. The short run on Redis is part of the test suite; the short run on
-//! RabbitMQ and the long one are `#[ignore]`d:
+//! the backends. The short runs are part of the test suite; the long one is
+//! `#[ignore]`d:
 //!
 //! ```sh
-//! cargo test -p system-tests --test soak -- --ignored --nocapture soak_rabbitmq_for_a_minute
 //! cargo test -p system-tests --test soak -- --ignored --nocapture long_soak
 //! ```
 
@@ -57,12 +56,7 @@ async fn soak_redis_for_a_minute() {
     soak_every_backend("redis", SHORT, None).await;
 }
 
-/// RabbitMQ moves a delayed job back to its work queue by dead-lettering it from its
-/// delay queue, which RabbitMQ does at most once on classic queues and at least once
-/// on quorum queues: a node stopped as a delayed retry comes due loses it or delivers
-/// it twice, and this soak reports that job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "RabbitMQ's dead-lettering of due delayed jobs is at most once (classic) or at least once (quorum) across a node stop"]
 async fn soak_rabbitmq_for_a_minute() {
     soak_every_backend("classic,quorum", SHORT, None).await;
 }

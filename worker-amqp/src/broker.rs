@@ -1,7 +1,7 @@
 //! [`AmqpBroker`]: the `Broker` contract on RabbitMQ.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -24,12 +24,13 @@ use worker_core::{
 use crate::config::{AmqpConfig, FetchMode};
 use crate::error::{from_lapin, is_ack_timeout};
 use crate::management::Management;
-use crate::message::{dead_fields, decode, properties};
+use crate::message::{dead_fields, decode, properties, release_field};
 use crate::session::{passive_count, Session, Sessions};
 use crate::settle::{Copy, SettleError, Settler};
 use crate::topology::{self, QueueType};
 
 mod get;
+mod later;
 
 /// How long `close` tries to reach the broker to store copies it refused before.
 const STRANDED_CLOSE_WAIT: Duration = Duration::from_secs(10);
@@ -62,7 +63,7 @@ struct Held {
 enum Target<'a> {
     /// Its work queue.
     Queue,
-    /// Its work queue after this delay (through a delay queue).
+    /// Its work queue after this delay (through its later queues).
     Delayed(Duration),
     /// Its dead-letter queue, with this reason.
     Dead(&'a str),
@@ -202,8 +203,14 @@ impl State {
 }
 
 struct Inner {
+    /// This, for the tasks it starts.
+    me: Weak<Inner>,
     config: AmqpConfig,
     sessions: Sessions,
+    /// The connection that moves delayed jobs: apart, so that a broker error on it
+    /// (RabbitMQ 3.10 fails a consume of a quorum queue still starting with a
+    /// connection error) takes no delivery of a worker with it.
+    movers: Sessions,
     management: Option<Management>,
     state: Mutex<State>,
     arrived: Notify,
@@ -211,6 +218,8 @@ struct Inner {
     turn: tokio::sync::Mutex<()>,
     /// Get mode: fetches in progress.
     fetching: std::sync::atomic::AtomicUsize,
+    /// Move delayed jobs on when their time comes.
+    later: later::Movers,
 }
 
 /// A [`Broker`] on RabbitMQ.
@@ -254,8 +263,11 @@ impl AmqpConfig {
             Some(url) => Some(Management::new(url, &self.vhost())?),
             None => None,
         };
-        let inner = Arc::new(Inner {
-            sessions: Sessions::new(self.clone()),
+        let inner = Arc::new_cyclic(|me| Inner {
+            me: me.clone(),
+            later: later::Movers::default(),
+            sessions: Sessions::new(self.clone(), None),
+            movers: Sessions::new(self.clone(), Some("delayed jobs")),
             config: self,
             management,
             state: Mutex::new(State::default()),
@@ -315,22 +327,47 @@ impl Inner {
         .await
     }
 
-    /// The delay queue for `delay` of `queue`, declared.
-    async fn declare_delay(
+    /// How many later queues a job may wait in: the hold of each is well under the
+    /// consumer timeout, since a mover holds a job unacked while it waits.
+    fn later_usable(&self) -> usize {
+        let limit = self.config.consumer_timeout_in_effect();
+        (1..topology::LATER_LEVELS)
+            .take_while(|&l| {
+                let hold = topology::later_hold(l);
+                hold + hold / 4 <= limit
+            })
+            .count()
+            + 1
+    }
+
+    /// Start moving the delayed jobs of `queue` in this process, unless it does.
+    fn move_delayed(&self, queue: &str) {
+        self.later.ensure(&self.me, queue, false);
+    }
+
+    /// The later queue for a job of `queue` due in `delay`, declared, and when its hold
+    /// there ends.
+    async fn declare_later(
         &self,
         s: &Session,
         queue: &str,
         delay: Duration,
-    ) -> Result<String, BrokerError> {
-        let level = topology::delay_level(delay);
-        let name = topology::delay_queue(queue, level);
-        s.declare(
-            &name,
-            topology::delay_args(self.kind(queue), queue, level),
-            topology::DELAY_REDECLARE,
-        )
-        .await?;
-        Ok(name)
+    ) -> Result<(String, u64), BrokerError> {
+        let usable = self.later_usable();
+        // All or none: a mover that finds level 0 consumes every level.
+        for l in 0..usable {
+            s.declare(
+                &topology::later_queue(queue, l),
+                topology::later_args(self.kind(queue), queue, l),
+                topology::LATER_REDECLARE,
+            )
+            .await?;
+        }
+        self.later.ensure(&self.me, queue, true);
+        let level = topology::later_level(delay, usable);
+        let name = topology::later_queue(queue, level);
+        let hold = delay.min(topology::later_hold(level));
+        Ok((name, now_ms() + hold.as_millis() as u64))
     }
 
     /// Where `env` goes for `target` and the properties it carries there, declaring
@@ -342,12 +379,13 @@ impl Inner {
         env: &Envelope,
     ) -> Result<(String, BasicProperties), BrokerError> {
         let queue = env.queue.as_str();
-        // A delay queue dead-letters into the work queue when the time is up, and
-        // RabbitMQ drops a message routed to a queue that does not exist yet.
+        // A later queue dead-letters into the work queue (its fallback), and RabbitMQ
+        // drops a message routed to a queue that does not exist yet.
         self.declare_work(s, queue).await?;
         Ok(match target {
             Target::Delayed(d) if !d.is_zero() => {
-                (self.declare_delay(s, queue, d).await?, properties(env, &[]))
+                let (name, release) = self.declare_later(s, queue, d).await?;
+                (name, properties(env, &[release_field(release)]))
             }
             Target::Queue | Target::Delayed(_) => (queue.to_owned(), properties(env, &[])),
             Target::Dead(reason) => (
@@ -469,6 +507,7 @@ impl Inner {
     /// Start consuming each of `queues` that is not consumed on the current session.
     async fn ensure_consuming(&self, s: &Session, queues: &[String]) -> Result<(), BrokerError> {
         for q in queues {
+            self.move_delayed(q);
             let (needed, old) = {
                 let mut guard = self.state();
                 let State {
@@ -1244,14 +1283,22 @@ impl Broker for AmqpBroker {
             .ready_count(&topology::dead_queue(queue))
             .await?
             .unwrap_or(0);
-        let prefix = topology::delay_prefix(queue);
-        let mut delay_queues: HashSet<String> =
+        // The mover first, and it moves nothing until this count is done: a job it moves
+        // meanwhile would count twice, or not at all.
+        inner.move_delayed(queue);
+        let mover = inner.later.sync(queue).await;
+        let prefix = topology::later_prefix(queue);
+        let mut later_queues: HashSet<String> =
             s.declared_with_prefix(&prefix).into_iter().collect();
         let mut remote_unacked = None;
         let mut head_timestamp = None;
+        let mut later_unacked = 0;
         if let Some(m) = &inner.management {
             for q in m.queues_with_prefix(&prefix).await? {
-                delay_queues.insert(q.name);
+                if inner.config.depth_from_management {
+                    later_unacked += q.messages_unacknowledged;
+                }
+                later_queues.insert(q.name);
             }
             if inner.config.depth_from_management {
                 if let Some(q) = m.queue(queue).await? {
@@ -1260,8 +1307,19 @@ impl Broker for AmqpBroker {
                 }
             }
         }
-        let mut delayed = 0;
-        for name in delay_queues {
+        // Ready in the later queues, and what movers hold: this process's own, or every
+        // process's as the management API last counted them.
+        let (mut delayed, held) = match &mover {
+            Some(m) => {
+                for &l in &m.levels {
+                    later_queues.remove(&topology::later_queue(queue, l));
+                }
+                (m.ready, m.held)
+            }
+            None => (0, 0),
+        };
+        delayed += held.max(later_unacked);
+        for name in later_queues {
             match s.ready_count(&name).await? {
                 Some(n) => delayed += n,
                 None => s.forget(&name),
@@ -1308,10 +1366,14 @@ impl Broker for AmqpBroker {
             &["pending"],
             "amqp: passive declare of the queue (ready) + deliveries this process holds unstarted",
         );
-        d.read_from(&["delayed"], "amqp: passive declare of each delay queue");
+        d.read_from(
+            &["delayed"],
+            "amqp: passive declare of each later queue (ready) + the jobs movers hold \
+             (this process's, or every process's by the management API)",
+        );
         d.read_from(
             &["delayed_due"],
-            "none: always 0, a delay queue moves a message back the moment its TTL ends",
+            "none: always 0, a mover moves a job on the moment its hold ends",
         );
         d.read_from(&["dead"], "amqp: passive declare of the dead-letter queue");
         if remote_unacked.is_some() {
@@ -1661,6 +1723,7 @@ impl Broker for AmqpBroker {
         let inner = &self.inner;
         let queues: Vec<String> = inner.state().queues.keys().cloned().collect();
         self.stop_fetching(&queues).await;
+        inner.later.stop().await;
         let left = inner.state().leases.len();
         if left > 0 {
             tracing::warn!(
@@ -1680,6 +1743,7 @@ impl Broker for AmqpBroker {
             }
         }
         inner.sessions.close().await;
+        inner.movers.close().await;
     }
 
     fn refuses_duplicate_ids(&self) -> bool {

@@ -83,6 +83,7 @@ pub struct AmqpConfig {
     pub(crate) url: String,
     pub(crate) management_url: Option<String>,
     pub(crate) depth_from_management: bool,
+    pub(crate) move_delayed: bool,
     pub(crate) default_type: QueueType,
     pub(crate) queue_types: HashMap<String, QueueType>,
     pub(crate) prefetch: u16,
@@ -104,6 +105,7 @@ impl std::fmt::Debug for AmqpConfig {
                 &self.management_url.as_deref().map(redact),
             )
             .field("depth_from_management", &self.depth_from_management)
+            .field("move_delayed", &self.move_delayed)
             .field("default_type", &self.default_type)
             .field("queue_types", &self.queue_types)
             .field("prefetch", &self.prefetch)
@@ -127,6 +129,7 @@ impl AmqpConfig {
             url: url.into(),
             management_url: None,
             depth_from_management: true,
+            move_delayed: true,
             default_type: QueueType::Classic,
             queue_types: HashMap::new(),
             prefetch: 16,
@@ -152,6 +155,7 @@ impl AmqpConfig {
     /// | `AMQP_FETCH` | `consume` or `get`, see [`FetchMode`] | see [`worker`](Self::worker), else `consume` |
     /// | `AMQP_CA_FILE` | PEM file of the CA that signed the broker's certificate | system roots |
     /// | `AMQP_CONSUMER_TIMEOUT` | see [`consumer_timeout`](Self::consumer_timeout) | the broker's |
+    /// | `AMQP_MOVE_DELAYED` | `true` or `false`, see [`move_delayed`](Self::move_delayed) | `true` |
     pub fn from_env() -> Result<Self, ConfigError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let mut config = Self::new(var("AMQP_URL").unwrap_or_else(|| DEFAULT_URL.to_owned()));
@@ -202,11 +206,24 @@ impl AmqpConfig {
                 })?;
             config = config.consumer_timeout(d);
         }
+        if let Some(v) = var("AMQP_MOVE_DELAYED") {
+            config.move_delayed = match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "AMQP_MOVE_DELAYED",
+                        &v,
+                        "true or false",
+                    ))
+                }
+            };
+        }
         Ok(config)
     }
 
     /// Read depth figures that AMQP cannot give (unacked across all consumers, the
-    /// delay queues of other processes) from the management API at `url`; the worker
+    /// later queues of other processes) from the management API at `url`; the worker
     /// registry needs it too.
     pub fn management_url(mut self, url: impl Into<String>) -> Self {
         self.management_url = Some(url.into());
@@ -221,7 +238,17 @@ impl AmqpConfig {
         self
     }
 
-    /// Declare `queue` (and its delay and dead-letter queues) as `kind`.
+    /// Whether this process moves delayed jobs of the queues it consumes, fetches from,
+    /// counts or delays jobs of, when their time comes (on by default; see the crate
+    /// documentation's topology). A process that only reads (a read-only exporter, an
+    /// observer) turns it off; it then also counts only what the later queues hold
+    /// ready, plus what the management API says every mover holds.
+    pub fn move_delayed(mut self, on: bool) -> Self {
+        self.move_delayed = on;
+        self
+    }
+
+    /// Declare `queue` (and its later and dead-letter queues) as `kind`.
     pub fn queue_type(mut self, queue: impl Into<String>, kind: QueueType) -> Self {
         self.queue_types.insert(queue.into(), kind);
         self

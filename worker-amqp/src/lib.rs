@@ -2,7 +2,7 @@
 //!
 //! A RabbitMQ backend for `worker-core`: [`AmqpBroker`] implements the `Broker`
 //! contract with manual acks, a prefetch bounded by the worker's concurrency, retries
-//! through delay queues, dead letters that keep their reason and history, publisher
+//! through later queues, dead letters that keep their reason and history, publisher
 //! confirms on every enqueue, and transactions that move a job in one step.
 //!
 //! ```no_run
@@ -20,11 +20,19 @@
 //! For a work queue `q` (durable; classic or quorum per [`AmqpConfig::queue_type`]):
 //!
 //! - `q.dead` holds dead letters; each carries `x-wp-reason` and `x-wp-died-at`.
-//! - `q.delay.<ms>` holds delayed jobs and retries: its `x-message-ttl` is `<ms>` and
-//!   its dead-letter exchange is the default exchange with routing key `q`, so RabbitMQ
-//!   moves each message back to `q` when its time comes. Delays are rounded to two
-//!   significant digits (at most 5 % off), which keeps jittered backoffs to a bounded
-//!   set of queues; an unused delay queue expires after its delay plus an hour.
+//! - `q.later.0` … `q.later.6` hold delayed jobs and retries. Every job a level gets
+//!   waits there the same time, its hold (250 ms × 4^level: 250 ms up to 1024 s), so
+//!   each later queue is in the order its jobs leave it. Every process that consumes,
+//!   fetches, counts or delays jobs of `q` runs a mover on a connection of its own: it
+//!   consumes the later queues, keeps each job until its hold ends, then moves it in
+//!   one transaction to `q` when it is due, else to the level its remaining delay
+//!   calls for (a job delayed an hour moves a few times). A mover killed while it
+//!   holds jobs leaves them in their later queue for another. Should no process of `q`
+//!   run at all, each later queue's message TTL (its hold plus a minute) and
+//!   dead-letter route to `q` move a job anyway, by RabbitMQ's dead-lettering, which
+//!   is at most once on classic queues across a node stop. The levels are declared
+//!   together when a job is first delayed, and expire after an hour unused; levels
+//!   whose hold reaches the consumer timeout are not used.
 //! - `wp.workers.<worker id>` holds a worker's latest beat (`x-max-length` 1, the
 //!   beat's TTL as the message's expiration).
 //!

@@ -19,6 +19,8 @@ const HISTORY: &str = "x-wp-history";
 const HEADERS: &str = "x-wp-headers";
 const REASON: &str = "x-wp-reason";
 const DIED_AT: &str = "x-wp-died-at";
+/// In a later queue: when the job's hold there ends.
+const RELEASE_AT: &str = "x-wp-release-at";
 /// Quorum queues count the times a message went back to the queue unsettled.
 const DELIVERY_COUNT: &str = "x-delivery-count";
 
@@ -73,6 +75,21 @@ pub(crate) fn dead_fields(reason: &str, died_at_ms: u64) -> [(&'static str, AMQP
     ]
 }
 
+/// The header a job in a later queue carries: its hold there ends at `at_ms`.
+pub(crate) fn release_field(at_ms: u64) -> (&'static str, AMQPValue) {
+    (RELEASE_AT, AMQPValue::LongLongInt(at_ms as i64))
+}
+
+/// When the hold of a job in a later queue ends: its release header, else its due time.
+pub(crate) fn release_at(props: &BasicProperties, env: &Envelope) -> u64 {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(RELEASE_AT))
+        .and_then(number)
+        .unwrap_or(env.due_at_ms)
+}
+
 fn number(v: &AMQPValue) -> Option<u64> {
     match *v {
         AMQPValue::ShortShortInt(n) => u64::try_from(n).ok(),
@@ -113,6 +130,17 @@ pub(crate) fn decode(
     props: &BasicProperties,
     redelivered: bool,
 ) -> Decoded {
+    read(queue, data, props, Some(redelivered))
+}
+
+/// Read a job of `queue` from a message of one of its later queues, where no attempt
+/// runs: going back unsettled spends none.
+pub(crate) fn decode_waiting(queue: &str, data: Vec<u8>, props: &BasicProperties) -> Decoded {
+    read(queue, data, props, None)
+}
+
+/// `redelivered`: `None` where a return spends no attempt.
+fn read(queue: &str, data: Vec<u8>, props: &BasicProperties, redelivered: Option<bool>) -> Decoded {
     let empty = FieldTable::default();
     let h = props.headers().as_ref().unwrap_or(&empty).inner();
     let get = |k: &str| h.get(k);
@@ -123,9 +151,10 @@ pub(crate) fn decode(
         .map(|s| JobId::from(s.as_str()))
         .unwrap_or_else(JobId::random);
     let base = get(ATTEMPT).and_then(number).unwrap_or(1).max(1);
-    let returned = match get(DELIVERY_COUNT).and_then(number) {
-        Some(count) => count,
-        None => u64::from(redelivered),
+    let returned = match (redelivered, get(DELIVERY_COUNT).and_then(number)) {
+        (None, _) => 0,
+        (Some(_), Some(count)) => count,
+        (Some(flag), None) => u64::from(flag),
     };
     let enqueued_at = get(ENQUEUED_AT)
         .and_then(number)
@@ -214,6 +243,21 @@ mod tests {
         assert_eq!(d.envelope.attempt, 1);
         assert_eq!(&d.envelope.payload[..], b"{\"a\":1}");
         assert!(d.dead.is_none());
+    }
+
+    #[test]
+    fn a_waiting_job_spends_no_attempt_going_back_and_keeps_its_release() {
+        let mut env = Envelope::from_new(NewJob::new("q", "x"));
+        env.attempt = 2;
+        let props = properties(&env, &[release_field(1234)]);
+        let mut h = props.headers().clone().unwrap_or_default();
+        h.insert(DELIVERY_COUNT.into(), AMQPValue::LongLongInt(3));
+        let props = props.with_headers(h);
+        let d = decode_waiting("q", b"x".to_vec(), &props);
+        assert_eq!(d.envelope.attempt, 2);
+        assert_eq!(release_at(&props, &d.envelope), 1234);
+        let plain = properties(&env, &[]);
+        assert_eq!(release_at(&plain, &env), env.due_at_ms);
     }
 
     #[test]

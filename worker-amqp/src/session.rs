@@ -131,14 +131,20 @@ pub(crate) async fn passive_count(ch: &Channel, queue: &str) -> Result<Option<u6
 /// The current session, reconnecting when it is gone.
 pub(crate) struct Sessions {
     config: AmqpConfig,
+    /// What this connection is for, in its name as the broker shows it.
+    purpose: Option<&'static str>,
     /// Index of the address that answered last (see `AmqpConfig::urls`).
     preferred: AtomicUsize,
     current: std::sync::RwLock<Option<std::sync::Arc<Session>>>,
     connecting: tokio::sync::Mutex<Backoff>,
 }
 
+/// Numbers every session of the process, so no two share one.
+static NEXT_GEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 struct Backoff {
-    next_gen: u64,
+    /// A session was connected before.
+    connected: bool,
     failures: u32,
     not_before: Option<Instant>,
     /// The last session was closed on purpose: the next connect is not a reconnect.
@@ -146,13 +152,14 @@ struct Backoff {
 }
 
 impl Sessions {
-    pub(crate) fn new(config: AmqpConfig) -> Self {
+    pub(crate) fn new(config: AmqpConfig, purpose: Option<&'static str>) -> Self {
         Self {
             config,
+            purpose,
             preferred: AtomicUsize::new(0),
             current: std::sync::RwLock::new(None),
             connecting: tokio::sync::Mutex::new(Backoff {
-                next_gen: 1,
+                connected: false,
                 failures: 0,
                 not_before: None,
                 closed: false,
@@ -189,13 +196,13 @@ impl Sessions {
                 });
             }
         }
-        match self.connect(backoff.next_gen).await {
+        match self.connect(NEXT_GEN.fetch_add(1, Ordering::Relaxed)).await {
             Ok(s) => {
-                if backoff.next_gen > 1 && !backoff.closed {
+                if backoff.connected && !backoff.closed {
                     tracing::info!(url = %self.config.shown_url(), failed_attempts = backoff.failures, "amqp: reconnected");
                 }
                 backoff.closed = false;
-                backoff.next_gen += 1;
+                backoff.connected = true;
                 backoff.failures = 0;
                 backoff.not_before = None;
                 let s = std::sync::Arc::new(s);
@@ -242,7 +249,13 @@ impl Sessions {
 
     async fn connect(&self, gen: u64) -> Result<Session, BrokerError> {
         let props = ConnectionProperties::default()
-            .with_connection_name(format!("worker-pools pid {}", std::process::id()).into())
+            .with_connection_name(
+                match self.purpose {
+                    Some(p) => format!("worker-pools pid {} ({p})", std::process::id()),
+                    None => format!("worker-pools pid {}", std::process::id()),
+                }
+                .into(),
+            )
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio);
         let tls = || OwnedTLSConfig {

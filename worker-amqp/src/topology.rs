@@ -41,36 +41,47 @@ pub(crate) fn dead_queue(queue: &str) -> String {
     format!("{queue}.dead")
 }
 
-/// Prefix of the delay queues of `queue`.
-pub(crate) fn delay_prefix(queue: &str) -> String {
-    format!("{queue}.delay.")
+/// Prefix of the later queues of `queue`.
+pub(crate) fn later_prefix(queue: &str) -> String {
+    format!("{queue}.later.")
 }
 
-/// The delay queue that holds messages of `queue` for about `delay`.
-pub(crate) fn delay_queue(queue: &str, delay_ms: u64) -> String {
-    format!("{}{delay_ms}", delay_prefix(queue))
+/// Later queue `level` of `queue`.
+pub(crate) fn later_queue(queue: &str, level: usize) -> String {
+    format!("{}{level}", later_prefix(queue))
 }
 
-/// The delay levels: a delay is rounded to two significant digits (at most 5 % off),
-/// so retries with jittered backoff share a bounded set of delay queues.
-pub(crate) fn delay_level(delay: Duration) -> u64 {
-    let ms = delay.as_millis().min(u128::from(u32::MAX)) as u64;
-    if ms < 100 {
-        return ms.max(1);
-    }
-    let mut scale = 1;
-    while ms / scale >= 100 {
-        scale *= 10;
-    }
-    ((ms + scale / 2) / scale) * scale
+/// How many later queues a work queue may have.
+pub(crate) const LATER_LEVELS: usize = 7;
+
+/// How long a job waits in later queue `level` before it moves on: 250 ms × 4^level,
+/// up to 1024 s (about 17 minutes, below RabbitMQ's default consumer timeout, since a
+/// mover holds a job unacked while it waits).
+pub(crate) fn later_hold(level: usize) -> Duration {
+    Duration::from_millis(250) * 4u32.pow(level.min(LATER_LEVELS - 1) as u32)
 }
 
-/// An unused delay queue disappears after its own delay plus this.
-const DELAY_QUEUE_IDLE: Duration = Duration::from_secs(3600);
+/// The later queue for a job due in `remaining`: the highest level whose hold is not
+/// longer than that (level 0 for less than its hold), among the `usable` lowest.
+pub(crate) fn later_level(remaining: Duration, usable: usize) -> usize {
+    (1..usable.clamp(1, LATER_LEVELS))
+        .take_while(|&l| later_hold(l) <= remaining)
+        .last()
+        .unwrap_or(0)
+}
 
-/// Re-declare a delay queue before publishing when the last declaration is older than
-/// this, so its expiry (counted from the last declaration) never catches a message.
-pub(crate) const DELAY_REDECLARE: Duration = Duration::from_secs(1800);
+/// How long after its hold RabbitMQ moves a job out of a later queue by itself (a
+/// message TTL and a dead-letter route to the work queue), should no process move it
+/// first: a job waits that much longer when no worker, exporter or producer of its
+/// queue runs.
+pub(crate) const LATER_FALLBACK: Duration = Duration::from_secs(60);
+
+/// An unused later queue disappears after its hold, its fallback and this.
+const LATER_QUEUE_IDLE: Duration = Duration::from_secs(3600);
+
+/// Re-declare a later queue before publishing when the last declaration is older than
+/// this, so its expiry (counted from the last use) never catches a message.
+pub(crate) const LATER_REDECLARE: Duration = Duration::from_secs(1800);
 
 /// Prefix of the registry queues (one per live worker).
 pub(crate) const WORKERS_PREFIX: &str = "wp.workers.";
@@ -99,13 +110,15 @@ pub(crate) fn dead_args(kind: QueueType) -> FieldTable {
     typed(kind)
 }
 
-/// A delay queue: every message waits `level_ms`, then RabbitMQ dead-letters it
-/// through the default exchange back to `queue`.
-pub(crate) fn delay_args(kind: QueueType, queue: &str, level_ms: u64) -> FieldTable {
+/// Later queue `level` of `queue`: a process moves each job on when its hold ends
+/// (see `broker::later`); the message TTL and dead-letter route back to `queue` are
+/// only the fallback for when none does.
+pub(crate) fn later_args(kind: QueueType, queue: &str, level: usize) -> FieldTable {
     let mut args = typed(kind);
+    let ttl = later_hold(level) + LATER_FALLBACK;
     args.insert(
         "x-message-ttl".into(),
-        AMQPValue::LongLongInt(level_ms as i64),
+        AMQPValue::LongLongInt(ttl.as_millis() as i64),
     );
     args.insert(
         "x-dead-letter-exchange".into(),
@@ -127,8 +140,11 @@ pub(crate) fn delay_args(kind: QueueType, queue: &str, level_ms: u64) -> FieldTa
             AMQPValue::LongString("reject-publish".into()),
         );
     }
-    let idle = DELAY_QUEUE_IDLE.as_millis() as u64 + level_ms * 2;
-    args.insert("x-expires".into(), AMQPValue::LongLongInt(idle as i64));
+    let idle = LATER_QUEUE_IDLE + ttl * 2;
+    args.insert(
+        "x-expires".into(),
+        AMQPValue::LongLongInt(idle.as_millis() as i64),
+    );
     args
 }
 
@@ -154,24 +170,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn delay_levels_keep_two_significant_digits() {
-        let level = |ms| delay_level(Duration::from_millis(ms));
-        assert_eq!(level(0), 1);
-        assert_eq!(level(42), 42);
-        assert_eq!(level(300), 300);
-        assert_eq!(level(1234), 1200);
-        assert_eq!(level(1250), 1300);
-        assert_eq!(level(98_765), 99_000);
-        for ms in [150u64, 777, 12_345, 3_600_000, 86_400_000] {
+    fn a_job_waits_in_the_highest_level_not_longer_than_its_delay() {
+        let level = |ms| later_level(Duration::from_millis(ms), LATER_LEVELS);
+        assert_eq!(later_hold(0), Duration::from_millis(250));
+        assert_eq!(later_hold(LATER_LEVELS - 1), Duration::from_secs(1024));
+        assert_eq!(level(0), 0);
+        assert_eq!(level(249), 0);
+        assert_eq!(level(999), 0);
+        assert_eq!(level(1000), 1);
+        assert_eq!(level(5000), 2);
+        assert_eq!(level(86_400_000), LATER_LEVELS - 1);
+        assert_eq!(later_level(Duration::from_secs(3600), 3), 2);
+        assert_eq!(later_level(Duration::from_secs(3600), 0), 0);
+        for ms in [1u64, 300, 4_100, 70_000, 5_000_000] {
             let l = level(ms);
-            assert!(l.abs_diff(ms) * 20 <= ms, "{ms} -> {l}");
+            assert!(
+                l == 0 || later_hold(l) <= Duration::from_millis(ms),
+                "{ms} -> {l}"
+            );
         }
     }
 
     #[test]
     fn names_hang_off_the_work_queue() {
         assert_eq!(dead_queue("emails"), "emails.dead");
-        assert_eq!(delay_queue("emails", 300), "emails.delay.300");
-        assert!(delay_queue("emails", 300).starts_with(&delay_prefix("emails")));
+        assert_eq!(later_queue("emails", 3), "emails.later.3");
+        assert!(later_queue("emails", 3).starts_with(&later_prefix("emails")));
     }
 }

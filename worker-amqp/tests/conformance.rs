@@ -83,6 +83,10 @@ fn vhost() -> &'static str {
 }
 
 fn config() -> AmqpConfig {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let host = std::env::var("AMQP_HOST").unwrap_or_else(|_| "127.0.0.1:5672".into());
     let url = format!("amqp://guest:guest@{host}/{}", vhost());
     // Depth from the management API lags by its statistics interval; the suite

@@ -187,6 +187,7 @@ impl Inner {
         let queues: Vec<String> = plan.shares.iter().map(|sh| sh.queue.clone()).collect();
         for q in &queues {
             validate_queue_name(q)?;
+            self.move_delayed(q);
         }
         let s = self.sessions.get().await?;
         let _fetching = Fetching::new(&self.fetching);
