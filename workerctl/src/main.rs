@@ -253,6 +253,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .replicas(*min_replicas, *max_replicas);
         return serve_exporter(exporter, *listen).await;
     }
+    // A command runs for a moment: delayed jobs are the long-running processes' to move.
+    let spec = match spec {
+        Spec::Amqp(config) => Spec::Amqp(config.move_delayed(false)),
+        other => other,
+    };
     let broker = spec.open().await?;
     let out = match &cli.command {
         Command::Depth { queues } => depth(broker.as_ref(), queues, cli.json).await?,
