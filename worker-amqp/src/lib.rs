@@ -23,8 +23,9 @@
 //! - `q.later.0` … `q.later.6` hold delayed jobs and retries. Every job a level gets
 //!   waits there the same time, its hold (250 ms × 4^level: 250 ms up to 1024 s), so
 //!   each later queue is in the order its jobs leave it. Every process that consumes,
-//!   fetches, counts or delays jobs of `q` runs a mover on a connection of its own: it
-//!   consumes the later queues, keeps each job until its hold ends, then moves it in
+//!   fetches, counts or delays jobs of `q` runs a mover: once the later queues exist
+//!   (it looks at start, then every few minutes; a look at a missing queue is an error
+//!   line in RabbitMQ's log), it consumes them on a connection of its own, keeps each job until its hold ends, then moves it in
 //!   one transaction to `q` when it is due, else to the level its remaining delay
 //!   calls for (a job delayed an hour moves a few times). A mover killed while it
 //!   holds jobs leaves them in their later queue for another. Should no process of `q`

@@ -168,7 +168,47 @@ async fn run(inner: Weak<Inner>, queue: String, mut inbox: Inbox, stop: Cancella
     let mut backoff = BACKOFF_START;
     // The later queues exist, as far as this mover knows.
     let mut known = false;
+    let mut probe_every = PROBE;
+    let mut probe_channel = None;
     loop {
+        if !known {
+            // Until they exist, look for them on the process's own connection: a pool
+            // that delays nothing opens no connection for moving.
+            let session = match inner.upgrade() {
+                Some(i) => i.sessions.get().await,
+                None => return,
+            };
+            let found = match session {
+                Ok(s) => probe_level(&s, &mut probe_channel, &queue, 0)
+                    .await
+                    .unwrap_or(false),
+                Err(_) => false,
+            };
+            if found {
+                known = true;
+                probe_every = PROBE;
+            } else {
+                let wait = tokio::time::sleep(probe_every);
+                tokio::pin!(wait);
+                probe_every = (probe_every * 2).min(PROBE_MAX);
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = &mut wait => break,
+                        Some(()) = inbox.found.recv() => {
+                            known = true;
+                            break;
+                        }
+                        // Nothing held: `depth` counts the later queues by itself.
+                        Some(reply) = inbox.syncs.recv() => drop(reply),
+                    }
+                }
+                continue;
+            }
+        }
+        if let Some(c) = probe_channel.take().filter(|c| c.status().connected()) {
+            let _ = c.close(200, "found").await;
+        }
         let session = match inner.upgrade() {
             Some(i) => i.movers.get().await,
             None => return,
@@ -185,7 +225,11 @@ async fn run(inner: Weak<Inner>, queue: String, mut inbox: Inbox, stop: Cancella
             backoff = BACKOFF_START;
         }
         let wait = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
-        tracing::debug!(queue, error = %worker_core::error::chain(&why), retry_in = ?wait, "amqp: moving delayed jobs paused");
+        if why.is_transient() {
+            tracing::debug!(queue, error = %worker_core::error::chain(&why), retry_in = ?wait, "amqp: moving delayed jobs paused");
+        } else {
+            tracing::warn!(queue, error = %worker_core::error::chain(&why), retry_in = ?wait, "amqp: cannot move delayed jobs (AMQP_MOVE_DELAYED=false turns it off where the user may only read)");
+        }
         backoff = (backoff * 2).min(BACKOFF_MAX);
         let pause = tokio::time::sleep(wait);
         tokio::pin!(pause);
