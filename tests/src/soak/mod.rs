@@ -29,6 +29,9 @@ use serde_json::json;
 use worker_amqp::{AmqpConfig, QueueType};
 use worker_core::{Broker, BrokerError, NewJob};
 
+/// How long the backlog must read zero before the pool is stopped.
+const BACKLOG_ZERO_FOR: Duration = Duration::from_secs(5);
+
 pub use proxy::ChaosProxy;
 pub use reconcile::{reconcile, FinalState, Kind, Planned, ProcRecord, Verdict};
 
@@ -493,14 +496,18 @@ impl Run {
     async fn finish(mut self) -> Outcome {
         self.note("faults stop; waiting for the backlog to drain".into());
         // Stuck jobs do not end the wait with a panic: the reconciliation names them.
+        // Zero must hold a while: on RabbitMQ the delayed jobs other processes' movers
+        // hold are counted through the management API, whose statistics trail.
         let deadline = Instant::now() + Duration::from_secs(120) + self.soak.duration / 4;
-        let mut zero_reads = 0;
-        while zero_reads < 2 && Instant::now() < deadline {
-            zero_reads = if self.backlog().await == Some(0) {
-                zero_reads + 1
+        let mut zero_since: Option<Instant> = None;
+        while Instant::now() < deadline {
+            if self.backlog().await == Some(0) {
+                if zero_since.get_or_insert_with(Instant::now).elapsed() >= BACKLOG_ZERO_FOR {
+                    break;
+                }
             } else {
-                0
-            };
+                zero_since = None;
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         self.note("stopping the pool".into());

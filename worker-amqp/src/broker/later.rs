@@ -3,13 +3,21 @@
 //! A delayed job (a retry with backoff, an enqueue with a delay) waits in one of its
 //! work queue's later queues, `q.later.<level>`. Every job a level receives waits
 //! there the same time, its hold ([`topology::later_hold`]: 250 ms × 4^level), so each
-//! later queue is in the order its jobs are due to leave it. A [`Mover`] consumes the
+//! later queue is in the order its jobs are due to leave it. A mover consumes the
 //! later queues of one work queue, keeps what it receives until its hold ends, then
 //! moves it in one transaction (its copy published, its delivery acked): to the work
 //! queue when it is due, else to the later queue its remaining delay calls for. A
 //! process killed while it holds jobs leaves them in their later queue; RabbitMQ gives
 //! them to another mover. Every process that consumes, fetches, counts or delays jobs
 //! of a queue runs its mover, so a job moves on time while anything of its queue runs.
+//!
+//! The levels are declared together, the first time a job of the queue is delayed. A
+//! mover that did not declare them looks for level 0 on the process's connection (a
+//! passive declare, an error line in RabbitMQ's log when it is missing) at start and
+//! then at growing intervals up to [`PROBE_MAX`]; once they exist it consumes them on
+//! a connection of its own, so that a broker error there (RabbitMQ 3.10 answers a
+//! consume of a quorum queue still starting with a connection error) takes no job of
+//! a worker with it.
 //!
 //! RabbitMQ's dead-lettering moves a message at most once on a classic queue (it can
 //! drop one when its node stops mid-move) and at least once on a quorum queue (it can
