@@ -56,7 +56,10 @@
 //!   transaction mode: a retry, a dead letter, a hand-back and a reaped lease publish
 //!   the job's next copy and ack its delivery in one commit, so a worker killed at any
 //!   point leaves the job once in the broker (its delivery or its copy, never both);
-//!   acks are committed too, many per commit on a busy channel. RabbitMQ applies a
+//!   acks are committed too, many per commit on a busy channel. RabbitMQ does not
+//!   promise that a commit is atomic, though: a connection lost while a commit is in
+//!   flight can leave part of it applied (a 30-minute soak saw it once on quorum
+//!   queues: the ack without the copy, the job gone). RabbitMQ applies a
 //!   transaction's acks even when it refuses its publish (a full queue under a
 //!   `max-length` + `reject-publish` limit) and then closes the channel: the refused
 //!   copy then lives only in the worker, which counts it in flight, logs an error and
