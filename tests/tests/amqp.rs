@@ -264,6 +264,8 @@ async fn delayed_jobs_held_by_a_killed_worker_move_once_elsewhere(kind: QueueTyp
         .connect()
         .await
         .unwrap_or_else(|e| panic!("rabbitmq: {e}"));
+    // Built before the clock starts: the jobs' delay is the first worker's window.
+    system_tests::binary("demo-worker");
     let jobs = (0..JOBS)
         .map(|i| {
             NewJob::new(&queue, json!({"n": i}).to_string())

@@ -342,7 +342,8 @@ impl Inner {
 
     /// Start moving the delayed jobs of `queue` in this process, unless it does.
     fn move_delayed(&self, queue: &str) {
-        self.later.ensure(&self.me, queue, false);
+        self.later
+            .ensure(&self.me, self.config.move_delayed, queue, false);
     }
 
     /// The later queue for a job of `queue` due in `delay`, declared, and when its hold
@@ -363,7 +364,8 @@ impl Inner {
             )
             .await?;
         }
-        self.later.ensure(&self.me, queue, true);
+        self.later
+            .ensure(&self.me, self.config.move_delayed, queue, true);
         let level = topology::later_level(delay, usable);
         let name = topology::later_queue(queue, level);
         let hold = delay.min(topology::later_hold(level));

@@ -37,7 +37,7 @@ use lapin::Channel;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use worker_core::job::now_ms;
-use worker_core::BrokerError;
+use worker_core::{Backoff, BrokerError};
 
 use super::{consumer_tag, Inner, Moved, Received, Target};
 use crate::message::{decode_waiting, release_at};
@@ -54,8 +54,8 @@ const HAND: u16 = 1000;
 const PROBE: Duration = Duration::from_secs(5);
 const PROBE_MAX: Duration = Duration::from_secs(300);
 
-const BACKOFF_START: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Between rounds that failed in a row: from 200 ms up to this.
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
 
 /// What a mover counted for `depth`, with no move of its own in flight; it starts none
 /// until this is dropped (or a few seconds passed), so that what `depth` counts next
@@ -99,33 +99,21 @@ impl Movers {
 
     /// Start the mover of `queue` unless it runs; tell it that the later queues exist,
     /// when `declared`.
-    pub(super) fn ensure(&self, inner: &Weak<Inner>, queue: &str, declared: bool) {
-        let off = inner.upgrade().is_none_or(|i| !i.config.move_delayed);
-        if off || self.closed.load(Ordering::Acquire) {
+    /// `on`: the process moves delayed jobs at all ([`AmqpConfig::move_delayed`]).
+    /// Called on every fetch: a running mover costs a lookup.
+    ///
+    /// [`AmqpConfig::move_delayed`]: crate::AmqpConfig::move_delayed
+    pub(super) fn ensure(&self, inner: &Weak<Inner>, on: bool, queue: &str, declared: bool) {
+        if !on || self.closed.load(Ordering::Acquire) {
             return;
         }
         let mut running = self.running();
-        let handle = running.entry(queue.to_owned()).or_insert_with(|| {
-            let (found, found_rx) = mpsc::unbounded_channel();
-            let (syncs, syncs_rx) = mpsc::unbounded_channel();
-            let stop = CancellationToken::new();
-            let task = tokio::spawn(run(
-                inner.clone(),
-                queue.to_owned(),
-                Inbox {
-                    found: found_rx,
-                    syncs: syncs_rx,
-                },
-                stop.clone(),
-            ));
-            Handle {
-                found,
-                declared: AtomicBool::new(false),
-                syncs,
-                stop,
-                task,
-            }
-        });
+        if !running.contains_key(queue) {
+            running.insert(queue.to_owned(), start(inner, queue));
+        }
+        let Some(handle) = running.get(queue) else {
+            return;
+        };
         if declared && !handle.declared.swap(true, Ordering::AcqRel) {
             let _ = handle.found.send(());
         }
@@ -160,6 +148,29 @@ impl Movers {
     }
 }
 
+/// Start the mover of `queue`.
+fn start(inner: &Weak<Inner>, queue: &str) -> Handle {
+    let (found, found_rx) = mpsc::unbounded_channel();
+    let (syncs, syncs_rx) = mpsc::unbounded_channel();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(
+        inner.clone(),
+        queue.to_owned(),
+        Inbox {
+            found: found_rx,
+            syncs: syncs_rx,
+        },
+        stop.clone(),
+    ));
+    Handle {
+        found,
+        declared: AtomicBool::new(false),
+        syncs,
+        stop,
+        task,
+    }
+}
+
 /// What a mover is told.
 struct Inbox {
     found: mpsc::UnboundedReceiver<()>,
@@ -173,7 +184,8 @@ enum Ended {
 }
 
 async fn run(inner: Weak<Inner>, queue: String, mut inbox: Inbox, stop: CancellationToken) {
-    let mut backoff = BACKOFF_START;
+    let backoff = Backoff::new(Duration::from_millis(200), BACKOFF_CAP);
+    let mut failures = 0;
     // The later queues exist, as far as this mover knows.
     let mut known = false;
     let mut probe_every = PROBE;
@@ -229,16 +241,17 @@ async fn run(inner: Weak<Inner>, queue: String, mut inbox: Inbox, stop: Cancella
             },
             Err(e) => e,
         };
-        if started.elapsed() > BACKOFF_MAX {
-            backoff = BACKOFF_START;
-        }
-        let wait = backoff.mul_f64(0.5 + fastrand::f64() * 0.5);
+        failures = if started.elapsed() > BACKOFF_CAP {
+            1
+        } else {
+            failures + 1
+        };
+        let wait = backoff.delay(failures);
         if why.is_transient() {
             tracing::debug!(queue, error = %worker_core::error::chain(&why), retry_in = ?wait, "amqp: moving delayed jobs paused");
         } else {
             tracing::warn!(queue, error = %worker_core::error::chain(&why), retry_in = ?wait, "amqp: cannot move delayed jobs (AMQP_MOVE_DELAYED=false turns it off where the user may only read)");
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
         let pause = tokio::time::sleep(wait);
         tokio::pin!(pause);
         loop {
