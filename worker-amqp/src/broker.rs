@@ -38,6 +38,9 @@ const STRANDED_CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// How long a fetch waits for deliveries the broker has said are on their way.
 const ARRIVAL_WAIT: Duration = Duration::from_millis(200);
 
+/// How long a registry listing waits before it reads an empty worker queue again.
+const REGISTRY_LOOK_AGAIN: Duration = Duration::from_millis(20);
+
 /// How long a fetch that holds nothing waits for a delivery already owed to it (the
 /// consumer has room under its prefetch) before it asks the broker what is ready.
 const OWED_WAIT: Duration = Duration::from_millis(2);
@@ -1555,51 +1558,44 @@ impl Broker for AmqpBroker {
             .map_err(|e| inner.failed(&s, "open channel", e))?;
         let mut out = Vec::new();
         for q in names {
-            let got = match ch.basic_get(&q.name, BasicGetOptions::default()).await {
-                Ok(got) => got,
-                Err(e) if crate::error::is_not_found(&e) => {
-                    // Deleted since it was listed; the broker closed the channel.
-                    ch = s
-                        .conn
-                        .create_channel()
-                        .await
-                        .map_err(|e| inner.failed(&s, "open channel", e))?;
-                    continue;
+            let mut got = None;
+            // Another listing holds the beat for a moment while it reads it: a queue
+            // found empty is read once more before its worker counts as gone.
+            for look in 0..2 {
+                if look > 0 {
+                    tokio::time::sleep(REGISTRY_LOOK_AGAIN).await;
                 }
-                Err(e) => return Err(from_lapin("read worker registry", e)),
-            };
-            if let Some(msg) = &got {
-                // Back at once: while this channel holds the beat unacked, a concurrent
-                // listing finds the queue empty, misses a live worker and may delete its
-                // queue.
-                let back = BasicRejectOptions { requeue: true };
-                if let Err(e) = ch.basic_reject(msg.delivery.delivery_tag, back).await {
-                    tracing::debug!(queue = %q.name, error = %e, "amqp: registry read");
-                }
-            }
-            match got {
-                Some(msg) => match serde_json::from_slice::<WorkerInfo>(&msg.delivery.data) {
-                    Ok(info) if pool.is_none_or(|p| info.pool == p) => out.push(info),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(queue = %q.name, error = %e, "amqp: unreadable worker beat")
+                match ch.basic_get(&q.name, BasicGetOptions::default()).await {
+                    Ok(Some(msg)) => {
+                        // Back at once, for the next reader.
+                        let back = BasicRejectOptions { requeue: true };
+                        if let Err(e) = ch.basic_reject(msg.delivery.delivery_tag, back).await {
+                            tracing::debug!(queue = %q.name, error = %e, "amqp: registry read");
+                        }
+                        got = Some(msg);
+                        break;
                     }
-                },
-                None => {
-                    // Its last beat expired: the worker is gone.
-                    let options = QueueDeleteOptions {
-                        if_empty: true,
-                        ..QueueDeleteOptions::default()
-                    };
-                    if let Err(e) = ch.queue_delete(&q.name, options).await {
-                        tracing::debug!(queue = %q.name, error = %e, "amqp: registry cleanup");
+                    Ok(None) => {}
+                    Err(e) if crate::error::is_not_found(&e) => {
+                        // Deleted since it was listed; the broker closed the channel.
                         ch = s
                             .conn
                             .create_channel()
                             .await
                             .map_err(|e| inner.failed(&s, "open channel", e))?;
+                        break;
                     }
-                    s.forget(&q.name);
+                    Err(e) => return Err(from_lapin("read worker registry", e)),
+                }
+            }
+            // An empty queue is a worker whose last beat expired: gone. Its queue is
+            // left to expire (`x-expires`): deleting it here could race a beat.
+            let Some(msg) = got else { continue };
+            match serde_json::from_slice::<WorkerInfo>(&msg.delivery.data) {
+                Ok(info) if pool.is_none_or(|p| info.pool == p) => out.push(info),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(queue = %q.name, error = %e, "amqp: unreadable worker beat")
                 }
             }
         }

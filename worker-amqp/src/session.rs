@@ -15,8 +15,10 @@ use worker_core::{redact, BrokerError};
 use crate::config::AmqpConfig;
 use crate::error::{from_lapin, is_not_found};
 
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Waits between connection attempts: up to 200 ms after the first failure, doubling
+/// to 10 s.
+const BACKOFF: worker_core::Backoff =
+    worker_core::Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
 
 /// A live connection, numbered so that what belonged to an earlier one is told apart.
 pub(crate) struct Session {
@@ -213,12 +215,9 @@ impl Sessions {
             }
             Err(e) => {
                 backoff.failures += 1;
-                let exp = BACKOFF_START
-                    .saturating_mul(1 << backoff.failures.min(10))
-                    .min(BACKOFF_MAX);
-                let wait = exp.mul_f64(0.5 + fastrand::f64() * 0.5);
+                let wait = BACKOFF.delay(backoff.failures);
                 backoff.not_before = Some(Instant::now() + wait);
-                tracing::warn!(url = %self.config.shown_url(), error = %e, retry_in = ?wait, failures = backoff.failures, "amqp: cannot connect");
+                tracing::warn!(url = %self.config.shown_url(), error = %worker_core::error::chain(&e), retry_in = ?wait, failures = backoff.failures, "amqp: cannot connect");
                 Err(e)
             }
         }

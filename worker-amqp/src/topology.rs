@@ -153,7 +153,7 @@ const WORKER_QUEUE_IDLE: Duration = Duration::from_secs(600);
 
 /// A registry queue: holds one message, the worker's latest beat, which expires with
 /// the beat's TTL. A worker that vanished without deregistering leaves an empty queue
-/// behind; listing deletes it, and so does the broker once nobody declared or read it
+/// behind, which listings skip and the broker deletes once nobody declared or read it
 /// for [`WORKER_QUEUE_IDLE`].
 pub(crate) fn worker_args() -> FieldTable {
     let mut args = FieldTable::default();

@@ -91,7 +91,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// A backoff from `base` up to `cap`.
-    pub fn new(base: Duration, cap: Duration) -> Self {
+    pub const fn new(base: Duration, cap: Duration) -> Self {
         Self { base, cap }
     }
 
