@@ -77,6 +77,33 @@ async fn rediss_with_a_private_ca_and_an_acl_user_from_the_url() {
     let text = format!("{err} {err:?}");
     assert!(text.contains("UnknownIssuer"), "{text}");
     assert!(!text.contains(PASSWORD), "{text}");
+
+    // workerctl (and the exporter it runs) configured from the environment trusts the
+    // CA that REDIS_CA_FILE names, and fails without it.
+    let ca_file = file("ca.crt");
+    let ctl = |with_ca: bool| {
+        let mut cmd = std::process::Command::new(system_tests::binary("workerctl"));
+        cmd.args(["depth", "q", "--json"])
+            .env_remove("AMQP_URL")
+            .env("REDIS_URL", &url)
+            .env("REDIS_PREFIX", "tls");
+        if with_ca {
+            cmd.env("REDIS_CA_FILE", &ca_file);
+        } else {
+            cmd.env_remove("REDIS_CA_FILE");
+        }
+        cmd.output().unwrap_or_else(|e| panic!("workerctl: {e}"))
+    };
+    let trusted = ctl(true);
+    assert!(
+        trusted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trusted.stderr)
+    );
+    let untrusted = ctl(false);
+    assert_eq!(untrusted.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(!stderr.contains(PASSWORD), "{stderr}");
     drop(server);
     let _ = std::fs::remove_dir_all(&certs);
 }

@@ -209,9 +209,12 @@ async fn the_exporter_serves_the_pool_s_backlog_and_an_error_while_the_broker_is
 
     // The broker goes away: an error the autoscaler sees as one, never a 0.
     redis.stop();
-    let (status, body) = get(addr, "/scaling").await;
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("error"), "{body}");
+    // A reading is shared for up to a second: the error shows within a few.
+    worker_core::testing::eventually(Duration::from_secs(10), "503 while down", || async {
+        let (status, body) = get(addr, "/scaling").await;
+        status == 503 && body.contains("error")
+    })
+    .await;
     assert_eq!(get(addr, "/livez").await.0, 200);
     redis.start_again();
     worker_core::testing::eventually(Duration::from_secs(30), "recovers", || async {
@@ -247,8 +250,12 @@ async fn an_exporter_started_while_rabbitmq_is_unreachable_answers_503_and_stays
     for _ in 0..2 {
         let (status, body) = get(addr, "/scaling").await;
         assert_eq!(status, 503, "{body}");
-        assert!(body.contains("amqp connect"), "{body}");
-        assert!(!body.contains("s3cret"), "{body}");
+        // Generic: the broker's address and user stay in the exporter's log.
+        assert!(body.contains("broker unavailable"), "{body}");
+        assert!(
+            !body.contains("s3cret") && !body.contains("127.0.0.1"),
+            "{body}"
+        );
     }
     assert!(
         exporter.try_wait().ok().flatten().is_none(),
@@ -311,4 +318,59 @@ async fn workerctl_lists_live_workers_while_they_beat_and_not_after_they_leave()
     worker.signal("TERM");
     worker.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(listed().await, serde_json::json!([]));
+}
+
+/// Passwords reach neither the help text, nor an error about a malformed URL, nor the
+/// command line; a URL in a mounted file works like one in the variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workerctl_never_shows_a_password_and_reads_the_url_from_a_file() {
+    let secret = "s3cret-Pa55";
+    let with_secret = format!("redis://app:{secret}@127.0.0.1:6379");
+    let help = workerctl(&[("REDIS_URL", with_secret.as_str())], &["--help"], "").await;
+    assert_eq!(help.code, Some(0), "{}", help.stderr);
+    assert!(!help.stdout.contains(secret), "{}", help.stdout);
+
+    for (variable, bad) in [
+        ("REDIS_URL", format!("redis:/app:{secret}@127.0.0.1:6379")),
+        (
+            "AMQP_URL",
+            format!("amqp:/guest:{secret}@127.0.0.1:5672/%2f"),
+        ),
+    ] {
+        let out = workerctl(&[(variable, bad.as_str())], &["depth", "q"], "").await;
+        assert_eq!(out.code, Some(2), "{variable}: {}", out.stderr);
+        assert!(out.stderr.contains(variable), "{}", out.stderr);
+        assert!(!out.stderr.contains(secret), "{}", out.stderr);
+    }
+
+    let flag = workerctl(&[], &["--redis-url", &with_secret, "depth", "q"], "").await;
+    assert_eq!(flag.code, Some(2), "{}", flag.stderr);
+    assert!(flag.stderr.contains("REDIS_URL_FILE"), "{}", flag.stderr);
+    assert!(!flag.stderr.contains(secret), "{}", flag.stderr);
+
+    let dir = std::env::temp_dir().join(unique("ctl-secret"));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.join("url");
+    std::fs::write(&file, format!("{URL}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let path = file.display().to_string();
+    let prefix = unique("ctl-file");
+    let env = [
+        ("REDIS_URL_FILE", path.as_str()),
+        ("REDIS_PREFIX", prefix.as_str()),
+    ];
+    let enqueued = workerctl(&env, &["enqueue", "jobs", "{}"], "").await;
+    assert_eq!(enqueued.code, Some(0), "{}", enqueued.stderr);
+    let depth = workerctl(&env, &["depth", "jobs", "--json"], "").await;
+    assert_eq!(depth.code, Some(0), "{}", depth.stderr);
+    assert_eq!(
+        json(&depth)["queues"]["jobs"]["pending"],
+        1,
+        "{}",
+        depth.stdout
+    );
+    let both = [("REDIS_URL_FILE", path.as_str()), ("REDIS_URL", URL)];
+    let out = workerctl(&both, &["depth", "jobs"], "").await;
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("REDIS_URL_FILE"), "{}", out.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
 }

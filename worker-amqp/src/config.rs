@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use worker_core::{redact, ConfigError};
+use worker_core::{redact, ConfigError, SecretSource};
 
 use crate::topology::QueueType;
 
@@ -81,6 +81,8 @@ pub(crate) struct Holding {
 #[derive(Clone)]
 pub struct AmqpConfig {
     pub(crate) url: String,
+    /// The file `AMQP_URL_FILE` named: read again at each connect.
+    pub(crate) url_file: Option<SecretSource>,
     pub(crate) management_url: Option<String>,
     pub(crate) depth_from_management: bool,
     pub(crate) move_delayed: bool,
@@ -100,6 +102,7 @@ impl std::fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpConfig")
             .field("url", &self.shown_url())
+            .field("url_file", &self.url_file)
             .field(
                 "management_url",
                 &self.management_url.as_deref().map(redact),
@@ -127,6 +130,7 @@ impl AmqpConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            url_file: None,
             management_url: None,
             depth_from_management: true,
             move_delayed: true,
@@ -156,11 +160,27 @@ impl AmqpConfig {
     /// | `AMQP_CA_FILE` | PEM file of the CA that signed the broker's certificate | system roots |
     /// | `AMQP_CONSUMER_TIMEOUT` | see [`consumer_timeout`](Self::consumer_timeout) | the broker's |
     /// | `AMQP_MOVE_DELAYED` | `true` or `false`, see [`move_delayed`](Self::move_delayed) | `true` |
+    ///
+    /// `AMQP_URL_FILE` and `AMQP_MANAGEMENT_URL_FILE` may name a file holding the URL
+    /// instead (a mounted Secret); the URL file is read again at every connect, so a
+    /// rotated password is picked up by the next reconnect.
     pub fn from_env() -> Result<Self, ConfigError> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        let mut config = Self::new(var("AMQP_URL").unwrap_or_else(|| DEFAULT_URL.to_owned()));
+        Self::from_vars(&|name| std::env::var(name).ok())
+    }
+
+    /// [`from_env`](Self::from_env) with the variables looked up by `var` (a map,
+    /// a configuration file, a test's settings) instead of the environment.
+    pub fn from_vars(var: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let url = SecretSource::lookup(var, "AMQP_URL")?;
+        let management = SecretSource::lookup(var, "AMQP_MANAGEMENT_URL")?;
+        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        let mut config = Self::new(match &url {
+            Some(source) => source.read()?,
+            None => DEFAULT_URL.to_owned(),
+        });
+        config.url_file = url.filter(|u| u.file_variable().is_some());
         config.check_urls()?;
-        config.management_url = var("AMQP_MANAGEMENT_URL");
+        config.management_url = management.map(|m| m.read()).transpose()?;
         if let Some(kind) = var("AMQP_QUEUE_TYPE") {
             config.default_type = QueueType::parse(&kind).ok_or_else(|| {
                 ConfigError::invalid("AMQP_QUEUE_TYPE", &kind, "classic or quorum")
@@ -434,14 +454,34 @@ impl AmqpConfig {
             !(u.starts_with("amqp://") || u.starts_with("amqps://")) || vhost_of(u) != vhost
         };
         if urls.iter().any(bad) {
+            let variable = self
+                .url_file
+                .as_ref()
+                .and_then(SecretSource::file_variable)
+                .map_or("AMQP_URL".to_owned(), |v| format!("AMQP_URL (from {v})"));
             return Err(ConfigError::invalid(
-                "AMQP_URL",
+                variable,
                 self.shown_url(),
                 "amqp://user:password@host:port/vhost or amqps://…, or several such URLs \
                  of one cluster's nodes, comma-separated, all with one virtual host",
             ));
         }
         Ok(())
+    }
+
+    /// The URL to connect with now: the URL file read again when there is one (a
+    /// rotated Secret), else the URL configured.
+    pub(crate) fn current_url(&self) -> String {
+        match &self.url_file {
+            Some(file) => match file.read() {
+                Ok(url) => url,
+                Err(e) => {
+                    tracing::warn!(error = %e, "amqp: cannot read the URL file again; connecting with the URL read before");
+                    self.url.clone()
+                }
+            },
+            None => self.url.clone(),
+        }
     }
 
     /// The addresses as a log line may show them: without passwords.
@@ -470,6 +510,31 @@ fn vhost_of(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_url_may_come_from_a_file_and_errors_never_show_its_password() {
+        let dir = std::env::temp_dir().join(format!("wp-amqp-url-{:016x}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("url");
+        std::fs::write(&file, "amqp://app:s3cret@h:5672/jobs\n").unwrap();
+        let path = file.display().to_string();
+        let c = AmqpConfig::from_vars(&|n| (n == "AMQP_URL_FILE").then(|| path.clone())).unwrap();
+        assert_eq!(c.vhost(), "jobs");
+        assert_eq!(c.current_url(), "amqp://app:s3cret@h:5672/jobs");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        std::fs::write(&file, "amqp:/app:s3cret@h:5672/jobs").unwrap();
+        let e = AmqpConfig::from_vars(&|n| (n == "AMQP_URL_FILE").then(|| path.clone()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("AMQP_URL_FILE") && !e.contains("s3cret"), "{e}");
+        let e = AmqpConfig::from_vars(&|n| {
+            (n == "AMQP_URL").then(|| "amqp:/guest:s3cret@h:5672/%2f".to_owned())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("AMQP_URL") && !e.contains("s3cret"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn vhost_comes_from_the_path() {

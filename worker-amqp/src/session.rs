@@ -262,7 +262,8 @@ impl Sessions {
             cert_chain: self.config.ca_cert_pem.clone(),
         };
         // A cluster's nodes in turn, from the last one that answered.
-        let urls = self.config.urls();
+        let url = self.config.current_url();
+        let urls: Vec<&str> = url.split(',').map(str::trim).collect();
         let first = self.preferred.load(Ordering::Relaxed) % urls.len();
         let mut failures = Vec::new();
         let mut connected = None;

@@ -64,7 +64,8 @@ pub use broker::{
     Broker, DeadLetter, Delivery, FetchPlan, FetchShare, Lease, LeaseToken, QueueDepth, WorkerInfo,
 };
 pub use config::{
-    redact, Backoff, PodDeletionCost, QueueSpec, Scheduling, WorkerConfig, WorkerConfigBuilder,
+    redact, Backoff, PodDeletionCost, QueueSpec, Scheduling, SecretSource, WorkerConfig,
+    WorkerConfigBuilder,
 };
 pub use error::{BrokerError, ConfigError, JobError, Transience, WorkerError};
 pub use handler::{handler_fn, Handler, HandlerFn};

@@ -21,17 +21,23 @@ use crate::error::{for_each_waiter, from_redis};
 pub use crate::replicas::WaitReplicas;
 use crate::scripts;
 use crate::wait::Waiter;
-use worker_core::redact;
+use worker_core::{redact, SecretSource};
+
+use crate::credentials::UrlFile;
 
 /// Most expired leases one reap call reclaims per queue (the next call takes the rest).
 const REAP_BATCH: u32 = 1000;
 
 /// How to reach Redis and lay out keys.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
     pub url: String,
+    /// The file the URL was read from (`REDIS_URL_FILE`), if it was: each connect
+    /// authenticates with the user and password the file holds then. See
+    /// [`url_file`](Self::url_file).
+    pub url_file: Option<SecretSource>,
     /// Key prefix, so several deployments can share one Redis.
     pub prefix: String,
     /// Largest payload accepted by `enqueue`, in bytes.
@@ -56,6 +62,7 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            url_file: None,
             prefix: "wp".into(),
             max_payload: 16 << 20,
             connect_timeout: Duration::from_secs(5),
@@ -73,6 +80,24 @@ impl RedisConfig {
         let mut config = Self::new(nodes.first().cloned().unwrap_or_default());
         config.cluster_nodes = nodes;
         config
+    }
+
+    /// Take the URL from a file (a mounted Secret): read now, and again at each connect
+    /// and reconnect for its user and password, so a rotated password is picked up
+    /// without a restart (a live connection re-authenticates within seconds of the
+    /// change). Its host, port and database are read now only.
+    pub fn url_file(path: impl Into<std::path::PathBuf>) -> Result<Self, worker_core::ConfigError> {
+        let path = path.into().display().to_string();
+        let source = SecretSource::lookup(
+            &|name| (name == "REDIS_URL_FILE").then(|| path.clone()),
+            "REDIS_URL",
+        )?
+        .ok_or_else(|| {
+            worker_core::ConfigError::invalid("REDIS_URL_FILE", &path, "the path of a file")
+        })?;
+        let mut config = Self::new(source.read()?);
+        config.url_file = Some(source);
+        Ok(config)
     }
 
     /// Trust this PEM certificate authority for `rediss://` (e.g. a private CA).
@@ -123,43 +148,37 @@ impl RedisConfig {
                 e.kind()
             ))
         };
-        let client = match &self.ca_cert {
-            Some(pem) => {
-                install_crypto_provider();
-                redis::Client::build_with_tls(
-                    self.url.as_str(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem.clone()),
-                    },
-                )
-            }
-            None => {
-                if self.url.starts_with("rediss://") {
-                    install_crypto_provider();
-                }
-                redis::Client::open(self.url.as_str())
-            }
-        }
-        .map_err(invalid)?;
+        let client = open_client(&self.url, self.ca_cert.as_deref()).map_err(invalid)?;
         tracing::debug!(url = %redact(&self.url), prefix = %self.prefix, "redis broker configured");
-        let manager_config = ConnectionManagerConfig::new()
+        let mut manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.response_timeout))
             // Fail a call fast while the server is down; the runtime backs off itself.
             .set_number_of_retries(1);
+        let url_file = self.url_file.clone().map(UrlFile::new);
+        if let Some(file) = &url_file {
+            manager_config = manager_config.set_credentials_provider(file.clone());
+        }
         let cluster = if self.cluster_nodes.is_empty() {
             None
         } else {
-            Some(
-                redis::cluster::ClusterClient::builder(self.cluster_nodes.clone())
-                    .connection_timeout(self.connect_timeout)
-                    .response_timeout(self.response_timeout)
-                    .retries(2)
-                    .build()
-                    .map_err(invalid)?,
-            )
+            let mut builder = redis::cluster::ClusterClient::builder(self.cluster_nodes.clone())
+                .connection_timeout(self.connect_timeout)
+                .response_timeout(self.response_timeout)
+                .retries(2);
+            if let Some(file) = &url_file {
+                builder = builder.set_credentials_provider(file.clone());
+            }
+            Some(builder.build().map_err(invalid)?)
         };
+        // Notifications subscribe on connections of their own: each from the file's URL
+        // as it reads then.
+        let fresh_client: Option<crate::wait::ClientSource> = url_file.map(|file| {
+            let ca = self.ca_cert.clone();
+            let source: crate::wait::ClientSource =
+                Box::new(move || open_client(&file.url()?, ca.as_deref()));
+            source
+        });
         Ok(RedisBroker {
             client: client.clone(),
             cluster,
@@ -168,7 +187,7 @@ impl RedisConfig {
             prefix: self.prefix,
             max_payload: self.max_payload,
             next_due: Mutex::new(HashMap::new()),
-            waiter: Waiter::new(client),
+            waiter: Waiter::new(client, fresh_client),
             acks: Arc::new(Batches::new(1000, usize::MAX, |_| 1)),
             enqueues: Arc::new(Batches::new(500, 4 << 20, batch::enqueue_bytes)),
             wait_replicas: self.wait_replicas,
@@ -182,6 +201,51 @@ impl RedisConfig {
 pub(crate) enum Conn {
     Single(ConnectionManager),
     Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// A client of the server at `url`, trusting `ca` (PEM) for `rediss://` when given.
+fn open_client(url: &str, ca: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
+    match ca {
+        Some(pem) => {
+            install_crypto_provider();
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                },
+            )
+        }
+        None => {
+            if url.starts_with("rediss://") {
+                install_crypto_provider();
+            }
+            redis::Client::open(url)
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("url_file", &self.url_file)
+            .field("prefix", &self.prefix)
+            .field("max_payload", &self.max_payload)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("ca_cert", &self.ca_cert.is_some())
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|n| redact(n))
+                    .collect::<Vec<_>>(),
+            )
+            .field("wait_replicas", &self.wait_replicas)
+            .finish()
+    }
 }
 
 /// rustls needs one process-wide cryptography provider; install ring's unless the

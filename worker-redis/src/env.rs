@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use worker_core::{redact, ConfigError};
+use worker_core::{redact, ConfigError, SecretSource};
 
 use crate::RedisConfig;
 
@@ -16,6 +16,7 @@ impl RedisConfig {
     /// | variable | meaning | default |
     /// |---|---|---|
     /// | `REDIS_URL` | one server: `redis://[user:password@]host:port[/db]`, `rediss://` for TLS | |
+    /// | `REDIS_URL_FILE` | a file holding `REDIS_URL` (a mounted Secret), instead of it; see [`url_file`](Self::url_file) | |
     /// | `REDIS_CLUSTER_NODES` | a Redis Cluster: its seed nodes, comma-separated URLs (`redis://host:7000,redis://host:7001`); instead of `REDIS_URL` | |
     /// | `REDIS_PREFIX` | key prefix | `wp` |
     /// | `REDIS_CA_FILE` | PEM file of the CA that signed the server's certificate | system roots |
@@ -28,18 +29,27 @@ impl RedisConfig {
         Self::from_vars(|name| std::env::var(name).ok())
     }
 
-    /// [`from_env`](Self::from_env) with the variables looked up by `var`.
-    pub(crate) fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    /// [`from_env`](Self::from_env) with the variables looked up by `var` (a map,
+    /// a configuration file, command-line flags) instead of the environment.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let url_source = SecretSource::lookup(&var, "REDIS_URL")?;
         let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        let mut config = match (var("REDIS_URL"), var("REDIS_CLUSTER_NODES")) {
+        let url = url_source.as_ref().map(SecretSource::read).transpose()?;
+        let mut config = match (url, var("REDIS_CLUSTER_NODES")) {
             (Some(url), None) => {
+                let variable = match url_source.as_ref().and_then(SecretSource::file_variable) {
+                    Some(file) => format!("REDIS_URL (from {file})"),
+                    None => "REDIS_URL".to_owned(),
+                };
                 check_url(
-                    "REDIS_URL",
+                    &variable,
                     &url,
                     &url,
                     "redis://[user:password@]host:port[/db] or rediss://…",
                 )?;
-                Self::new(url)
+                let mut config = Self::new(url);
+                config.url_file = url_source.filter(|s| s.file_variable().is_some());
+                config
             }
             (None, Some(list)) => {
                 let nodes: Vec<String> = list

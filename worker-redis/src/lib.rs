@@ -40,6 +40,7 @@
 
 mod batch;
 mod broker;
+mod credentials;
 mod env;
 mod error;
 mod replicas;

@@ -11,8 +11,12 @@ use tokio::sync::Mutex;
 
 use crate::broker::RedisBroker;
 
+/// Makes a client for each new subscription (its credentials read again).
+pub(crate) type ClientSource = Box<dyn Fn() -> redis::RedisResult<Client> + Send + Sync>;
+
 pub(crate) struct Waiter {
     client: Client,
+    fresh: Option<ClientSource>,
     sub: Mutex<Option<Subscription>>,
 }
 
@@ -22,15 +26,20 @@ struct Subscription {
 }
 
 impl Waiter {
-    pub(crate) fn new(client: Client) -> Self {
+    pub(crate) fn new(client: Client, fresh: Option<ClientSource>) -> Self {
         Self {
             client,
+            fresh,
             sub: Mutex::new(None),
         }
     }
 
     async fn subscribe(&self, channels: &[String]) -> Result<Subscription, redis::RedisError> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
+        let client = match &self.fresh {
+            Some(make) => make()?,
+            None => self.client.clone(),
+        };
+        let mut pubsub = client.get_async_pubsub().await?;
         for ch in channels {
             pubsub.subscribe(ch).await?;
         }

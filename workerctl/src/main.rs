@@ -35,8 +35,10 @@ const BATCH: usize = 500;
     about = "Queue depth, live workers, enqueue and dead letters of a worker pool's broker"
 )]
 struct Cli {
-    /// Redis of the pool (`redis://host:6379`); or set AMQP_URL for RabbitMQ.
-    #[arg(long, env = "REDIS_URL", global = true)]
+    /// Redis of the pool (`redis://host:6379`), without a password: a command line is
+    /// visible to every user of the machine. Put credentials in REDIS_URL or in a file
+    /// named by REDIS_URL_FILE. For RabbitMQ set AMQP_URL (or AMQP_URL_FILE).
+    #[arg(long, global = true)]
     redis_url: Option<String>,
     /// Prefix of the pool's Redis keys.
     #[arg(long, env = "REDIS_PREFIX", default_value = "wp", global = true)]
@@ -187,28 +189,53 @@ async fn main() -> ExitCode {
 /// The pool's broker, as configured; opened by [`Spec::open`].
 #[derive(Clone)]
 enum Spec {
-    Redis { url: String, prefix: String },
+    Redis(worker_redis::RedisConfig),
     Amqp(worker_amqp::AmqpConfig),
 }
 
 impl Spec {
     /// Which broker the settings name; a usage error when they name none, or two.
     fn from_cli(cli: &Cli) -> Result<Self, Failure> {
-        let amqp = std::env::var_os("AMQP_URL").is_some_and(|v| !v.is_empty());
-        match (&cli.redis_url, amqp) {
-            (Some(_), true) => Err(Failure::Usage(
-                "both REDIS_URL and AMQP_URL are set: set the one broker the pool uses".into(),
+        let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+        let amqp = set("AMQP_URL") || set("AMQP_URL_FILE");
+        let redis = cli.redis_url.is_some()
+            || set("REDIS_URL")
+            || set("REDIS_URL_FILE")
+            || set("REDIS_CLUSTER_NODES");
+        if let Some(url) = &cli.redis_url {
+            if worker_core::redact(url) != *url {
+                return Err(Failure::Usage(format!(
+                    "--redis-url {} carries a password, which every user of this machine can \
+                     read on the command line: set REDIS_URL or REDIS_URL_FILE instead",
+                    worker_core::redact(url)
+                )));
+            }
+        }
+        match (redis, amqp) {
+            (true, true) => Err(Failure::Usage(
+                "both Redis (REDIS_URL, REDIS_URL_FILE, REDIS_CLUSTER_NODES or --redis-url) and \
+                 RabbitMQ (AMQP_URL or AMQP_URL_FILE) are set: set the one broker the pool uses"
+                    .into(),
             )),
-            (Some(url), false) => Ok(Spec::Redis {
-                url: url.clone(),
-                prefix: cli.redis_prefix.clone(),
-            }),
-            (None, true) => Ok(Spec::Amqp(
+            (true, false) => {
+                // The flags stand in for their variables; the rest (the CA file, a
+                // cluster, WAIT) comes from the environment as a worker reads it.
+                let config = worker_redis::RedisConfig::from_vars(|name| match name {
+                    "REDIS_URL" if cli.redis_url.is_some() => cli.redis_url.clone(),
+                    "REDIS_URL_FILE" if cli.redis_url.is_some() => None,
+                    "REDIS_PREFIX" => Some(cli.redis_prefix.clone()),
+                    _ => std::env::var(name).ok(),
+                })
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+                Ok(Spec::Redis(config))
+            }
+            (false, true) => Ok(Spec::Amqp(
                 worker_amqp::AmqpConfig::from_env().map_err(|e| Failure::Usage(e.to_string()))?,
             )),
-            (None, false) => Err(Failure::Usage(
+            (false, false) => Err(Failure::Usage(
                 "no broker: set REDIS_URL (redis://host:6379) or AMQP_URL \
-                 (amqp://user:password@host:5672/vhost)"
+                 (amqp://user:password@host:5672/vhost), or REDIS_URL_FILE or AMQP_URL_FILE \
+                 naming a file that holds one"
                     .into(),
             )),
         }
@@ -216,12 +243,7 @@ impl Spec {
 
     async fn open(self) -> Result<Arc<dyn Broker>, worker_core::BrokerError> {
         Ok(match self {
-            Spec::Redis { url, prefix } => Arc::new(
-                worker_redis::RedisConfig::new(url)
-                    .prefix(prefix)
-                    .connect()
-                    .await?,
-            ),
+            Spec::Redis(config) => Arc::new(config.connect().await?),
             Spec::Amqp(config) => Arc::new(config.connect().await?),
         })
     }

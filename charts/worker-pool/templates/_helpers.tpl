@@ -86,14 +86,56 @@ app.kubernetes.io/component: exporter
 {{- printf "http://%s.%s.svc.cluster.local:%d/scaling" (include "worker-pool.exporterName" .) .Release.Namespace (int .Values.exporter.port) -}}
 {{- end -}}
 
+{{/* An image reference: repository@digest when a digest is set (the tag is then
+ignored), else repository:tag, the tag defaulting to the chart's appVersion. */}}
 {{- define "worker-pool.image" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .image.repository (default .appVersion .image.tag) -}}
 {{- end -}}
+{{- end -}}
 
-{{/* The broker's environment, shared by the workers and the exporter. */}}
-{{- define "worker-pool.brokerEnv" -}}
+{{/* Where the broker's files are mounted, in the workers and the exporter alike. */}}
+{{- define "worker-pool.brokerCaDir" -}}/etc/worker-pool/broker-ca{{- end -}}
+{{- define "worker-pool.brokerCaFile" -}}{{ include "worker-pool.brokerCaDir" . }}/ca.crt{{- end -}}
+{{- define "worker-pool.brokerUrlDir" -}}/etc/worker-pool/broker-url{{- end -}}
+{{- define "worker-pool.amqpManagementUrlDir" -}}/etc/worker-pool/amqp-management-url{{- end -}}
+
+{{/* Checks the broker's TLS and secret-file values; renders nothing. */}}
+{{- define "worker-pool.brokerChecks" -}}
 {{- $b := .Values.broker -}}
+{{- if and $b.tls.caSecret $b.tls.caConfigMap -}}
+{{- fail "broker.tls: set caSecret or caConfigMap, not both" -}}
+{{- end -}}
+{{- if $b.urlFromSecretFile -}}
+{{- if eq $b.type "redis" -}}
+{{- if not $b.redis.existingSecret -}}
+{{- fail "broker.urlFromSecretFile=true mounts broker.redis.existingSecret: set it (a Secret holding the Redis URL)" -}}
+{{- end -}}
+{{- else -}}
+{{- if not $b.amqp.existingSecret -}}
+{{- fail "broker.urlFromSecretFile=true mounts broker.amqp.existingSecret: set it (a Secret holding the AMQP URL)" -}}
+{{- end -}}
+{{- if and $b.amqp.managementUrl (not $b.amqp.managementExistingSecret) -}}
+{{- fail "broker.urlFromSecretFile=true: broker.amqp.managementUrl would be in plain text; put it in a Secret and set broker.amqp.managementExistingSecret" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The broker's environment, shared by the workers and the exporter. With
+broker.urlFromSecretFile the URLs are files of the mounted Secrets (*_URL_FILE),
+read again on reconnect, so a rotated Secret is picked up. */}}
+{{- define "worker-pool.brokerEnv" -}}
+{{- include "worker-pool.brokerChecks" . -}}
+{{- $b := .Values.broker -}}
+{{- $files := $b.urlFromSecretFile -}}
 {{- if eq $b.type "redis" }}
+{{- if $files }}
+- name: REDIS_URL_FILE
+  value: {{ printf "%s/url" (include "worker-pool.brokerUrlDir" .) | quote }}
+{{- else }}
 - name: REDIS_URL
 {{- if $b.redis.existingSecret }}
   valueFrom:
@@ -103,8 +145,17 @@ app.kubernetes.io/component: exporter
 {{- else }}
   value: {{ $b.redis.url | quote }}
 {{- end }}
+{{- end }}
 - name: REDIS_PREFIX
   value: {{ $b.redis.prefix | quote }}
+{{- if or $b.tls.caSecret $b.tls.caConfigMap }}
+- name: REDIS_CA_FILE
+  value: {{ include "worker-pool.brokerCaFile" . | quote }}
+{{- end }}
+{{- else }}
+{{- if $files }}
+- name: AMQP_URL_FILE
+  value: {{ printf "%s/url" (include "worker-pool.brokerUrlDir" .) | quote }}
 {{- else }}
 - name: AMQP_URL
 {{- if $b.amqp.existingSecret }}
@@ -115,7 +166,11 @@ app.kubernetes.io/component: exporter
 {{- else }}
   value: {{ $b.amqp.url | quote }}
 {{- end }}
-{{- if $b.amqp.managementExistingSecret }}
+{{- end }}
+{{- if and $files $b.amqp.managementExistingSecret }}
+- name: AMQP_MANAGEMENT_URL_FILE
+  value: {{ printf "%s/url" (include "worker-pool.amqpManagementUrlDir" .) | quote }}
+{{- else if $b.amqp.managementExistingSecret }}
 - name: AMQP_MANAGEMENT_URL
   valueFrom:
     secretKeyRef:
@@ -127,5 +182,116 @@ app.kubernetes.io/component: exporter
 {{- end }}
 - name: AMQP_QUEUE_TYPE
   value: {{ $b.amqp.queueType | quote }}
+{{- if or $b.tls.caSecret $b.tls.caConfigMap }}
+- name: AMQP_CA_FILE
+  value: {{ include "worker-pool.brokerCaFile" . | quote }}
 {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The volumes behind the broker's files (its CA, its URLs as files); empty when
+there are none. Whole directories are mounted, never a subPath: a subPath mount
+does not follow an update of its Secret or ConfigMap. */}}
+{{- define "worker-pool.brokerVolumes" -}}
+{{- $b := .Values.broker -}}
+{{- if $b.tls.caSecret }}
+- name: broker-ca
+  secret:
+    secretName: {{ $b.tls.caSecret }}
+    items:
+      - key: {{ $b.tls.caKey }}
+        path: ca.crt
+{{- else if $b.tls.caConfigMap }}
+- name: broker-ca
+  configMap:
+    name: {{ $b.tls.caConfigMap }}
+    items:
+      - key: {{ $b.tls.caKey }}
+        path: ca.crt
+{{- end }}
+{{- if $b.urlFromSecretFile }}
+{{- $secret := ternary $b.redis.existingSecret $b.amqp.existingSecret (eq $b.type "redis") }}
+{{- $key := ternary $b.redis.existingSecretKey $b.amqp.existingSecretKey (eq $b.type "redis") }}
+- name: broker-url
+  secret:
+    secretName: {{ $secret }}
+    items:
+      - key: {{ $key }}
+        path: url
+{{- if and (eq $b.type "amqp") $b.amqp.managementExistingSecret }}
+- name: amqp-management-url
+  secret:
+    secretName: {{ $b.amqp.managementExistingSecret }}
+    items:
+      - key: {{ $b.amqp.managementExistingSecretKey }}
+        path: url
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "worker-pool.brokerVolumeMounts" -}}
+{{- $b := .Values.broker -}}
+{{- if or $b.tls.caSecret $b.tls.caConfigMap }}
+- name: broker-ca
+  mountPath: {{ include "worker-pool.brokerCaDir" . }}
+  readOnly: true
+{{- end }}
+{{- if $b.urlFromSecretFile }}
+- name: broker-url
+  mountPath: {{ include "worker-pool.brokerUrlDir" . }}
+  readOnly: true
+{{- if and (eq $b.type "amqp") $b.amqp.managementExistingSecret }}
+- name: amqp-management-url
+  mountPath: {{ include "worker-pool.amqpManagementUrlDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Whether KEDA reads the exporter's /scaling. */}}
+{{- define "worker-pool.kedaReadsExporter" -}}
+{{- if and .Values.autoscaling.enabled (eq .Values.autoscaling.engine "keda") (eq .Values.autoscaling.keda.trigger "exporter") .Values.exporter.enabled -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Whether the pod-deletion-cost admission policy is installed: asked for, and a
+cluster that has ValidatingAdmissionPolicy v1 (Kubernetes 1.30 or later). */}}
+{{- define "worker-pool.admissionPolicy" -}}
+{{- $p := .Values.podDeletionCost -}}
+{{- if and $p.enabled $p.admissionPolicy.enabled -}}
+{{- if or (.Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy") (semverCompare ">=1.30.0-0" .Capabilities.KubeVersion.Version) -}}
+true
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The admission policy and its binding are cluster-scoped: the name carries the
+namespace. */}}
+{{- define "worker-pool.admissionPolicyName" -}}
+{{- printf "%s-pod-deletion-cost.%s" (include "worker-pool.fullname" .) .Release.Namespace | trunc 253 | trimSuffix "." | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Egress both the workers and the exporter need: DNS, and the broker. A rule
+never has an empty `to` but DNS's when no DNS peers are given (port 53 anywhere). */}}
+{{- define "worker-pool.egressRules" -}}
+{{- $egress := .Values.networkPolicy.egress -}}
+- ports:
+    - protocol: UDP
+      port: 53
+    - protocol: TCP
+      port: 53
+  {{- with $egress.dnsTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+- to:
+    {{- toYaml $egress.brokerTo | nindent 4 }}
+  {{- with $egress.brokerPorts }}
+  ports:
+    {{- range . }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
+  {{- end }}
 {{- end -}}

@@ -4,6 +4,7 @@
 mod deletion_cost;
 mod env;
 mod gpu;
+mod secret;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -29,6 +30,7 @@ pub(crate) fn lookup_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<Strin
 pub use deletion_cost::PodDeletionCost;
 pub(crate) use deletion_cost::SETTING as POD_DELETION_COST_SETTING;
 pub use gpu::{visible_gpus, visible_gpus_from};
+pub use secret::SecretSource;
 
 /// How the scheduler shares free capacity between queues.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -412,21 +414,50 @@ pub(crate) fn default_reap_interval(lease: Duration) -> Duration {
 }
 
 /// `url` with any password replaced, for logs and errors: `redis://app:***@host`.
+///
+/// Malformed input is redacted too: without `://`, everything before the last `@` but
+/// a scheme goes (`redis:/app:pw@host` shows as `redis:***@host`), and a `password=`
+/// query parameter's value is replaced.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
+    let shown = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => format!("{scheme}://{userinfo}@{host}"),
+            },
+            None => url.to_owned(),
+        },
+        None => match url.rsplit_once('@') {
+            Some((before, host)) => {
+                let scheme = before.split_once(':').map(|(s, _)| s).filter(|s| {
+                    !s.is_empty()
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+                });
+                match scheme {
+                    Some(scheme) => format!("{scheme}:***@{host}"),
+                    None => format!("***@{host}"),
+                }
+            }
+            None => url.to_owned(),
+        },
+    };
+    redact_query_password(&shown)
+}
+
+/// `url` with the value of each `password=` query parameter replaced.
+fn redact_query_password(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
         return url.to_owned();
     };
-    match rest.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}")
-            } else {
-                format!("{scheme}://{user}@{host}")
-            }
-        }
-        None => url.to_owned(),
-    }
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => p.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
 }
 
 #[cfg(test)]
@@ -445,6 +476,24 @@ mod tests {
         );
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert_eq!(redact("redis://app@h"), "redis://app@h");
+    }
+
+    #[test]
+    fn passwords_never_leave_malformed_urls() {
+        for (url, shown) in [
+            ("redis:/app:s3cret@h:6379", "redis:***@h:6379"),
+            ("amqp:/guest:s3cret@h:5672/%2f", "amqp:***@h:5672/%2f"),
+            ("app:s3cret@h", "app:***@h"),
+            (":s3cret@h", "***@h"),
+            ("redis//app:s3cret@h", "***@h"),
+            (
+                "redis://h:6379/0?password=s3cret&db=1",
+                "redis://h:6379/0?password=***&db=1",
+            ),
+        ] {
+            assert_eq!(redact(url), shown, "{url}");
+            assert!(!redact(url).contains("s3cret"));
+        }
     }
 
     #[test]

@@ -13,13 +13,17 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::http::{publish_depths, render_metrics};
-use super::names;
+use super::http::{
+    depth_failed, depth_read, depth_unavailable_json, public_reason, render_metrics,
+};
+use super::listener::{self, Limits};
+use super::reading::{self, SharedReading};
 use super::scaling::ScalingDoc;
 use crate::broker::Broker;
 use crate::BrokerError;
 
-/// Opens the broker; tried again on each request until it succeeds.
+/// Opens the broker; tried again on later requests (at most one attempt a second)
+/// until it succeeds.
 pub type Connect = Arc<
     dyn Fn() -> std::pin::Pin<
             Box<dyn std::future::Future<Output = Result<Arc<dyn Broker>, BrokerError>> + Send>,
@@ -69,8 +73,8 @@ impl Exporter {
     }
 
     /// An exporter that opens its broker with `connect` on the first request, and on
-    /// each later one until it succeeds: a broker that is down when the exporter starts
-    /// is answered with 503 like one that goes down later.
+    /// later ones (at most once a second) until it succeeds: a broker that is down when
+    /// the exporter starts is answered with 503 like one that goes down later.
     pub fn connecting(
         connect: Connect,
         pool: impl Into<String>,
@@ -96,16 +100,28 @@ impl Exporter {
     }
 
     /// The routes: `/livez`, `/scaling`, `/metrics`.
+    ///
+    /// Requests that come within a second of a depth reading, or while one is in
+    /// flight, are answered from it: scrapers do not multiply the broker's load. A
+    /// reading that failed answers 503 the same way, its error logged (not sent).
     pub fn router(self) -> Router {
         super::prometheus();
+        let routes = Routes {
+            exporter: self,
+            depth: SharedReading::new(reading::DEFAULT_TTL),
+        };
         Router::new()
             .route("/livez", get(|| async { "ok\n" }))
             .route("/scaling", get(scaling))
             .route("/metrics", get(metrics))
-            .with_state(Arc::new(self))
+            .with_state(Arc::new(routes))
     }
 
-    /// Serve on `listener` until `stop` fires.
+    /// Serve on `listener` until `stop` fires, then let open requests finish.
+    ///
+    /// The listener is the workers' own: a client gets 5 s to send a request's headers
+    /// (and 5 s idle between requests) before its connection is closed, and past 64
+    /// open connections each new one is closed as soon as it is accepted.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -113,16 +129,19 @@ impl Exporter {
     ) -> std::io::Result<()> {
         let addr: Option<SocketAddr> = listener.local_addr().ok();
         tracing::info!(pool = %self.pool, addr = ?addr, queues = ?self.queues, "exporter listening");
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
+        listener::serve(listener, self.router(), Limits::DEFAULT, stop).await
     }
 
     async fn read(&self) -> Result<ScalingDoc, BrokerError> {
-        let broker = self.broker.get_or_try_init(|| (self.connect)()).await?;
-        let (mut doc, depths) =
-            ScalingDoc::read(broker.as_ref(), &self.pool, self.capacity, &self.queues).await?;
-        publish_depths(&self.pool, &depths);
+        let broker = match self.broker.get_or_try_init(|| (self.connect)()).await {
+            Ok(broker) => broker,
+            Err(e) => {
+                depth_failed(&self.pool, &e);
+                return Err(e);
+            }
+        };
+        let read = ScalingDoc::read(broker.as_ref(), &self.pool, self.capacity, &self.queues).await;
+        let mut doc = depth_read(&self.pool, read)?;
         doc.desired_replicas = doc.desired_replicas.max(self.min_replicas);
         if let Some(max) = self.max_replicas {
             doc.desired_replicas = doc.desired_replicas.min(max);
@@ -131,30 +150,32 @@ impl Exporter {
     }
 }
 
-async fn scaling(AxumState(e): AxumState<Arc<Exporter>>) -> Response {
-    match e.read().await {
-        Ok(doc) => Json(doc).into_response(),
-        // An error, never a 0: a lost signal must trigger the autoscaler's fallback.
-        Err(err) => {
-            tracing::warn!(pool = %e.pool, error = %err, "cannot read queue depth");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(serde_json::json!({ "error": err.to_string() })),
-            )
-                .into_response()
-        }
+/// The exporter and the depth reading its requests share.
+struct Routes {
+    exporter: Exporter,
+    depth: SharedReading<ScalingDoc>,
+}
+
+impl Routes {
+    async fn read(&self) -> Result<Arc<ScalingDoc>, Arc<BrokerError>> {
+        self.depth.get(|| self.exporter.read()).await
     }
 }
 
-async fn metrics(AxumState(e): AxumState<Arc<Exporter>>) -> Response {
-    if let Err(err) = e.read().await {
-        metrics::counter!(names::BROKER_ERRORS, names::POOL => e.pool.clone(), names::OP => "depth")
-            .increment(1);
-        tracing::warn!(pool = %e.pool, error = %err, "cannot read queue depth for /metrics");
+async fn scaling(AxumState(r): AxumState<Arc<Routes>>) -> Response {
+    match r.read().await {
+        Ok(doc) => Json(doc.as_ref()).into_response(),
+        // An error, never a 0: a lost signal must trigger the autoscaler's fallback.
+        Err(e) => depth_unavailable_json(&e),
+    }
+}
+
+async fn metrics(AxumState(r): AxumState<Arc<Routes>>) -> Response {
+    if let Err(e) = r.read().await {
         // The gauges would show the last reading as if it were current.
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("cannot read queue depth: {err}\n"),
+            format!("cannot read queue depth: {}\n", public_reason(&e)),
         )
             .into_response();
     }

@@ -1,4 +1,7 @@
 //! `/livez`, `/readyz`, `/metrics`, `/scaling`.
+//!
+//! Bodies never carry a broker error's text, which can name the broker's user and host:
+//! they say what failed in a word, and the log has the error with its causes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,10 +14,14 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::listener::{self, Limits};
 use super::names;
+use super::reading::{self, SharedReading};
 use super::scaling::ScalingDoc;
 use crate::broker::{Broker, QueueDepth};
+use crate::error::chain;
 use crate::lifecycle::{Lifecycle, State};
+use crate::BrokerError;
 
 #[derive(Clone)]
 pub(crate) struct HttpState {
@@ -25,13 +32,36 @@ pub(crate) struct HttpState {
     pub(crate) queues: Vec<String>,
 }
 
+/// The routes' state: the worker's, and the depth reading its requests share.
+struct Routes {
+    state: HttpState,
+    depth: SharedReading<ScalingDoc>,
+}
+
+impl Routes {
+    async fn read(&self) -> Result<Arc<ScalingDoc>, Arc<BrokerError>> {
+        let s = &self.state;
+        self.depth
+            .get(|| async {
+                let read =
+                    ScalingDoc::read(s.broker.as_ref(), &s.pool, s.capacity, &s.queues).await;
+                depth_read(&s.pool, read)
+            })
+            .await
+    }
+}
+
 pub(crate) fn router(state: HttpState) -> Router {
+    let routes = Routes {
+        state,
+        depth: SharedReading::new(reading::DEFAULT_TTL),
+    };
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/scaling", get(scaling))
-        .with_state(state)
+        .with_state(Arc::new(routes))
 }
 
 /// Serve until `stop` fires.
@@ -41,11 +71,7 @@ pub(crate) fn serve(
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let app = router(state);
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        {
+        if let Err(e) = listener::serve(listener, router(state), Limits::DEFAULT, stop).await {
             tracing::error!(error = %e, "HTTP listener failed");
         }
     })
@@ -55,7 +81,8 @@ pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-async fn readyz(AxumState(s): AxumState<HttpState>) -> Response {
+async fn readyz(AxumState(r): AxumState<Arc<Routes>>) -> Response {
+    let s = &r.state;
     if s.life.is_ready() {
         return (StatusCode::OK, "ready\n").into_response();
     }
@@ -71,31 +98,66 @@ async fn readyz(AxumState(s): AxumState<HttpState>) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
 }
 
-async fn scaling(AxumState(s): AxumState<HttpState>) -> Response {
-    match ScalingDoc::read(s.broker.as_ref(), &s.pool, s.capacity, &s.queues).await {
-        Ok((doc, depths)) => {
-            publish_depths(&s.pool, &depths);
-            Json(doc).into_response()
-        }
+async fn scaling(AxumState(r): AxumState<Arc<Routes>>) -> Response {
+    match r.read().await {
+        Ok(doc) => Json(doc.as_ref()).into_response(),
         // Never a zero that would scale the pool down: an error the autoscaler sees as one.
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "error": e.to_string() })),
-        )
-            .into_response(),
+        Err(e) => depth_unavailable_json(&e),
     }
 }
 
-async fn metrics(AxumState(s): AxumState<HttpState>) -> Response {
-    match ScalingDoc::read(s.broker.as_ref(), &s.pool, s.capacity, &s.queues).await {
-        Ok((_, depths)) => publish_depths(&s.pool, &depths),
+async fn metrics(AxumState(r): AxumState<Arc<Routes>>) -> Response {
+    // A failed reading is counted and logged where it was taken; the process's own
+    // metrics are served regardless.
+    let _ = r.read().await;
+    render_metrics()
+}
+
+/// Finish a depth reading: set the queue gauges from it, or count and log its error
+/// with the error's causes (the one place they are shown).
+pub(crate) fn depth_read(
+    pool: &str,
+    read: Result<(ScalingDoc, Vec<(String, QueueDepth)>), BrokerError>,
+) -> Result<ScalingDoc, BrokerError> {
+    match read {
+        Ok((doc, depths)) => {
+            publish_depths(pool, &depths);
+            Ok(doc)
+        }
         Err(e) => {
-            metrics::counter!(names::BROKER_ERRORS, names::POOL => s.pool.clone(), names::OP => "depth")
-                .increment(1);
-            tracing::warn!(error = %e, "cannot read queue depth for /metrics");
+            depth_failed(pool, &e);
+            Err(e)
         }
     }
-    render_metrics()
+}
+
+/// Count and log a failed depth reading.
+pub(crate) fn depth_failed(pool: &str, e: &BrokerError) {
+    metrics::counter!(names::BROKER_ERRORS, names::POOL => pool.to_owned(), names::OP => "depth")
+        .increment(1);
+    tracing::warn!(pool, error = %chain(e), "cannot read queue depth");
+}
+
+/// What a response may say of a broker error: its kind, never its text.
+pub(crate) fn public_reason(e: &BrokerError) -> &'static str {
+    match e {
+        BrokerError::Unavailable { .. } => "broker unavailable",
+        BrokerError::Protocol(_) => "broker protocol error",
+        BrokerError::InvalidQueueName { .. } => "invalid queue name",
+        BrokerError::Unsupported { .. } => "queue depth not supported by this broker",
+        BrokerError::LeaseLost { .. }
+        | BrokerError::PayloadTooLarge { .. }
+        | BrokerError::DuplicateJob { .. } => "cannot read queue depth",
+    }
+}
+
+/// The 503 of `/scaling`: `{"error": ...}`, its text from [`public_reason`].
+pub(crate) fn depth_unavailable_json(e: &BrokerError) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(serde_json::json!({ "error": public_reason(e) })),
+    )
+        .into_response()
 }
 
 /// The process's metrics in the Prometheus text format.

@@ -1,10 +1,22 @@
 //! Metrics, the `/scaling` document, and the HTTP listener that serves them.
 //!
+//! The worker and the [`exporter`] serve on one listener implementation: HTTP/1.1 with
+//! a 5 s header-read timeout (idle kept-alive connections included) and at most 64
+//! open connections, each one over closed as soon as it is accepted. Their depth
+//! routes share one broker reading per second, and their error bodies name the kind of
+//! failure, never the broker error's text (which the log keeps, with its causes).
+//!
 //! Every metric name and label is defined once, in [`names`].
 
 pub mod exporter;
 pub(crate) mod http;
+mod listener;
+mod reading;
 pub mod scaling;
+#[cfg(test)]
+mod test_broker;
+#[cfg(test)]
+mod tests;
 
 use std::sync::OnceLock;
 
