@@ -14,7 +14,6 @@ use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Consumer};
 use tokio::sync::Notify;
-use worker_core::broker::validate_queue_name;
 use worker_core::job::now_ms;
 use worker_core::{
     Broker, BrokerError, DeadLetter, Delivery, Envelope, FetchPlan, JobId, Lease, LeaseToken,
@@ -612,7 +611,7 @@ impl Inner {
     }
 
     async fn consume(&self, s: &Session, queue: &str) -> Result<(), BrokerError> {
-        validate_queue_name(queue)?;
+        topology::check_queue(queue)?;
         self.declare_work(s, queue).await?;
         let (channel, settler) = self.open_channel(s, queue, self.config.prefetch).await?;
         let tag = consumer_tag();
@@ -980,8 +979,9 @@ fn confirmed(c: Confirmation) -> Result<(), BrokerError> {
 impl Broker for AmqpBroker {
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, BrokerError> {
         let inner = &self.inner;
-        for job in &jobs {
-            validate_queue_name(&job.queue)?;
+        for (i, job) in jobs.iter().enumerate() {
+            worker_core::broker::validate_new_job(job, i + 1)?;
+            topology::check_queue(&job.queue)?;
             if job.payload.len() > inner.config.max_payload {
                 return Err(BrokerError::PayloadTooLarge {
                     size: job.payload.len(),
@@ -1270,7 +1270,7 @@ impl Broker for AmqpBroker {
 
     async fn depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
         let inner = &self.inner;
-        validate_queue_name(queue)?;
+        topology::check_queue(queue)?;
         let s = inner.sessions.get().await?;
         // A doorbell holds nothing it has not delivered: a passive declare is exact.
         let consumed = !inner.getting()
@@ -1418,7 +1418,7 @@ impl Broker for AmqpBroker {
         queue: &str,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BrokerError> {
-        validate_queue_name(queue)?;
+        topology::check_queue(queue)?;
         let s = self.inner.sessions.get().await?;
         let reader = DeadReader::open(&self.inner, &s, queue).await?;
         let mut out = Vec::new();
@@ -1437,7 +1437,7 @@ impl Broker for AmqpBroker {
     }
 
     async fn requeue_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError> {
-        validate_queue_name(queue)?;
+        topology::check_queue(queue)?;
         let inner = &self.inner;
         let s = inner.sessions.get().await?;
         let reader = DeadReader::open(inner, &s, queue).await?;
@@ -1488,7 +1488,7 @@ impl Broker for AmqpBroker {
     }
 
     async fn purge_dead(&self, queue: &str, ids: &[JobId]) -> Result<u64, BrokerError> {
-        validate_queue_name(queue)?;
+        topology::check_queue(queue)?;
         let inner = &self.inner;
         let s = inner.sessions.get().await?;
         if ids.is_empty() {

@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use worker_core::broker::validate_queue_name;
+use worker_core::BrokerError;
 
 /// How RabbitMQ stores a queue.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,6 +35,35 @@ impl QueueType {
             "quorum" => Some(Self::Quorum),
             _ => None,
         }
+    }
+}
+
+/// A work queue's name as this backend accepts it: the rules every backend shares
+/// ([`validate_queue_name`]), and none of the names of the queues it keeps beside
+/// work queues (`<q>.dead`, `<q>.later.<n>`, the `<q>.delay.<n>` of earlier
+/// versions, `wp.workers.<id>`), which a work queue of that name would collide with.
+pub(crate) fn check_queue(name: &str) -> Result<(), BrokerError> {
+    validate_queue_name(name)?;
+    let numbered = |marker: &str| {
+        name.rsplit_once(marker).is_some_and(|(base, n)| {
+            !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+        })
+    };
+    let reason = if name.ends_with(".dead") {
+        Some("it ends in .dead, the name of a queue's dead letters")
+    } else if numbered(".later.") || numbered(".delay.") {
+        Some("it ends in .later.<n> or .delay.<n>, the names of a queue's delayed jobs")
+    } else if name.starts_with(WORKERS_PREFIX) {
+        Some("it starts with wp.workers., the names of the worker registry")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(BrokerError::InvalidQueueName {
+            name: name.to_owned(),
+            reason: format!("{reason} on RabbitMQ"),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -168,6 +199,34 @@ pub(crate) fn worker_args() -> FieldTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn work_queues_cannot_take_the_names_of_the_queues_kept_beside_them() {
+        for taken in [
+            "jobs.dead",
+            "jobs.later.0",
+            "jobs.later.12",
+            "jobs.delay.60000",
+            "wp.workers.w1",
+        ] {
+            let e = check_queue(taken).unwrap_err();
+            assert!(
+                matches!(e, BrokerError::InvalidQueueName { .. }),
+                "{taken}: {e}"
+            );
+        }
+        for fine in [
+            "jobs",
+            "dead",
+            "jobs.deadline",
+            "jobs.later",
+            "jobs.later.x",
+            "wp.work",
+        ] {
+            assert!(check_queue(fine).is_ok(), "{fine}");
+        }
+        assert!(check_queue("has space").is_err());
+    }
 
     #[test]
     fn a_job_waits_in_the_highest_level_not_longer_than_its_delay() {

@@ -130,6 +130,15 @@ pub enum BrokerError {
         /// Why it is refused.
         reason: String,
     },
+    /// A job the backend cannot store as given (an id or header out of bounds, see
+    /// [`validate_new_job`](crate::broker::validate_new_job)); nothing was written.
+    #[error("invalid job {job:?}: {reason}")]
+    InvalidJob {
+        /// The job's id, or its position in the batch when it has none.
+        job: String,
+        /// Why it is refused.
+        reason: String,
+    },
     /// A job id already present in the queue; nothing was written.
     #[error("job {job_id} already exists")]
     DuplicateJob {
@@ -177,6 +186,7 @@ impl BrokerError {
             Self::LeaseLost { .. }
             | Self::PayloadTooLarge { .. }
             | Self::InvalidQueueName { .. }
+            | Self::InvalidJob { .. }
             | Self::DuplicateJob { .. }
             | Self::Protocol(_)
             | Self::Unsupported { .. } => Transience::Permanent,

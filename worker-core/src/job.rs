@@ -150,10 +150,29 @@ impl AttemptRecord {
     pub fn now(attempt: u32, error: impl Into<String>) -> Self {
         Self {
             attempt,
-            error: error.into(),
+            error: clip(error.into(), MAX_ERROR_TEXT),
             at_ms: now_ms(),
         }
     }
+}
+
+/// The most bytes of one failure's error text a job keeps (cut at a character
+/// boundary, marked with `…`): a job carries its history through every state, and
+/// a handler's error may quote a whole input.
+pub const MAX_ERROR_TEXT: usize = 2048;
+
+/// `text` cut to at most `max` bytes at a character boundary, `…` marking the cut.
+pub fn clip(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push('…');
+    text
 }
 
 /// How many failures an envelope's history keeps; older ones are dropped first.
@@ -239,14 +258,24 @@ impl Envelope {
 
 mod payload_serde {
     //! Payloads are stored as a UTF-8 string when they are valid UTF-8 (the common JSON
-    //! case, readable in `redis-cli`), and as a byte array otherwise.
+    //! case, readable in `redis-cli`), and as `{"base64": "..."}` otherwise: a third
+    //! larger than the bytes, where a JSON array of numbers was four times larger and
+    //! far costlier to parse. Arrays written by earlier versions are still read.
+    use base64::Engine as _;
     use bytes::Bytes;
+    use serde::ser::SerializeMap;
     use serde::{Deserialize, Deserializer, Serializer};
+
+    const ENGINE: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
     pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
         match std::str::from_utf8(b) {
             Ok(text) => s.serialize_str(text),
-            Err(_) => s.serialize_bytes(b),
+            Err(_) => {
+                let mut map = s.serialize_map(Some(1))?;
+                map.serialize_entry("base64", &ENGINE.encode(b))?;
+                map.end()
+            }
         }
     }
 
@@ -254,12 +283,18 @@ mod payload_serde {
     #[serde(untagged)]
     enum Stored {
         Text(String),
+        Encoded { base64: String },
         Bytes(Vec<u8>),
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
         Ok(match Stored::deserialize(d)? {
             Stored::Text(s) => Bytes::from(s),
+            Stored::Encoded { base64 } => Bytes::from(
+                ENGINE
+                    .decode(base64.as_bytes())
+                    .map_err(serde::de::Error::custom)?,
+            ),
             Stored::Bytes(b) => Bytes::from(b),
         })
     }
@@ -513,6 +548,35 @@ mod tests {
             assert_eq!(back, env);
             assert_eq!(back.payload, payload);
         }
+    }
+
+    #[test]
+    fn binary_payloads_are_stored_compactly_and_old_arrays_still_read() {
+        let payload = Bytes::from((0..=255u8).cycle().take(3000).collect::<Vec<u8>>());
+        let env = Envelope::from_new(NewJob::new("q", payload.clone()));
+        let stored = env.to_bytes();
+        // base64: 4 bytes per 3, plus the envelope's other fields.
+        assert!(
+            stored.len() < payload.len() * 4 / 3 + 512,
+            "{} bytes",
+            stored.len()
+        );
+        assert_eq!(Envelope::from_bytes(&stored).unwrap().payload, payload);
+        let mut old: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+        old["payload"] = serde_json::json!([0xff, 0, 7]);
+        let back = Envelope::from_bytes(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(back.payload, Bytes::from_static(&[0xff, 0, 7]));
+    }
+
+    #[test]
+    fn error_text_in_the_history_is_bounded() {
+        let mut env = Envelope::from_new(NewJob::new("q", "x"));
+        env.record_failure(&"é".repeat(10_000));
+        let kept = &env.history[0].error;
+        assert!(kept.len() <= MAX_ERROR_TEXT, "{}", kept.len());
+        assert!(kept.ends_with('…'));
+        env.record_failure("short");
+        assert_eq!(env.history[1].error, "short");
     }
 
     #[test]

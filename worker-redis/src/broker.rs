@@ -449,6 +449,13 @@ impl RedisBroker {
     /// the first delayed job is due" per queue (-1: none), which is remembered for the
     /// idle wait. A job that does not read is not a delivery: it comes back among the
     /// unreadable, with its lease and why, for the caller to dead-letter.
+    /// The largest stored envelope a fetch decodes: a payload at its limit escaped as
+    /// JSON, a checkpoint as large, headers and history. A larger one was written by
+    /// something else than enqueue; decoding it could take a great deal of memory.
+    fn max_envelope(&self) -> usize {
+        self.max_payload.saturating_mul(4).saturating_add(1 << 20)
+    }
+
     fn parse_fetched(
         &self,
         mut rows: Vec<Vec<u8>>,
@@ -497,7 +504,17 @@ impl RedisBroker {
                 })?;
             let id = String::from_utf8_lossy(&r[1]);
             let lease = Lease::new(JobId::from(id.as_ref()), *queue, LeaseToken(*token));
-            match read_stored(&id, queue, &r[2]) {
+            let stored = if r[2].len() > self.max_envelope() {
+                Err(format!(
+                    "stored envelope of {} bytes is larger than the {} bytes a fetch reads \
+                     (4 × the payload limit + 1 MiB): not written by this version's enqueue",
+                    r[2].len(),
+                    self.max_envelope()
+                ))
+            } else {
+                read_stored(&id, queue, &r[2])
+            };
+            match stored {
                 Ok(mut env) => {
                     let (attempt, due) = parse_meta(&r[1], &r[3]);
                     env.attempt = attempt;
@@ -753,8 +770,8 @@ fn read_history(id: &str, raw: &[u8]) -> Vec<AttemptRecord> {
 #[async_trait]
 impl Broker for RedisBroker {
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, BrokerError> {
-        for job in &jobs {
-            validate_queue_name(&job.queue)?;
+        for (i, job) in jobs.iter().enumerate() {
+            worker_core::broker::validate_new_job(job, i + 1)?;
             if job.payload.len() > self.max_payload {
                 return Err(BrokerError::PayloadTooLarge {
                     size: job.payload.len(),

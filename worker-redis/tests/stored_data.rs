@@ -254,3 +254,39 @@ async fn one_unreadable_dead_letter_does_not_hide_the_others() {
     assert_eq!(by_id("one").envelope.history.len(), 1);
     assert!(by_id("three").envelope.history.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_too_large_to_have_been_enqueued_is_dead_lettered_unread() {
+    let prefix = unique("huge");
+    let b = RedisConfig::new(URL)
+        .prefix(&prefix)
+        .max_payload(1024)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.enqueue(vec![
+        NewJob::new("q", "x").id("huge"),
+        NewJob::new("q", "y").id("fine"),
+    ])
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    // A well-formed envelope, written by another producer, far over 4 × 1 KiB + 1 MiB.
+    let other = worker_core::Envelope::from_new(NewJob::new("q", "z".repeat(2 << 20)).id("huge"));
+    overwrite(&format!("{{{prefix}:q}}:jobs"), "e:huge", &other.to_bytes()).await;
+
+    let got = b
+        .fetch(&FetchPlan::single("q", 2, Duration::from_secs(30)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ids: Vec<&str> = got.iter().map(|d| d.envelope.id.as_str()).collect();
+    assert_eq!(ids, ["fine"]);
+    let d = b.depth("q").await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((d.pending, d.in_flight, d.dead), (0, 1, 1));
+    let dead = b
+        .dead_letters("q", 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].reason.contains("larger than"), "{}", dead[0].reason);
+    b.ack(&got[0].lease).await.unwrap_or_else(|e| panic!("{e}"));
+}

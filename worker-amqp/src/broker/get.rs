@@ -111,7 +111,7 @@ impl Inner {
                 .collect()
         };
         for q in &needed {
-            validate_queue_name(q)?;
+            topology::check_queue(q)?;
             self.declare_work(&s, q).await?;
         }
         let args = self.consumer_args();
@@ -186,7 +186,7 @@ impl Inner {
     ) -> Result<Vec<Delivery>, BrokerError> {
         let queues: Vec<String> = plan.shares.iter().map(|sh| sh.queue.clone()).collect();
         for q in &queues {
-            validate_queue_name(q)?;
+            topology::check_queue(q)?;
             self.move_delayed(q);
         }
         let s = self.sessions.get().await?;

@@ -13,10 +13,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{
-    validate_queue_name, Broker, DeadLetter, Delivery, FetchPlan, Lease, LeaseToken, QueueDepth,
-    WorkerInfo,
-};
+use super::{Broker, DeadLetter, Delivery, FetchPlan, Lease, LeaseToken, QueueDepth, WorkerInfo};
 use crate::error::BrokerError;
 use crate::job::{now_ms, Envelope, JobId, NewJob};
 
@@ -165,8 +162,8 @@ impl MemoryBroker {
 #[async_trait]
 impl Broker for MemoryBroker {
     async fn enqueue(&self, jobs: Vec<NewJob>) -> Result<Vec<JobId>, BrokerError> {
-        for job in &jobs {
-            validate_queue_name(&job.queue)?;
+        for (i, job) in jobs.iter().enumerate() {
+            crate::broker::validate_new_job(job, i + 1)?;
             if let Some(limit) = self.inner.max_payload {
                 if job.payload.len() > limit {
                     return Err(BrokerError::PayloadTooLarge {

@@ -478,6 +478,82 @@ pub fn system_time_ms(t: SystemTime) -> u64 {
 /// Longest queue name any backend accepts.
 pub const MAX_QUEUE_NAME: usize = 200;
 
+/// Longest job id, in bytes.
+pub const MAX_JOB_ID: usize = 200;
+
+/// Most headers a job may carry.
+pub const MAX_HEADERS: usize = 64;
+
+/// Longest header name, in bytes.
+pub const MAX_HEADER_NAME: usize = 128;
+
+/// Most bytes of all header names and values of a job together.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// The rules every backend applies to a job at enqueue, before it writes anything:
+/// its queue's name ([`validate_queue_name`]); an id of 1 to [`MAX_JOB_ID`] bytes
+/// without control characters; at most [`MAX_HEADERS`] headers, each name 1 to
+/// [`MAX_HEADER_NAME`] bytes without control characters, and at most
+/// [`MAX_HEADER_BYTES`] of names and values in all. Ids and header names travel as
+/// protocol fields with a length limit (AMQP's short strings hold 255 bytes) and are
+/// printed in logs and by `workerctl`; a control character in them could forge a
+/// frame or a terminal escape.
+pub fn validate_new_job(job: &crate::NewJob, position: usize) -> Result<(), BrokerError> {
+    validate_queue_name(&job.queue)?;
+    let name = || {
+        job.id.as_ref().map_or_else(
+            || format!("#{position} of the batch"),
+            |id| id.as_str().chars().take(64).collect(),
+        )
+    };
+    let refuse = |reason: String| {
+        Err(BrokerError::InvalidJob {
+            job: name(),
+            reason,
+        })
+    };
+    if let Some(id) = &job.id {
+        let id = id.as_str();
+        if id.is_empty() {
+            return refuse("its id is empty".into());
+        }
+        if id.len() > MAX_JOB_ID {
+            return refuse(format!(
+                "its id is {} bytes, more than {MAX_JOB_ID}",
+                id.len()
+            ));
+        }
+        if id.chars().any(char::is_control) {
+            return refuse("its id contains a control character".into());
+        }
+    }
+    if job.headers.len() > MAX_HEADERS {
+        return refuse(format!(
+            "it has {} headers, more than {MAX_HEADERS}",
+            job.headers.len()
+        ));
+    }
+    let mut total = 0;
+    for (k, v) in &job.headers {
+        if k.is_empty() || k.len() > MAX_HEADER_NAME {
+            return refuse(format!(
+                "header name of {} bytes: names are 1 to {MAX_HEADER_NAME} bytes",
+                k.len()
+            ));
+        }
+        if k.chars().any(char::is_control) {
+            return refuse(format!("header name {k:?} contains a control character"));
+        }
+        total += k.len() + v.len();
+    }
+    if total > MAX_HEADER_BYTES {
+        return refuse(format!(
+            "its headers hold {total} bytes, more than {MAX_HEADER_BYTES}"
+        ));
+    }
+    Ok(())
+}
+
 /// The queue-name rules every backend shares: 1 to [`MAX_QUEUE_NAME`] bytes, no
 /// control characters, no whitespace, and none of `{ } , :` (hash tags, and the
 /// separators of `WORKER_QUEUES`).

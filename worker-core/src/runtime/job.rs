@@ -504,8 +504,10 @@ async fn fail<H>(
 
 async fn dead_letter<H>(shared: &Shared<H>, lease: &Lease, reason: &str) -> Outcome {
     tracing::warn!(reason, "dead-lettering job");
+    // Bounded like the error text of the job's history.
+    let reason = crate::job::clip(reason.to_owned(), crate::job::MAX_ERROR_TEXT);
     settle(shared, lease, Outcome::Dead, || {
-        shared.broker.dead_letter(lease, reason)
+        shared.broker.dead_letter(lease, &reason)
     })
     .await
 }

@@ -147,6 +147,7 @@ pub(crate) fn public_reason(e: &BrokerError) -> &'static str {
         BrokerError::Unsupported { .. } => "queue depth not supported by this broker",
         BrokerError::LeaseLost { .. }
         | BrokerError::PayloadTooLarge { .. }
+        | BrokerError::InvalidJob { .. }
         | BrokerError::DuplicateJob { .. } => "cannot read queue depth",
     }
 }

@@ -232,6 +232,64 @@ pub async fn invalid_queue_names_are_refused(b: &dyn Broker) {
     assert_eq!(take(b, &odd, 1, LONG).await.len(), 1);
 }
 
+/// A job whose id or headers are out of bounds (see
+/// [`validate_new_job`](crate::broker::validate_new_job)) refuses its whole batch
+/// before anything is written; jobs at the bounds are stored and read back whole.
+pub async fn jobs_out_of_bounds_are_refused_and_nothing_is_written(b: &dyn Broker) {
+    use crate::broker::{MAX_HEADERS, MAX_HEADER_BYTES, MAX_HEADER_NAME, MAX_JOB_ID};
+    let q = unique("bounds");
+    let with_header = |k: &str, v: &str| {
+        let mut j = NewJob::new(&q, "x");
+        j.headers.insert(k.to_owned(), v.to_owned());
+        j
+    };
+    let many = {
+        let mut j = NewJob::new(&q, "x");
+        for i in 0..=MAX_HEADERS {
+            j.headers.insert(format!("h{i}"), "v".into());
+        }
+        j
+    };
+    let bad = [
+        NewJob::new(&q, "x").id("i".repeat(MAX_JOB_ID + 1)),
+        NewJob::new(&q, "x").id("line\nbreak"),
+        NewJob::new(&q, "x").id("esc\u{1b}[2J"),
+        with_header(&"k".repeat(MAX_HEADER_NAME + 1), "v"),
+        with_header("", "v"),
+        with_header("bell\u{7}", "v"),
+        with_header("big", &"v".repeat(MAX_HEADER_BYTES)),
+        many,
+    ];
+    for job in bad {
+        let shown = format!("id {:?}, {} headers", job.id, job.headers.len());
+        let r = b.enqueue(vec![NewJob::new(&q, "fine"), job]).await;
+        assert!(
+            matches!(r, Err(BrokerError::InvalidJob { .. })),
+            "{shown}: {r:?}"
+        );
+        assert!(!r.unwrap_err().is_transient());
+    }
+    assert_eq!(b.depth(&q).await.unwrap().pending, 0, "nothing written");
+    // At the bounds: stored, and read back as sent.
+    let id = "i".repeat(MAX_JOB_ID);
+    let mut edge = NewJob::new(&q, "edge").id(id.clone());
+    edge.headers
+        .insert("k".repeat(MAX_HEADER_NAME), "traceparent-like value".into());
+    b.enqueue(vec![edge]).await.unwrap();
+    let got = take(b, &q, 1, LONG).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].envelope.id.as_str(), id);
+    assert_eq!(
+        got[0]
+            .envelope
+            .headers
+            .get(&"k".repeat(MAX_HEADER_NAME))
+            .map(String::as_str),
+        Some("traceparent-like value")
+    );
+    b.ack(&got[0].lease).await.unwrap();
+}
+
 /// An expired lease goes back to pending with its attempt counted; a new delivery
 /// has a new token.
 pub async fn expired_lease_is_reaped_with_attempt_counted(b: &dyn Broker) {

@@ -80,6 +80,7 @@ macro_rules! __conformance_cases {
             envelope_round_trips,
             batch_enqueue_is_all_or_nothing,
             invalid_queue_names_are_refused,
+            jobs_out_of_bounds_are_refused_and_nothing_is_written,
             expired_lease_is_reaped_with_attempt_counted,
             extended_lease_is_not_reaped,
             concurrent_reapers_reclaim_each_lease_once,
