@@ -990,6 +990,50 @@ pub fn make_certificates(dir: &Path) {
     );
 }
 
+/// Write `<name>.key` and `<name>.crt` into `dir`, a certificate for `cn` signed by
+/// the CA there (see [`make_certificates`]), with `san` as its subjectAltName when
+/// given (e.g. `DNS:other.invalid`): a client certificate, or a server certificate
+/// for another name than the one a client connects to.
+pub fn make_signed_certificate(dir: &Path, name: &str, cn: &str, san: Option<&str>) {
+    let (key, csr, crt) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+    );
+    let subject = format!("/CN={cn}");
+    openssl(
+        dir,
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj",
+            &subject,
+        ],
+    );
+    let mut args = vec![
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        &crt,
+        "-days",
+        "2",
+    ];
+    // Extensions make it an X.509 v3 certificate, the only version rustls accepts.
+    let ext = format!("{name}.ext");
+    let mut lines = String::from("basicConstraints=CA:FALSE\n");
+    if let Some(san) = san {
+        lines.push_str(&format!("subjectAltName={san}\n"));
+    }
+    std::fs::write(dir.join(&ext), lines).unwrap_or_else(|e| panic!("{e}"));
+    args.extend(["-extfile", ext.as_str()]);
+    openssl(dir, &args);
+}
+
 /// A TLS acceptor serving `server.crt` / `server.key` of `certs` (see
 /// [`make_certificates`]).
 pub fn tls_acceptor(certs: &Path) -> tokio_rustls::TlsAcceptor {

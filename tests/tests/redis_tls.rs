@@ -107,3 +107,107 @@ async fn rediss_with_a_private_ca_and_an_acl_user_from_the_url() {
     drop(server);
     let _ = std::fs::remove_dir_all(&certs);
 }
+
+/// Mutual TLS: a server that requires client certificates takes a client that presents
+/// one signed by its CA (from `REDIS_CLIENT_CERT_FILE` / `REDIS_CLIENT_KEY_FILE`) and
+/// refuses one that presents none; and a server whose certificate names another host
+/// is refused even though its CA is trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_and_host_names_are_checked() {
+    let certs = RedisServer::scratch_dir(free_addr().port());
+    make_certificates(&certs);
+    system_tests::make_signed_certificate(&certs, "client", "worker-pool client", None);
+    system_tests::make_signed_certificate(
+        &certs,
+        "other",
+        "other.invalid",
+        Some("DNS:other.invalid"),
+    );
+    let file = |name: &str| certs.join(name).to_string_lossy().into_owned();
+    let server = RedisServer::start_with(
+        &[
+            "--tls-cert-file".into(),
+            file("server.crt"),
+            "--tls-key-file".into(),
+            file("server.key"),
+            "--tls-ca-cert-file".into(),
+            file("ca.crt"),
+            "--tls-auth-clients".into(),
+            "yes".into(),
+        ],
+        true,
+    );
+    let url = format!("rediss://localhost:{}", server.port);
+    let env = |with_client: bool| {
+        let (url, ca, cert, key) = (
+            url.clone(),
+            file("ca.crt"),
+            file("client.crt"),
+            file("client.key"),
+        );
+        move |name: &str| match name {
+            "REDIS_URL" => Some(url.clone()),
+            "REDIS_CA_FILE" => Some(ca.clone()),
+            "REDIS_CLIENT_CERT_FILE" if with_client => Some(cert.clone()),
+            "REDIS_CLIENT_KEY_FILE" if with_client => Some(key.clone()),
+            _ => None,
+        }
+    };
+    let b = RedisConfig::from_vars(env(true))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .prefix("mtls")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    cases::enqueue_fetch_ack(&b).await;
+    let anonymous = RedisConfig::from_vars(env(false))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let refused = tokio::time::timeout(
+        Duration::from_secs(20),
+        worker_core::Broker::depth(&anonymous, "q"),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no answer"));
+    assert!(refused.is_err(), "a client without a certificate got in");
+    let half = RedisConfig::from_vars(|name: &str| {
+        (name == "REDIS_CLIENT_CERT_FILE" || name == "REDIS_URL").then(|| url.clone())
+    });
+    let e = half.expect_err("a certificate without its key").to_string();
+    assert!(e.contains("REDIS_CLIENT_KEY_FILE"), "{e}");
+    drop(server);
+
+    // A server certificate for other.invalid, reached as localhost, with its CA trusted.
+    let other = RedisServer::start_with(
+        &[
+            "--tls-cert-file".into(),
+            file("other.crt"),
+            "--tls-key-file".into(),
+            file("other.key"),
+            "--tls-ca-cert-file".into(),
+            file("ca.crt"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ],
+        true,
+    );
+    let ca = std::fs::read(certs.join("ca.crt")).unwrap_or_else(|e| panic!("{e}"));
+    let misnamed = RedisConfig::new(format!("rediss://localhost:{}", other.port))
+        .ca_cert_pem(ca)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        worker_core::Broker::depth(&misnamed, "q"),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no answer"))
+    .expect_err("a certificate for another host must be refused");
+    let text = format!("{err} {err:?}");
+    assert!(text.contains("not valid for name"), "{text}");
+    drop(other);
+    let _ = std::fs::remove_dir_all(&certs);
+}

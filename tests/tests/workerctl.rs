@@ -1,6 +1,7 @@
 //! The real `workerctl` binary against the real Redis: bad input changes nothing and
 //! exits 2, jobs enqueued from stdin show in the depth, and dead letters are listed,
-//! refused without `--yes` when no one can confirm, and requeued with it.
+//! refused without `--yes` when no one can confirm, and requeued with it; what a job's
+//! input wrote into them reaches the terminal escaped.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use serde_json::Value;
 use system_tests::binary;
 use tokio::io::AsyncWriteExt;
 use worker_core::testing::unique;
-use worker_core::{Broker, FetchPlan};
+use worker_core::{Broker, FetchPlan, NewJob};
 use worker_redis::RedisConfig;
 
 const URL: &str = "redis://127.0.0.1:6379";
@@ -140,6 +141,67 @@ async fn workerctl_enqueues_shows_depth_and_manages_dead_letters() {
     .await;
     assert_eq!(down.code, Some(1), "{}", down.stderr);
     assert!(down.stderr.contains("workerctl:"), "{}", down.stderr);
+}
+
+/// What a job's input controls reaches the operator's terminal escaped: a dead
+/// letter's reason and payload with escape sequences (retitle, clear, clipboard, a C1
+/// CSI), a line separator and bidi overrides. The table shows them as visible escapes
+/// on one line; `--json` carries them exactly, as JSON escapes, never as raw bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workerctl_shows_terminal_escapes_from_a_dead_letter_escaped_never_raw() {
+    let prefix = unique("ctl-esc");
+    let queue = "jobs";
+    let env = [("REDIS_URL", URL), ("REDIS_PREFIX", prefix.as_str())];
+    let reason = "\x1b]0;pwned\x07\x1b[2J\x1b]52;c;cm0gLXJmIH4=\x07\u{9b}31m \
+                  \u{202e}gnp.exe\u{2069} line\u{2028}two\nthree\x7f";
+    let payload = "{\"note\":\"\x1b[2J\u{202e}\x07\"}";
+
+    let b = system_tests::redis_broker(&prefix).await;
+    b.enqueue(vec![NewJob::new(queue, payload.as_bytes().to_vec())])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let got = b
+        .fetch(&FetchPlan::single(queue, 1, Duration::from_secs(30)))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    b.dead_letter(&got[0].lease, reason)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let raw = |out: &str| {
+        [
+            '\x1b', '\x07', '\x7f', '\u{9b}', '\u{2028}', '\u{202e}', '\u{2069}',
+        ]
+        .into_iter()
+        .filter(|c| out.contains(*c))
+        .map(|c| format!("{c:?}"))
+        .collect::<Vec<_>>()
+    };
+    let table = workerctl(&env, &["dead", "list", queue], "").await;
+    assert_eq!(table.code, Some(0), "{}", table.stderr);
+    assert_eq!(
+        raw(&table.stdout),
+        Vec::<String>::new(),
+        "{:?}",
+        table.stdout
+    );
+    assert_eq!(table.stdout.lines().count(), 2, "{:?}", table.stdout);
+    let row = table.stdout.lines().nth(1).unwrap_or_default();
+    assert!(row.starts_with(got[0].envelope.id.as_str()), "{row:?}");
+    assert!(
+        row.ends_with(
+            r"\x1b]0;pwned\x07\x1b[2J\x1b]52;c;cm0gLXJmIH4=\x07\u{9b}31m \u{202e}gnp.exe\u{2069} line\u{2028}two\nthree\x7f"
+        ),
+        "{row:?}"
+    );
+
+    let list = workerctl(&env, &["dead", "list", queue, "--json"], "").await;
+    assert_eq!(list.code, Some(0), "{}", list.stderr);
+    assert_eq!(raw(&list.stdout), Vec::<String>::new(), "{:?}", list.stdout);
+    let dead = json(&list);
+    assert_eq!(dead[0]["id"], got[0].envelope.id.as_str());
+    assert_eq!(dead[0]["reason"], reason, "{dead}");
+    assert_eq!(dead[0]["payload"], payload, "{dead}");
 }
 
 /// A GET on the exporter: status and body (status 0 when it does not answer).

@@ -49,6 +49,9 @@ pub struct RedisConfig {
     /// PEM certificate(s) of the authority that signed the server's certificate, for
     /// `rediss://` URLs; the system's trust store when `None`.
     pub ca_cert: Option<Vec<u8>>,
+    /// PEM certificate and private key this client presents for `rediss://`
+    /// (`tls-auth-clients yes`); none when `None`.
+    pub client_cert: Option<(Vec<u8>, Vec<u8>)>,
     /// Seed nodes of a Redis Cluster; empty for a single server at `url`.
     pub cluster_nodes: Vec<String>,
     /// Replicas that must confirm an enqueue before it is acknowledged (`WAIT`), and
@@ -68,6 +71,7 @@ impl RedisConfig {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(10),
             ca_cert: None,
+            client_cert: None,
             cluster_nodes: Vec::new(),
             wait_replicas: None,
         }
@@ -104,6 +108,29 @@ impl RedisConfig {
     pub fn ca_cert_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.ca_cert = Some(pem.into());
         self
+    }
+
+    /// Present this PEM certificate and private key to the server (mutual TLS).
+    pub fn client_cert_pem(mut self, cert: impl Into<Vec<u8>>, key: impl Into<Vec<u8>>) -> Self {
+        self.client_cert = Some((cert.into(), key.into()));
+        self
+    }
+
+    /// The certificates of a TLS connection, when any were configured.
+    fn tls_certificates(&self) -> Option<redis::TlsCertificates> {
+        if self.ca_cert.is_none() && self.client_cert.is_none() {
+            return None;
+        }
+        Some(redis::TlsCertificates {
+            client_tls: self
+                .client_cert
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.ca_cert.clone(),
+        })
     }
 
     /// Use this key prefix.
@@ -148,7 +175,8 @@ impl RedisConfig {
                 e.kind()
             ))
         };
-        let client = open_client(&self.url, self.ca_cert.as_deref()).map_err(invalid)?;
+        let certs = self.tls_certificates();
+        let client = open_client(&self.url, certs.clone()).map_err(invalid)?;
         tracing::debug!(url = %redact(&self.url), prefix = %self.prefix, "redis broker configured");
         let mut manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
@@ -169,14 +197,24 @@ impl RedisConfig {
             if let Some(file) = &url_file {
                 builder = builder.set_credentials_provider(file.clone());
             }
+            if let Some(certs) = certs.clone() {
+                if self
+                    .cluster_nodes
+                    .iter()
+                    .any(|n| n.starts_with("rediss://"))
+                {
+                    install_crypto_provider();
+                }
+                builder = builder.certs(certs);
+            }
             Some(builder.build().map_err(invalid)?)
         };
         // Notifications subscribe on connections of their own: each from the file's URL
         // as it reads then.
         let fresh_client: Option<crate::wait::ClientSource> = url_file.map(|file| {
-            let ca = self.ca_cert.clone();
+            let certs = certs.clone();
             let source: crate::wait::ClientSource =
-                Box::new(move || open_client(&file.url()?, ca.as_deref()));
+                Box::new(move || open_client(&file.url()?, certs.clone()));
             source
         });
         Ok(RedisBroker {
@@ -203,18 +241,16 @@ pub(crate) enum Conn {
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
-/// A client of the server at `url`, trusting `ca` (PEM) for `rediss://` when given.
-fn open_client(url: &str, ca: Option<&[u8]>) -> redis::RedisResult<redis::Client> {
-    match ca {
-        Some(pem) => {
+/// A client of the server at `url`, with `certs` (a CA to trust, a client
+/// certificate) for `rediss://` when given.
+fn open_client(
+    url: &str,
+    certs: Option<redis::TlsCertificates>,
+) -> redis::RedisResult<redis::Client> {
+    match certs {
+        Some(certs) => {
             install_crypto_provider();
-            redis::Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.to_vec()),
-                },
-            )
+            redis::Client::build_with_tls(url, certs)
         }
         None => {
             if url.starts_with("rediss://") {
@@ -235,6 +271,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("ca_cert", &self.ca_cert.is_some())
+            .field("client_cert", &self.client_cert.is_some())
             .field(
                 "cluster_nodes",
                 &self

@@ -20,6 +20,7 @@ impl RedisConfig {
     /// | `REDIS_CLUSTER_NODES` | a Redis Cluster: its seed nodes, comma-separated URLs (`redis://host:7000,redis://host:7001`); instead of `REDIS_URL` | |
     /// | `REDIS_PREFIX` | key prefix | `wp` |
     /// | `REDIS_CA_FILE` | PEM file of the CA that signed the server's certificate | system roots |
+    /// | `REDIS_CLIENT_CERT_FILE`, `REDIS_CLIENT_KEY_FILE` | PEM files of the certificate and key this client presents (mutual TLS); both or neither | none |
     /// | `REDIS_WAIT_REPLICAS` | replicas that must confirm an enqueue, see [`wait_replicas`](Self::wait_replicas) | `0` (off) |
     /// | `REDIS_WAIT_TIMEOUT` | how long an enqueue waits for them | `1s` |
     ///
@@ -90,6 +91,26 @@ impl RedisConfig {
                 ConfigError::invalid("REDIS_CA_FILE", &path, format!("a readable PEM file ({e})"))
             })?;
             config = config.ca_cert_pem(pem);
+        }
+        match (var("REDIS_CLIENT_CERT_FILE"), var("REDIS_CLIENT_KEY_FILE")) {
+            (Some(cert), Some(key)) => {
+                let read = |variable: &str, path: &str| {
+                    std::fs::read(path).map_err(|e| {
+                        ConfigError::invalid(variable, path, format!("a readable PEM file ({e})"))
+                    })
+                };
+                config = config.client_cert_pem(
+                    read("REDIS_CLIENT_CERT_FILE", &cert)?,
+                    read("REDIS_CLIENT_KEY_FILE", &key)?,
+                );
+            }
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::missing(
+                    "Redis client certificate",
+                    vec!["REDIS_CLIENT_CERT_FILE and REDIS_CLIENT_KEY_FILE, both".into()],
+                ))
+            }
         }
         let replicas = match var("REDIS_WAIT_REPLICAS") {
             Some(v) => v.trim().parse::<u32>().map_err(|_| {

@@ -7,6 +7,10 @@
 //! default, `--json` for scripts. Exit codes: 0 done, 1 the broker failed, 2 bad usage
 //! or configuration (nothing was changed).
 //!
+//! What the broker holds is written by others (a dead letter's reason is a handler's
+//! error text): every string is printed escaped, so nothing in it reaches the terminal
+//! as a control sequence (see `escape`).
+//!
 //! ```sh
 //! REDIS_URL=redis://127.0.0.1:6379 workerctl depth gpu,gpu-low
 //! echo '{"prompt":"hi"}' | workerctl enqueue gpu
@@ -24,6 +28,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use worker_core::telemetry::exporter::Exporter;
 use worker_core::{Broker, JobId, NewJob, QueueDepth};
+
+mod escape;
+use escape::{escape, escape_json};
 
 /// Jobs per enqueue call.
 const BATCH: usize = 500;
@@ -175,12 +182,13 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
+        // A message may quote the broker or an argument.
         Err(Failure::Usage(m)) => {
-            eprintln!("workerctl: {m}");
+            eprintln!("workerctl: {}", escape(&m));
             ExitCode::from(2)
         }
         Err(Failure::Broker(m)) => {
-            eprintln!("workerctl: {m}");
+            eprintln!("workerctl: {}", escape(&m));
             ExitCode::from(1)
         }
     }
@@ -322,7 +330,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 json!(ids.iter().map(JobId::as_str).collect::<Vec<_>>()).to_string()
             } else {
                 ids.iter()
-                    .map(|id| format!("{}\n", id.as_str()))
+                    .map(|id| format!("{}\n", escape(id.as_str())))
                     .collect::<String>()
             }
         }
@@ -331,6 +339,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Exporter { .. } => String::new(),
     };
     broker.close().await;
+    let out = if cli.json {
+        escape_json(&out).into_owned()
+    } else {
+        out
+    };
     let mut stdout = tokio::io::stdout();
     stdout.write_all(out.as_bytes()).await?;
     if !out.is_empty() && !out.ends_with('\n') {
@@ -520,13 +533,14 @@ async fn dead(broker: &dyn Broker, action: &Dead, as_json: bool) -> Result<Strin
         Dead::Requeue { queue, ids, yes } | Dead::Purge { queue, ids, yes } => {
             let requeue = matches!(action, Dead::Requeue { .. });
             let verb = if requeue { "requeue" } else { "purge" };
+            let shown = escape(queue);
             let what = if ids.is_empty() {
                 "every dead letter".to_owned()
             } else {
                 format!("{} dead letter(s)", ids.len())
             };
             if !yes {
-                confirm(&format!("{verb} {what} of {queue}?")).await?;
+                confirm(&format!("{verb} {what} of {shown}?")).await?;
             }
             let ids: Vec<JobId> = ids.iter().map(|i| JobId::from(i.as_str())).collect();
             let n = if requeue {
@@ -537,7 +551,7 @@ async fn dead(broker: &dyn Broker, action: &Dead, as_json: bool) -> Result<Strin
             Ok(if as_json {
                 json!({ "action": verb, "queue": queue, "count": n }).to_string()
             } else {
-                format!("{verb}: {n} dead letter(s) of {queue}")
+                format!("{verb}: {n} dead letter(s) of {shown}")
             })
         }
     }
@@ -566,7 +580,8 @@ async fn confirm(question: &str) -> Result<(), Failure> {
     }
 }
 
-/// A plain text table: a header, then right-aligned columns.
+/// A plain text table: a header, then right-aligned columns. Each cell is escaped
+/// (its text comes from the broker), so a row stays one line and lines up.
 struct Table {
     header: Vec<String>,
     rows: Vec<Vec<String>>,
@@ -581,7 +596,8 @@ impl Table {
     }
 
     fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
+        self.rows
+            .push(cells.into_iter().map(|c| escape(&c).into_owned()).collect());
     }
 
     fn render(&self) -> String {
@@ -615,5 +631,23 @@ impl Table {
             out.push('\n');
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Table;
+
+    #[test]
+    fn a_cell_from_the_broker_stays_on_its_row_and_sends_no_escape() {
+        let mut t = Table::new(&["id", "reason"]);
+        t.row(vec!["j\u{202e}1".into(), "bad\n\x1b[2J\x07input".into()]);
+        let shown = t.render();
+        assert_eq!(shown.lines().count(), 2, "{shown:?}");
+        assert!(!shown.contains(['\x1b', '\x07', '\u{202e}']), "{shown:?}");
+        assert!(
+            shown.ends_with("j\\u{202e}1  bad\\n\\x1b[2J\\x07input\n"),
+            "{shown:?}"
+        );
     }
 }
