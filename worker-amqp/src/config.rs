@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use worker_core::{redact, ConfigError, SecretSource};
 
+use crate::management::{self, Endpoint, CA_FORM};
 use crate::topology::QueueType;
 
 /// The default broker: a local RabbitMQ, default virtual host.
@@ -83,7 +84,10 @@ pub struct AmqpConfig {
     pub(crate) url: String,
     /// The file `AMQP_URL_FILE` named: read again at each connect.
     pub(crate) url_file: Option<SecretSource>,
-    pub(crate) management_url: Option<String>,
+    /// With copies of `management_allow_http` and `ca_cert_pem`: the client is made
+    /// from this alone.
+    pub(crate) management_url: Option<Endpoint>,
+    pub(crate) management_allow_http: bool,
     pub(crate) depth_from_management: bool,
     pub(crate) move_delayed: bool,
     pub(crate) default_type: QueueType,
@@ -105,8 +109,9 @@ impl std::fmt::Debug for AmqpConfig {
             .field("url_file", &self.url_file)
             .field(
                 "management_url",
-                &self.management_url.as_deref().map(redact),
+                &self.management_url.as_ref().map(|m| redact(&m.url)),
             )
+            .field("management_allow_http", &self.management_allow_http)
             .field("depth_from_management", &self.depth_from_management)
             .field("move_delayed", &self.move_delayed)
             .field("default_type", &self.default_type)
@@ -132,6 +137,7 @@ impl AmqpConfig {
             url: url.into(),
             url_file: None,
             management_url: None,
+            management_allow_http: false,
             depth_from_management: true,
             move_delayed: true,
             default_type: QueueType::Classic,
@@ -152,12 +158,13 @@ impl AmqpConfig {
     /// | variable | meaning | default |
     /// |---|---|---|
     /// | `AMQP_URL` | broker URL, or the comma-separated URLs of a cluster's nodes (see [`new`](Self::new)) | `amqp://guest:guest@127.0.0.1:5672/%2f` |
-    /// | `AMQP_MANAGEMENT_URL` | management API, e.g. `http://user:pass@host:15672` | none |
+    /// | `AMQP_MANAGEMENT_URL` | management API, `https://user:password@host:15671` (user and password percent-encoded), or `http://…` to this machine (see [`management_url`](Self::management_url)) | none |
+    /// | `AMQP_MANAGEMENT_ALLOW_HTTP` | `true` or `false`, see [`management_allow_http`](Self::management_allow_http) | `false` |
     /// | `AMQP_QUEUE_TYPE` | `classic` or `quorum`, for every queue | `classic` |
     /// | `AMQP_QUORUM_QUEUES` | comma-separated queues declared as quorum queues | none |
     /// | `AMQP_PREFETCH` | deliveries held per queue | see [`worker`](Self::worker), else 16 |
     /// | `AMQP_FETCH` | `consume` or `get`, see [`FetchMode`] | see [`worker`](Self::worker), else `consume` |
-    /// | `AMQP_CA_FILE` | PEM file of the CA that signed the broker's certificate | system roots |
+    /// | `AMQP_CA_FILE` | PEM file of the CA that signed the broker's certificate, and the only roots an `https://` management API is trusted by | system roots |
     /// | `AMQP_CONSUMER_TIMEOUT` | see [`consumer_timeout`](Self::consumer_timeout) | the broker's |
     /// | `AMQP_MOVE_DELAYED` | `true` or `false`, see [`move_delayed`](Self::move_delayed) | `true` |
     ///
@@ -180,7 +187,9 @@ impl AmqpConfig {
         });
         config.url_file = url.filter(|u| u.file_variable().is_some());
         config.check_urls()?;
-        config.management_url = management.map(|m| m.read()).transpose()?;
+        if let Some(url) = management.as_ref().map(SecretSource::read).transpose()? {
+            config = config.management_url(url);
+        }
         if let Some(kind) = var("AMQP_QUEUE_TYPE") {
             config.default_type = QueueType::parse(&kind).ok_or_else(|| {
                 ConfigError::invalid("AMQP_QUEUE_TYPE", &kind, "classic or quorum")
@@ -211,7 +220,10 @@ impl AmqpConfig {
             let pem = std::fs::read_to_string(&path).map_err(|e| {
                 ConfigError::invalid("AMQP_CA_FILE", &path, format!("a readable PEM file ({e})"))
             })?;
-            config.ca_cert_pem = Some(pem);
+            management::ca_certificates(&pem).map_err(|why| {
+                ConfigError::invalid("AMQP_CA_FILE", &path, format!("{CA_FORM} ({why})"))
+            })?;
+            config = config.ca_cert_pem(pem);
         }
         if let Some(v) = var("AMQP_CONSUMER_TIMEOUT") {
             let d = humantime::parse_duration(v.trim())
@@ -227,17 +239,26 @@ impl AmqpConfig {
             config = config.consumer_timeout(d);
         }
         if let Some(v) = var("AMQP_MOVE_DELAYED") {
-            config.move_delayed = match v.trim().to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" => true,
-                "false" | "0" | "no" => false,
-                _ => {
-                    return Err(ConfigError::invalid(
-                        "AMQP_MOVE_DELAYED",
-                        &v,
-                        "true or false",
-                    ))
-                }
-            };
+            config.move_delayed = switch("AMQP_MOVE_DELAYED", &v)?;
+        }
+        if let Some(v) = var("AMQP_MANAGEMENT_ALLOW_HTTP") {
+            config = config.management_allow_http(switch("AMQP_MANAGEMENT_ALLOW_HTTP", &v)?);
+        }
+        if let Some(m) = &config.management_url {
+            // At start, as the client will read it at connect.
+            if let Err(why) = management::parse_url(&m.url, m.allow_http) {
+                let variable = management
+                    .as_ref()
+                    .and_then(SecretSource::file_variable)
+                    .map_or("AMQP_MANAGEMENT_URL".to_owned(), |v| {
+                        format!("AMQP_MANAGEMENT_URL (from {v})")
+                    });
+                return Err(ConfigError::invalid(
+                    variable,
+                    redact(&m.url),
+                    format!("{} ({why})", management::URL_FORM),
+                ));
+            }
         }
         Ok(config)
     }
@@ -245,8 +266,30 @@ impl AmqpConfig {
     /// Read depth figures that AMQP cannot give (unacked across all consumers, the
     /// later queues of other processes) from the management API at `url`; the worker
     /// registry needs it too.
+    ///
+    /// `url` is `https://user:password@host:port`, with the user and password
+    /// percent-encoded as in any URL (`p%40ss` for `p@ss`); a CA set with
+    /// [`ca_cert_pem`](Self::ca_cert_pem) is then the only one its certificate is
+    /// trusted by. `http://` sends the password in clear: [`connect`](Self::connect)
+    /// refuses it unless the host is this machine (`127.0.0.0/8`, `::1`,
+    /// `localhost`) or [`management_allow_http`](Self::management_allow_http) is set.
     pub fn management_url(mut self, url: impl Into<String>) -> Self {
-        self.management_url = Some(url.into());
+        self.management_url = Some(Endpoint {
+            url: url.into(),
+            allow_http: self.management_allow_http,
+            ca_cert_pem: self.ca_cert_pem.clone(),
+        });
+        self
+    }
+
+    /// Accept an `http://` management URL to a host other than this machine, whose
+    /// password then crosses the network in clear (off by default): for a network
+    /// trusted otherwise, such as a sidecar's or a service mesh's.
+    pub fn management_allow_http(mut self, on: bool) -> Self {
+        self.management_allow_http = on;
+        if let Some(m) = &mut self.management_url {
+            m.allow_http = on;
+        }
         self
     }
 
@@ -421,9 +464,15 @@ impl AmqpConfig {
         out
     }
 
-    /// Trust the CA in `pem` for `amqps://`.
+    /// Trust the CA in `pem` for `amqps://`; for an `https://` management API, trust
+    /// only it (not the system's roots). A `pem` without a certificate is refused at
+    /// [`connect`](Self::connect) when a management URL is set.
     pub fn ca_cert_pem(mut self, pem: impl Into<String>) -> Self {
-        self.ca_cert_pem = Some(pem.into());
+        let pem = pem.into();
+        if let Some(m) = &mut self.management_url {
+            m.ca_cert_pem = Some(pem.clone());
+        }
+        self.ca_cert_pem = Some(pem);
         self
     }
 
@@ -491,6 +540,15 @@ impl AmqpConfig {
             .map(redact)
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+/// `true` or `false` (also `1`/`0`, `yes`/`no`) in `variable`.
+fn switch(variable: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError::invalid(variable, value, "true or false")),
     }
 }
 
@@ -587,6 +645,100 @@ mod tests {
             !shown.contains("s3cret") && !shown.contains("b2@"),
             "{shown}"
         );
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Result<AmqpConfig, ConfigError> {
+        AmqpConfig::from_vars(&|name| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+        })
+    }
+
+    #[test]
+    fn plain_http_to_the_management_api_is_only_for_this_machine() {
+        for url in [
+            "http://guest:guest@127.0.0.1:15672",
+            "http://guest:guest@127.10.20.30:15672/",
+            "http://guest:guest@[::1]:15672",
+            "http://guest:guest@localhost:15672",
+            "http://guest:guest@LocalHost:15672",
+            "https://ops:s3cret@rabbit.internal:15671",
+        ] {
+            assert!(vars(&[("AMQP_MANAGEMENT_URL", url)]).is_ok(), "{url}");
+        }
+        for url in [
+            "http://ops:s3cret@rabbit:15672",
+            "http://ops:s3cret@10.0.0.7:15672",
+            "http://ops:s3cret@localhost.example.com:15672",
+            "http://ops:s3cret@127.0.0.1.nip.io:15672",
+            "http://127.0.0.1:s3cret@rabbit:15672",
+            // The host is rabbit: what follows `#` is a fragment.
+            "http://ops:s3cret@rabbit:15672/#@127.0.0.1",
+            "http://[::ffff:10.0.0.7]:15672",
+        ] {
+            let e = vars(&[("AMQP_MANAGEMENT_URL", url)])
+                .err()
+                .unwrap_or_else(|| panic!("{url} must be refused"))
+                .to_string();
+            assert!(
+                e.contains("AMQP_MANAGEMENT_URL")
+                    && e.contains("AMQP_MANAGEMENT_ALLOW_HTTP=true")
+                    && e.contains("https://")
+                    && !e.contains("s3cret"),
+                "{url}: {e}"
+            );
+            let allowed = vars(&[
+                ("AMQP_MANAGEMENT_URL", url),
+                ("AMQP_MANAGEMENT_ALLOW_HTTP", "true"),
+            ]);
+            assert!(allowed.is_ok(), "{url}: {:?}", allowed.err());
+        }
+        let e = vars(&[
+            ("AMQP_MANAGEMENT_URL", "http://rabbit:15672"),
+            ("AMQP_MANAGEMENT_ALLOW_HTTP", "maybe"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("AMQP_MANAGEMENT_ALLOW_HTTP") && e.contains("true or false"),
+            "{e}"
+        );
+        for bad in ["ftp://guest:s3cret@127.0.0.1", "127.0.0.1:15672", "http://"] {
+            let e = vars(&[("AMQP_MANAGEMENT_URL", bad)])
+                .err()
+                .unwrap_or_else(|| panic!("{bad} must be refused"))
+                .to_string();
+            assert!(
+                e.contains("AMQP_MANAGEMENT_URL") && !e.contains("s3cret"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused() {
+        let dir = std::env::temp_dir().join(format!("wp-amqp-ca-{:016x}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("ca.crt");
+        let path = file.display().to_string();
+        for content in [
+            "",
+            "not a certificate\n",
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+        ] {
+            std::fs::write(&file, content).unwrap();
+            let e = vars(&[("AMQP_CA_FILE", &path)])
+                .err()
+                .unwrap_or_else(|| panic!("{content:?} must be refused"))
+                .to_string();
+            assert!(
+                e.contains("AMQP_CA_FILE") && e.contains("BEGIN CERTIFICATE"),
+                "{e}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

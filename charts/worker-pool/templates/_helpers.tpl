@@ -180,6 +180,10 @@ read again on reconnect, so a rotated Secret is picked up. */}}
 - name: AMQP_MANAGEMENT_URL
   value: {{ $b.amqp.managementUrl | quote }}
 {{- end }}
+{{- if $b.amqp.managementAllowHttp }}
+- name: AMQP_MANAGEMENT_ALLOW_HTTP
+  value: "true"
+{{- end }}
 - name: AMQP_QUEUE_TYPE
   value: {{ $b.amqp.queueType | quote }}
 {{- if or $b.tls.caSecret $b.tls.caConfigMap }}
