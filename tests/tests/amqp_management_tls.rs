@@ -4,80 +4,21 @@
 //! worker registry is read over it; without the CA, or under a name the certificate
 //! does not carry, the client refuses the endpoint and says why, without the password.
 
-use std::error::Error as _;
 use std::path::Path;
 
 use system_tests::TlsProxy;
 use worker_amqp::AmqpConfig;
 use worker_core::testing::unique;
-use worker_core::{Broker, BrokerError};
+use worker_core::Broker;
 
 const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const SECRET: &str = "n0t-The-Passw0rd";
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("openssl: {e}"));
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A CA (`ca.crt`) and a server certificate for `localhost` only (`server.crt`,
 /// `server.key`), as [`TlsProxy`] serves them.
 fn certificates_for_localhost(dir: &Path) {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-    let mut ca = vec!["req", "-x509", "-nodes"];
-    ca.extend(ec);
-    ca.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=management test CA",
-    ]);
-    openssl(dir, &ca);
-    let mut csr = vec!["req", "-nodes"];
-    csr.extend(ec);
-    csr.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    openssl(dir, &csr);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n")
-        .unwrap_or_else(|e| panic!("{e}"));
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-        ],
-    );
+    system_tests::make_certificates(dir);
+    system_tests::make_signed_certificate(dir, "server", "localhost", Some("DNS:localhost"));
 }
 
 /// A broker configured as a worker is, from `vars` (AMQP_URL is the shared RabbitMQ).
@@ -95,17 +36,6 @@ async fn broker(vars: &[(&str, String)]) -> worker_amqp::AmqpBroker {
         .connect()
         .await
         .unwrap_or_else(|e| panic!("connect: {e}"))
-}
-
-/// The error and every error under it, one line.
-fn chain(e: &BrokerError) -> String {
-    let mut out = format!("{e}");
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(&format!(": {s}"));
-        next = s.source();
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,10 +58,12 @@ async fn management_over_https_trusts_the_ca_file_and_checks_the_name() {
         ("AMQP_CA_FILE", ca_file.clone()),
     ])
     .await;
-    let workers = trusted
-        .list_workers(Some(&pool))
-        .await
-        .unwrap_or_else(|e| panic!("management API over https with the CA file: {}", chain(&e)));
+    let workers = trusted.list_workers(Some(&pool)).await.unwrap_or_else(|e| {
+        panic!(
+            "management API over https with the CA file: {}",
+            worker_core::error::chain(&e)
+        )
+    });
     assert!(workers.is_empty(), "{workers:?}");
 
     // Without it, the certificate's issuer is unknown.
@@ -145,7 +77,7 @@ async fn management_over_https_trusts_the_ca_file_and_checks_the_name() {
         .await
         .err()
         .unwrap_or_else(|| panic!("a certificate of an unknown CA must be refused"));
-    let text = chain(&err);
+    let text = worker_core::error::chain(&err);
     assert!(
         text.contains("https://guest:***@localhost") && text.contains("UnknownIssuer"),
         "{text}"
@@ -166,7 +98,7 @@ async fn management_over_https_trusts_the_ca_file_and_checks_the_name() {
         .await
         .err()
         .unwrap_or_else(|| panic!("a certificate for another name must be refused"));
-    let text = chain(&err);
+    let text = worker_core::error::chain(&err);
     assert!(text.contains("not valid for name \"127.0.0.1\""), "{text}");
     assert!(!format!("{text} {err:?}").contains(SECRET), "{text}");
 
