@@ -1037,21 +1037,45 @@ pub fn make_signed_certificate(dir: &Path, name: &str, cn: &str, san: Option<&st
 /// A TLS acceptor serving `server.crt` / `server.key` of `certs` (see
 /// [`make_certificates`]).
 pub fn tls_acceptor(certs: &Path) -> tokio_rustls::TlsAcceptor {
+    tls_acceptor_with(certs, "server", false)
+}
+
+/// A TLS acceptor serving `<name>.crt` / `<name>.key` of `certs`; with
+/// `verify_clients`, it takes only clients whose certificate its `ca.crt` signed.
+pub fn tls_acceptor_with(
+    certs: &Path,
+    name: &str,
+    verify_clients: bool,
+) -> tokio_rustls::TlsAcceptor {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
 
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(certs.join("server.crt"))
-            .unwrap_or_else(|e| panic!("server.crt: {e}"))
+    let pem = |file: String| -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_file_iter(certs.join(&file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
             .collect::<Result<_, _>>()
-            .unwrap_or_else(|e| panic!("server.crt: {e}"));
-    let key = PrivateKeyDer::from_pem_file(certs.join("server.key"))
-        .unwrap_or_else(|e| panic!("server.key: {e}"));
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+    };
+    let chain = pem(format!("{name}.crt"));
+    let key = PrivateKeyDer::from_pem_file(certs.join(format!("{name}.key")))
+        .unwrap_or_else(|e| panic!("{name}.key: {e}"));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .unwrap_or_else(|e| panic!("tls versions: {e}"))
-        .with_no_client_auth()
+        .unwrap_or_else(|e| panic!("tls versions: {e}"));
+    let builder = if verify_clients {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(pem("ca.crt".into()));
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap_or_else(|e| panic!("client verifier: {e}"));
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let config = builder
         .with_single_cert(chain, key)
         .unwrap_or_else(|e| panic!("tls certificate: {e}"));
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
@@ -1070,7 +1094,11 @@ impl TlsProxy {
     /// Serve the certificate `server.crt` / `server.key` of `certs` (see
     /// [`make_certificates`]) and forward to `upstream`.
     pub async fn start(certs: &Path, upstream: SocketAddr) -> Self {
-        let acceptor = tls_acceptor(certs);
+        Self::start_with(tls_acceptor(certs), upstream).await
+    }
+
+    /// Accept with `acceptor` (see [`tls_acceptor_with`]) and forward to `upstream`.
+    pub async fn start_with(acceptor: tokio_rustls::TlsAcceptor, upstream: SocketAddr) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("bind: {e}"));

@@ -62,3 +62,118 @@ async fn amqps_with_a_private_ca_file() {
     drop(proxy);
     let _ = std::fs::remove_dir_all(&certs);
 }
+
+/// The CA file is the only trust root, a certificate for another host is refused, and
+/// a broker that checks its clients takes the one that presents a certificate its CA
+/// signed (`AMQP_CLIENT_CERT_FILE`, `AMQP_CLIENT_KEY_FILE`) and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_checks_names_and_client_certificates() {
+    let certs = RedisServer::scratch_dir(free_addr().port());
+    make_certificates(&certs);
+    system_tests::make_signed_certificate(&certs, "client", "worker-pool client", None);
+    system_tests::make_signed_certificate(
+        &certs,
+        "other",
+        "other.invalid",
+        Some("DNS:other.invalid"),
+    );
+    let stranger = certs.join("stranger");
+    std::fs::create_dir_all(&stranger).unwrap_or_else(|e| panic!("{e}"));
+    make_certificates(&stranger);
+    let file = |dir: &std::path::Path, name: &str| dir.join(name).to_string_lossy().into_owned();
+    let upstream = "127.0.0.1:5672".parse().unwrap_or_else(|e| panic!("{e}"));
+    let config = |url: &str, ca: &str, client: bool| {
+        let (url, ca) = (url.to_owned(), ca.to_owned());
+        let (cert, key) = (file(&certs, "client.crt"), file(&certs, "client.key"));
+        AmqpConfig::from_vars(&move |name: &str| match name {
+            "AMQP_URL" => Some(url.clone()),
+            "AMQP_CA_FILE" => Some(ca.clone()),
+            "AMQP_CLIENT_CERT_FILE" if client => Some(cert.clone()),
+            "AMQP_CLIENT_KEY_FILE" if client => Some(key.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|e| panic!("config: {e}"))
+    };
+    let ca = file(&certs, "ca.crt");
+
+    // Checks clients: in with the client certificate, refused without.
+    let checking = system_tests::TlsProxy::start_with(
+        system_tests::tls_acceptor_with(&certs, "server", true),
+        upstream,
+    )
+    .await;
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", checking.addr.port());
+    let b = config(&url, &ca, true)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("with a client certificate: {e}"));
+    let q = unique("mtls");
+    system_tests::enqueue_json(&b, &q, &json!({}), 1).await;
+    worker_core::Broker::close(&b).await;
+    RabbitAdmin::new().delete_queues(&q).await;
+    let refused = config(&url, &ca, false).connect().await;
+    assert!(refused.is_err(), "in without a client certificate");
+
+    // Another CA in the CA file: the broker's certificate is not trusted, whatever the
+    // system's trust store holds.
+    let plain = TlsProxy::start(&certs, upstream).await;
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", plain.addr.port());
+    let err = config(&url, &file(&stranger, "ca.crt"), false)
+        .connect()
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a CA file of another CA must not trust the broker"));
+    // (The other CA has the same name, so rustls finds it and rejects the signature.)
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "{err}"
+    );
+
+    // A certificate for other.invalid, reached as localhost.
+    let misnamed = system_tests::TlsProxy::start_with(
+        system_tests::tls_acceptor_with(&certs, "other", false),
+        upstream,
+    )
+    .await;
+    let url = format!("amqps://guest:guest@localhost:{}/%2f", misnamed.addr.port());
+    let err = config(&url, &ca, false)
+        .connect()
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a certificate for another host must be refused"));
+    assert!(err.to_string().contains("not valid for name"), "{err}");
+
+    // No CA file and no system trust store: a worker stops at start and says what to
+    // set, without a panic.
+    let nothing = certs.join("no-store");
+    std::fs::create_dir_all(&nothing).unwrap_or_else(|e| panic!("{e}"));
+    let out = tokio::process::Command::new(system_tests::binary("demo-worker"))
+        .env_remove("REDIS_URL")
+        .env_remove("AMQP_CA_FILE")
+        .env("AMQP_URL", &url)
+        .env("WORKER_QUEUES", "tls-no-store")
+        .env("WORKER_HTTP_ADDR", "off")
+        .env("SSL_CERT_FILE", nothing.join("none.pem"))
+        .env("SSL_CERT_DIR", &nothing)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .unwrap_or_else(|_| panic!("demo-worker did not stop"))
+        .unwrap_or_else(|e| panic!("demo-worker: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("AMQP_CA_FILE"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // A CA file without a certificate fails at start, naming the variable.
+    let empty = certs.join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap_or_else(|e| panic!("{e}"));
+    let e = AmqpConfig::from_vars(&|name: &str| match name {
+        "AMQP_URL" => Some("amqps://guest:guest@localhost:5671/%2f".into()),
+        "AMQP_CA_FILE" => Some(empty.to_string_lossy().into_owned()),
+        _ => None,
+    })
+    .expect_err("an empty CA file");
+    assert!(e.to_string().contains("AMQP_CA_FILE"), "{e}");
+    let _ = std::fs::remove_dir_all(&certs);
+}

@@ -65,15 +65,18 @@ async fn writes_refused_for_less_than_a_lease_lose_no_lease_and_start_no_job() {
     })
     .await;
 
-    // Four short jobs that fall due while writes are refused.
+    // Four short jobs that fall due while writes are refused, half a second after the
+    // first lease extension (lease / 3 = 2 s after the long jobs started) has found
+    // the writes refused and paused fetching: the worker knows by then.
+    let due_in = Duration::from_millis(2500);
     let probes = (0..4)
         .map(|_| {
             NewJob::json(queue, &json!({"sleep_ms": 100}))
                 .unwrap_or_else(|e| panic!("{e}"))
-                .delay(Duration::from_secs(2))
+                .delay(due_in)
         })
         .collect();
-    let probes_due = Instant::now() + Duration::from_secs(2);
+    let probes_due = Instant::now() + due_in;
     ids.extend(
         b.enqueue(probes)
             .await

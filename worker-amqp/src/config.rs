@@ -98,6 +98,8 @@ pub struct AmqpConfig {
     pub(crate) fetch_mode_set: bool,
     pub(crate) max_payload: usize,
     pub(crate) ca_cert_pem: Option<String>,
+    /// PEM certificate chain and private key presented for `amqps://`.
+    pub(crate) client_cert_pem: Option<(String, String)>,
     pub(crate) consumer_timeout: Option<Duration>,
     pub(crate) holding: Option<Holding>,
 }
@@ -120,6 +122,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("fetch_mode", &self.fetch_mode)
             .field("max_payload", &self.max_payload)
             .field("ca_cert", &self.ca_cert_pem.is_some())
+            .field("client_cert", &self.client_cert_pem.is_some())
             .field("consumer_timeout", &self.consumer_timeout)
             .finish()
     }
@@ -148,6 +151,7 @@ impl AmqpConfig {
             fetch_mode_set: false,
             max_payload: DEFAULT_MAX_PAYLOAD,
             ca_cert_pem: None,
+            client_cert_pem: None,
             consumer_timeout: None,
             holding: None,
         }
@@ -224,6 +228,34 @@ impl AmqpConfig {
                 ConfigError::invalid("AMQP_CA_FILE", &path, format!("{CA_FORM} ({why})"))
             })?;
             config = config.ca_cert_pem(pem);
+        }
+        match (var("AMQP_CLIENT_CERT_FILE"), var("AMQP_CLIENT_KEY_FILE")) {
+            (Some(cert), Some(key)) => {
+                let read = |variable: &str, path: &str| {
+                    std::fs::read_to_string(path).map_err(|e| {
+                        ConfigError::invalid(variable, path, format!("a readable PEM file ({e})"))
+                    })
+                };
+                let (cert_pem, key_pem) = (
+                    read("AMQP_CLIENT_CERT_FILE", &cert)?,
+                    read("AMQP_CLIENT_KEY_FILE", &key)?,
+                );
+                crate::tls::certificates(&cert_pem).map_err(|why| {
+                    ConfigError::invalid(
+                        "AMQP_CLIENT_CERT_FILE",
+                        &cert,
+                        format!("a PEM certificate file ({why})"),
+                    )
+                })?;
+                config = config.client_cert_pem(cert_pem, key_pem);
+            }
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::missing(
+                    "RabbitMQ client certificate",
+                    vec!["AMQP_CLIENT_CERT_FILE and AMQP_CLIENT_KEY_FILE, both".into()],
+                ))
+            }
         }
         if let Some(v) = var("AMQP_CONSUMER_TIMEOUT") {
             let d = humantime::parse_duration(v.trim())
@@ -473,6 +505,13 @@ impl AmqpConfig {
             m.ca_cert_pem = Some(pem.clone());
         }
         self.ca_cert_pem = Some(pem);
+        self
+    }
+
+    /// Present this PEM certificate chain and private key to an `amqps://` broker that
+    /// checks its clients (RabbitMQ's `ssl_options.verify = verify_peer`).
+    pub fn client_cert_pem(mut self, cert: impl Into<String>, key: impl Into<String>) -> Self {
+        self.client_cert_pem = Some((cert.into(), key.into()));
         self
     }
 

@@ -42,6 +42,15 @@
 //! payload as enqueued, so any AMQP client can produce jobs; the job's state travels in
 //! `x-wp-*` headers, and a message without them is a first attempt.
 //!
+//! ## TLS
+//!
+//! `amqps://` connections are made by this crate with rustls: the server's name is
+//! checked against its certificate; [`AmqpConfig::ca_cert_pem`] (`AMQP_CA_FILE`) is
+//! then the only trusted authority, else the system's trust store (none at all is an
+//! error that names `AMQP_CA_FILE`); [`AmqpConfig::client_cert_pem`]
+//! (`AMQP_CLIENT_CERT_FILE`, `AMQP_CLIENT_KEY_FILE`) is presented to a broker that
+//! checks its clients.
+//!
 //! ## Where AMQP differs from the contract
 //!
 //! - **The lease is the channel.** A job is owned by the consumer channel it was
@@ -142,6 +151,7 @@ mod management;
 mod message;
 mod session;
 mod settle;
+mod tls;
 mod topology;
 
 pub use broker::AmqpBroker;

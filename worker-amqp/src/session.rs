@@ -7,13 +7,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use worker_core::{redact, BrokerError};
 
 use crate::config::AmqpConfig;
 use crate::error::{from_lapin, is_not_found};
+use crate::tls::Tls;
 
 /// Waits between connection attempts: up to 200 ms after the first failure, doubling
 /// to 10 s.
@@ -257,19 +257,42 @@ impl Sessions {
             )
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio);
-        let tls = || OwnedTLSConfig {
-            identity: None::<OwnedIdentity>,
-            cert_chain: self.config.ca_cert_pem.clone(),
-        };
         // A cluster's nodes in turn, from the last one that answered.
         let url = self.config.current_url();
         let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+        let tls = if urls.iter().any(|u| u.starts_with("amqps://")) {
+            let client = self
+                .config
+                .client_cert_pem
+                .as_ref()
+                .map(|(c, k)| (c.as_str(), k.as_str()));
+            let tls = Tls::new(self.config.ca_cert_pem.as_deref(), client)
+                .map_err(|e| BrokerError::Protocol(format!("amqps: {e}")))?;
+            Some(tls)
+        } else {
+            None
+        };
         let first = self.preferred.load(Ordering::Relaxed) % urls.len();
         let mut failures = Vec::new();
         let mut connected = None;
         for i in (0..urls.len()).map(|k| (first + k) % urls.len()) {
             let shown = redact(urls[i]);
-            match Connection::connect_with_config(urls[i], props.clone(), tls()).await {
+            let attempt = match &tls {
+                Some(tls) => match urls[i].parse::<lapin::uri::AMQPUri>() {
+                    Ok(uri) => {
+                        let tls = tls.clone();
+                        // The result type is the one lapin's connector takes.
+                        #[allow(clippy::result_large_err)]
+                        let connect = Box::new(move |uri: &lapin::uri::AMQPUri| tls.connect(uri));
+                        Connection::connector(uri, connect, props.clone()).await
+                    }
+                    Err(e) => Err(lapin::Error::IOError(std::sync::Arc::new(
+                        std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+                    ))),
+                },
+                None => Connection::connect(urls[i], props.clone()).await,
+            };
+            match attempt {
                 Ok(conn) => {
                     self.preferred.store(i, Ordering::Relaxed);
                     connected = Some((conn, shown));
