@@ -55,6 +55,20 @@ impl TestUser {
     }
 }
 
+impl TestUser {
+    /// Give the user `password` instead of the one it has.
+    async fn set_password(&self, password: &str) {
+        let res = reqwest::Client::new()
+            .put(format!("{}/api/users/{}", api(), encode(&self.name)))
+            .basic_auth("guest", Some("guest"))
+            .json(&serde_json::json!({"password": password, "tags": "monitoring"}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("management API: {e}"));
+        assert!(res.status().is_success(), "set password: {}", res.status());
+    }
+}
+
 impl Drop for TestUser {
     fn drop(&mut self) {
         // A runtime of its own on a thread of its own: this runs while the test's
@@ -110,4 +124,42 @@ async fn a_percent_encoded_password_in_the_management_url_is_decoded() {
         .await
         .unwrap_or_else(|e| panic!("the management API as {name}: {e}"));
     assert!(workers.is_empty(), "{workers:?}");
+}
+
+/// `AMQP_MANAGEMENT_URL_FILE`: a password changed in the broker and in the file is
+/// used by the next request, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_password_in_the_management_url_file_is_used_by_the_next_request() {
+    let name = unique("mgmt-rotating");
+    let user = TestUser::create(&name, "first-pass").await;
+    let dir = std::env::temp_dir().join(unique("mgmt-secret"));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.join("url");
+    let url =
+        |password: &str| api().replacen("://", &format!("://{}:{password}@", encode(&name)), 1);
+    std::fs::write(&file, url("first-pass")).unwrap_or_else(|e| panic!("{e}"));
+    let path = file.display().to_string();
+    let lookup = |var: &str| match var {
+        "AMQP_URL" => Some(AMQP.to_owned()),
+        "AMQP_MANAGEMENT_URL_FILE" => Some(path.clone()),
+        _ => None,
+    };
+    let broker = AmqpConfig::from_vars(&lookup)
+        .unwrap_or_else(|e| panic!("configuration: {e}"))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    let pool = unique("pool");
+    broker
+        .list_workers(Some(&pool))
+        .await
+        .unwrap_or_else(|e| panic!("with the first password: {e}"));
+    // Rotate: the broker wants the second password; the file holds it.
+    user.set_password("second-pass").await;
+    std::fs::write(&file, url("second-pass")).unwrap_or_else(|e| panic!("{e}"));
+    broker
+        .list_workers(Some(&pool))
+        .await
+        .unwrap_or_else(|e| panic!("with the rotated password: {e}"));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -193,6 +193,9 @@ impl AmqpConfig {
         config.check_urls()?;
         if let Some(url) = management.as_ref().map(SecretSource::read).transpose()? {
             config = config.management_url(url);
+            if let Some(m) = &mut config.management_url {
+                m.file = management.clone().filter(|s| s.file_variable().is_some());
+            }
         }
         if let Some(kind) = var("AMQP_QUEUE_TYPE") {
             config.default_type = QueueType::parse(&kind).ok_or_else(|| {
@@ -310,6 +313,7 @@ impl AmqpConfig {
             url: url.into(),
             allow_http: self.management_allow_http,
             ca_cert_pem: self.ca_cert_pem.clone(),
+            file: None,
         });
         self
     }

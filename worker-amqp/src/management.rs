@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde::Deserialize;
-use worker_core::{redact, BrokerError};
+use worker_core::{redact, BrokerError, SecretSource};
 
 /// A client of one broker's management API, scoped to one virtual host.
 #[derive(Clone)]
@@ -18,6 +18,10 @@ pub(crate) struct Management {
     base: String,
     user: String,
     password: String,
+    /// `AMQP_MANAGEMENT_URL_FILE`: the user and password are read from it again for
+    /// each request, so a rotated Secret is picked up.
+    file: Option<SecretSource>,
+    allow_http: bool,
     vhost: String,
     shown: String,
 }
@@ -66,6 +70,8 @@ pub(crate) struct Endpoint {
     pub(crate) allow_http: bool,
     /// The only roots an `https://` URL is trusted by, when set (`AMQP_CA_FILE`).
     pub(crate) ca_cert_pem: Option<String>,
+    /// The file the URL was read from, read again for each request's credentials.
+    pub(crate) file: Option<SecretSource>,
 }
 
 /// The accepted form of a management URL, for errors.
@@ -202,6 +208,8 @@ impl Management {
             base,
             user,
             password,
+            file: endpoint.file.clone(),
+            allow_http: endpoint.allow_http,
             vhost: vhost.to_owned(),
             shown,
         })
@@ -209,10 +217,11 @@ impl Management {
 
     async fn get<T: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<T, BrokerError> {
         let url = format!("{}{path}", self.base);
+        let (user, password) = self.credentials();
         let res = self
             .http
             .get(&url)
-            .basic_auth(&self.user, Some(&self.password))
+            .basic_auth(user, Some(password))
             .send()
             .await
             .map_err(|e| BrokerError::unavailable(format!("management API {}", self.shown), e))?;
@@ -234,6 +243,25 @@ impl Management {
                 e,
             )
         })
+    }
+
+    /// The user and password to send: the URL file's as it reads now when there is
+    /// one (its host stays the one read at start), else those configured.
+    fn credentials(&self) -> (String, String) {
+        let fresh = self.file.as_ref().and_then(|file| {
+            let read = file
+                .read()
+                .map_err(|e| e.to_string())
+                .and_then(|url| parse_url(&url, self.allow_http));
+            match read {
+                Ok(p) => Some((p.user, p.password)),
+                Err(why) => {
+                    tracing::warn!(error = %why, "amqp: cannot read the management URL file again; using the credentials read before");
+                    None
+                }
+            }
+        });
+        fresh.unwrap_or_else(|| (self.user.clone(), self.password.clone()))
     }
 
     /// Every queue of the virtual host whose name starts with `prefix`.
@@ -286,6 +314,7 @@ mod tests {
             url: url.to_owned(),
             allow_http: false,
             ca_cert_pem: None,
+            file: None,
         }
     }
 
