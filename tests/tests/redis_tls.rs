@@ -211,3 +211,81 @@ async fn client_certificates_and_host_names_are_checked() {
     drop(other);
     let _ = std::fs::remove_dir_all(&certs);
 }
+
+/// Redis Cluster over TLS trusts the configured CA too: a one-node cluster (every slot
+/// on it) with a test-owned CA, reached through `REDIS_CLUSTER_NODES`; without the CA
+/// its certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_trusts_the_configured_ca() {
+    let certs = RedisServer::scratch_dir(free_addr().port());
+    make_certificates(&certs);
+    let file = |name: &str| certs.join(name).to_string_lossy().into_owned();
+    let args: Vec<String> = [
+        "--tls-cert-file",
+        &file("server.crt"),
+        "--tls-key-file",
+        &file("server.key"),
+        "--tls-ca-cert-file",
+        &file("ca.crt"),
+        "--tls-auth-clients",
+        "no",
+        "--tls-cluster",
+        "yes",
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let node = RedisServer::start_with(&args, true);
+    let cli = |cmd: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["--tls", "--cacert", &file("ca.crt"), "-h", "localhost"])
+            .args(["-p", &node.port.to_string()])
+            .args(cmd)
+            .output()
+            .unwrap_or_else(|e| panic!("redis-cli: {e}"));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(cli(&["cluster", "addslotsrange", "0", "16383"]), "OK");
+    worker_core::testing::eventually(Duration::from_secs(20), "cluster ok", || async {
+        cli(&["cluster", "info"]).contains("cluster_state:ok")
+    })
+    .await;
+    let seed = format!("rediss://localhost:{}", node.port);
+    let config = |with_ca: bool| {
+        let (seed, ca) = (seed.clone(), file("ca.crt"));
+        RedisConfig::from_vars(move |name: &str| match name {
+            "REDIS_CLUSTER_NODES" => Some(seed.clone()),
+            "REDIS_CA_FILE" if with_ca => Some(ca.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let b = config(true)
+        .prefix("tls-cluster")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    cases::enqueue_fetch_ack(&b).await;
+    let untrusted = config(false)
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        worker_core::Broker::depth(&untrusted, "q"),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("no answer"))
+    .expect_err("a cluster whose CA is not trusted must be refused");
+    let text = format!("{err} {err:?}");
+    assert!(
+        text.contains("UnknownIssuer") || text.contains("invalid peer certificate"),
+        "{text}"
+    );
+    drop(node);
+    let _ = std::fs::remove_dir_all(&certs);
+}
