@@ -227,6 +227,15 @@ SCENARIOS = {
         "broker": {"type": "amqp"},
         "autoscaling": {"keda": {"trigger": "rabbitmq"}},
     },
+    "keda-rabbitmq-http-trigger": {
+        "broker": {"type": "amqp"},
+        "autoscaling": {
+            "keda": {
+                "trigger": "rabbitmq",
+                "rabbitmq": {"protocol": "http", "authenticationRef": "rabbitmq-management"},
+            }
+        },
+    },
     "autoscaling-off": {"autoscaling": {"enabled": False}, "replicas": {"min": 3}},
     "pod-deletion-cost": {"podDeletionCost": {"enabled": True}},
     "monitoring": {"serviceMonitor": {"enabled": True}},
@@ -741,11 +750,76 @@ class Variants(unittest.TestCase):
     def test_native_rabbitmq_trigger_reads_the_worker_env(self):
         r = Rendered(SCENARIOS["keda-rabbitmq-trigger"])
         (t,) = r.one("ScaledObject")["spec"]["triggers"]
-        self.assertEqual(t["metadata"]["queueName"], "default")
-        self.assertEqual(t["metadata"]["mode"], "QueueLength")
+        concurrency = env_of(r.workers())["WORKER_CONCURRENCY"]
+        # protocol amqp, not left to KEDA's guess from the host's scheme: a passive
+        # declare, which reports the ready messages only (no excludeUnacknowledged:
+        # KEDA refuses it outside http).
+        self.assertEqual(
+            t["metadata"],
+            {
+                "queueName": "default",
+                "mode": "QueueLength",
+                "protocol": "amqp",
+                "value": concurrency,
+                "activationValue": "0",
+                "hostFromEnv": "AMQP_URL",
+            },
+        )
+        self.assertEqual(t["name"], "ready-default")
         # KEDA resolves hostFromEnv in the scale target's first container.
-        self.assertIn(t["metadata"]["hostFromEnv"], env_of(r.workers()))
+        self.assertTrue(env_of(r.workers())["AMQP_URL"].startswith("amqp://"))
+        self.assertIn("counts waiting jobs only", r.notes)
+        self.assertIn("ready messages", r.notes)
         self.assertIn("managementUrl is empty", r.notes)
+
+    def test_native_rabbitmq_trigger_over_http_counts_unacknowledged_messages(self):
+        r = Rendered(SCENARIOS["keda-rabbitmq-http-trigger"])
+        (t,) = r.one("ScaledObject")["spec"]["triggers"]
+        concurrency = env_of(r.workers())["WORKER_CONCURRENCY"]
+        # The management API's count is ready + unacknowledged unless
+        # excludeUnacknowledged is true: written out, so the object says what it counts.
+        self.assertEqual(
+            t["metadata"],
+            {
+                "queueName": "default",
+                "mode": "QueueLength",
+                "protocol": "http",
+                "excludeUnacknowledged": "false",
+                "value": concurrency,
+                "activationValue": "0",
+            },
+        )
+        self.assertEqual(t["name"], "messages-default")
+        # The host (management URL and vhost) comes from the TriggerAuthentication.
+        self.assertEqual(t["authenticationRef"], {"name": "rabbitmq-management"})
+        self.assertNotIn("waiting jobs only", r.notes)
+        self.assertIn("unacknowledged", r.notes)
+
+    def test_fallback_behavior_from_keda_2_17_and_static_before(self):
+        for version in ("2.17", "2.17.0", "v2.18.1", "2.20"):
+            with self.subTest(version=version):
+                r = Rendered({"autoscaling": {"keda": {"version": version}}})
+                self.assertEqual(
+                    r.one("ScaledObject")["spec"]["fallback"]["behavior"],
+                    "currentReplicasIfHigher",
+                )
+                # Helm cannot check the version: the NOTES say what was assumed.
+                self.assertIn(f"KEDA 2.17 or later (autoscaling.keda.version={version})", r.notes)
+        # KEDA before 2.17 has no fallback.behavior, and behaves as static: static is
+        # left out rather than sent to an API server that drops it.
+        for behavior in ("static", ""):
+            with self.subTest(version="2.16", behavior=behavior):
+                r = Rendered(
+                    {"autoscaling": {"keda": {"version": "2.16", "fallback": {"behavior": behavior}}}}
+                )
+                self.assertEqual(
+                    r.one("ScaledObject")["spec"]["fallback"], {"failureThreshold": 3, "replicas": 1}
+                )
+                self.assertIn("(static, 1 replica(s))", r.notes)
+                self.assertNotIn("KEDA 2.17", r.notes)
+        # Without a fallback the version changes nothing.
+        r = Rendered({"autoscaling": {"keda": {"version": "2.9", "fallback": {"enabled": False}}}})
+        self.assertNotIn("fallback", r.one("ScaledObject")["spec"])
 
     def test_pod_deletion_cost_env_and_rbac_only_when_enabled(self):
         off = Rendered({})
@@ -1268,6 +1342,11 @@ class BadValues(unittest.TestCase):
             ({"broker": {"redis": {"url": "http://redis:6379"}}}, "url"),
             ({"autoscaling": {"keda": {"trigger": "sqs"}}}, "trigger"),
             ({"autoscaling": {"keda": {"fallback": {"behavior": "hold"}}}}, "behavior"),
+            ({"autoscaling": {"keda": {"version": "latest"}}}, "version"),
+            ({"autoscaling": {"keda": {"version": "2"}}}, "version"),
+            # Unquoted, 2.10 would be the number 2.1.
+            ({"autoscaling": {"keda": {"version": 2.16}}}, "version"),
+            ({"autoscaling": {"keda": {"rabbitmq": {"protocol": "auto"}}}}, "protocol"),
             ({"replicas": {"min": -1}}, "min"),
             ({"concurency": 4}, "concurency"),
             ({"worker": {"drainTimeoutSeconds": "30s"}}, "drainTimeoutSeconds"),
@@ -1287,7 +1366,30 @@ class BadValues(unittest.TestCase):
             {"autoscaling": {"engine": "hpa", "hpa": {"cpuUtilization": None}}}
         )
         self.assertIn("cpuUtilization", message)
+        message = self.render_error(
+            {
+                "broker": {"type": "amqp"},
+                "autoscaling": {"keda": {"trigger": "rabbitmq", "rabbitmq": {"protocol": "http"}}},
+            }
+        )
+        self.assertIn("autoscaling.keda.rabbitmq.authenticationRef", message)
 
+    def test_fallback_behavior_refused_before_keda_2_17(self):
+        # 2.9 is older than 2.17 as versions, not as strings.
+        for version, behavior in (
+            ("2.16", "currentReplicasIfHigher"),
+            ("v2.16.1", "currentReplicasIfHigher"),
+            ("2.9", "currentReplicas"),
+        ):
+            with self.subTest(version=version, behavior=behavior):
+                message = self.render_error(
+                    {"autoscaling": {"keda": {"version": version, "fallback": {"behavior": behavior}}}}
+                )
+                self.assertIn(f"autoscaling.keda.version={version}", message)
+                self.assertIn("KEDA 2.17", message)
+                # The consequence: the pool is set to fallback.replicas, busy or not.
+                self.assertIn("fallback.replicas (1)", message)
+                self.assertIn("autoscaling.keda.fallback.behavior=static", message)
 
     def test_security_values_refused_with_the_fix(self):
         cases = [
