@@ -13,8 +13,11 @@
 //! `[max(min, 1), max]`; scale-up at once and scale-down to the highest recommendation
 //! of the stabilization window; activation from zero when the metric exceeds the
 //! activation value, and back to zero once it has not for the cooldown period; a read
-//! that fails holds the replicas, and after `failure_threshold` failures in a row the
-//! fallback keeps `max(current, replicas)` (KEDA's `currentReplicasIfHigher`).
+//! that fails holds the replicas, and once failures in a row exceed
+//! `failure_threshold` the fallback keeps `max(current, replicas)` (KEDA's
+//! `currentReplicasIfHigher`); scale-up at most `max(2 × start, start + 4)` per
+//! scale-up period, `start` being the replicas at the period's start (the HPA's
+//! default policies).
 //!
 //! Scaling down sends SIGTERM to a replica chosen at random, as a ReplicaSet may; the
 //! replica drains and its process lives on until it exits, and those seconds count.
@@ -58,12 +61,16 @@ pub struct ScalerSpec {
     pub tolerance: f64,
     /// KEDA's `fallback` with `behavior: currentReplicasIfHigher`.
     pub fallback: Option<Fallback>,
+    /// The `periodSeconds` of the HPA's default scale-up policies (15 s): within one
+    /// period the replicas grow to at most `max(2 × start, start + 4)`.
+    pub scale_up_period: Duration,
 }
 
 impl ScalerSpec {
     /// KEDA's and the HPA's rules on a compressed clock: polling 1 s, a 4 s cooldown,
-    /// a 6 s scale-down window, the 10 % tolerance, 0 to 8 replicas, activation on any
-    /// backlog, and a fallback holding at least one replica after three failed reads.
+    /// a 6 s scale-down window, a 1 s scale-up period, the 10 % tolerance, 0 to 8
+    /// replicas, activation on any backlog, and a fallback holding at least one
+    /// replica once more than three reads in a row have failed.
     /// `target` is the jobs one replica runs at once.
     pub fn compressed(target: u32) -> Self {
         Self {
@@ -79,6 +86,7 @@ impl ScalerSpec {
                 failure_threshold: 3,
                 replicas: 1,
             }),
+            scale_up_period: Duration::from_secs(1),
         }
     }
 }
@@ -105,7 +113,7 @@ pub enum Why {
     Hpa,
     /// The read failed, fewer times than the fallback's threshold: nothing changes.
     Hold,
-    /// The read failed `failure_threshold` times in a row.
+    /// The read failed more than `failure_threshold` times in a row.
     Fallback,
 }
 
@@ -116,6 +124,8 @@ pub struct Autoscaler {
     failures: u32,
     last_active: Option<Instant>,
     recommendations: VecDeque<(Instant, u32)>,
+    /// The HPA's scale-up events: when, and how many replicas each added.
+    scale_ups: VecDeque<(Instant, u32)>,
 }
 
 impl Autoscaler {
@@ -126,7 +136,27 @@ impl Autoscaler {
             failures: 0,
             last_active: None,
             recommendations: VecDeque::new(),
+            scale_ups: VecDeque::new(),
         }
+    }
+
+    /// The most replicas the HPA may scale up to now, from `current`: its default
+    /// scale-up policies (100 % and 4 pods per period, `selectPolicy: Max`), from the
+    /// replicas at the start of the period. Kubernetes
+    /// `calculateScaleUpLimitWithScalingRules` with `getReplicasChangePerPeriod`
+    /// (pkg/controller/podautoscaler/horizontal.go).
+    fn scale_up_limit(&mut self, now: Instant, current: u32) -> u32 {
+        let period = self.spec.scale_up_period;
+        while let Some(&(at, _)) = self.scale_ups.front() {
+            if now.duration_since(at) >= period {
+                self.scale_ups.pop_front();
+            } else {
+                break;
+            }
+        }
+        let added: u32 = self.scale_ups.iter().map(|&(_, n)| n).sum();
+        let start = current.saturating_sub(added);
+        (start * 2).max(start + 4)
     }
 
     /// The replica count for a `reading` of the metric (`None`: the read failed) taken
@@ -136,8 +166,11 @@ impl Autoscaler {
         let Some(metric) = reading else {
             self.failures += 1;
             if let Some(f) = spec.fallback {
-                // KEDA's fallback feeds the HPA; a pool at zero has no HPA running.
-                if self.failures >= f.failure_threshold && current > 0 {
+                // KEDA's fallback feeds the HPA; a pool at zero has no HPA running. It
+                // applies once the failures exceed the threshold (KEDA
+                // `GetMetricsWithFallback`, pkg/fallback/fallback.go: the 4th failure
+                // for a threshold of 3).
+                if self.failures > f.failure_threshold && current > 0 {
                     return (current.max(f.replicas).min(spec.max), Why::Fallback);
                 }
             }
@@ -160,7 +193,9 @@ impl Autoscaler {
                 .last_active
                 .is_none_or(|t| now.duration_since(t) >= spec.cooldown);
             if cooled {
-                self.recommendations.clear();
+                // The HPA keeps its recommendations while KEDA holds the pool at zero
+                // (Kubernetes `stabilizeRecommendationWithBehaviors` reads them again
+                // when the HPA runs next).
                 return (0, Why::Deactivate);
             }
         }
@@ -187,12 +222,17 @@ impl Autoscaler {
             .map(|&(_, r)| r)
             .max()
             .unwrap_or(recommendation);
-        // Up at once (window 0); down only to the highest recommendation in the window.
+        // Up at once (window 0) within the scale-up limit; down only to the highest
+        // recommendation in the window (Kubernetes `normalizeDesiredReplicasWithBehaviors`:
+        // stabilization, then `convertDesiredReplicasWithBehaviorRate`).
         let desired = if recommendation >= current {
-            recommendation
+            recommendation.min(self.scale_up_limit(now, current).max(current))
         } else {
             current.min(highest)
         };
+        if desired > current {
+            self.scale_ups.push_back((now, desired - current));
+        }
         (desired, Why::Hpa)
     }
 }
@@ -961,8 +1001,11 @@ mod tests {
         assert_eq!(a.decide(now, Some(13.0), 1), (4, Why::Hpa));
         // Within the 10 % tolerance: 4 replicas for a backlog of 17 stay 4.
         assert_eq!(a.decide(now, Some(17.0), 4), (4, Why::Hpa));
-        // Above the maximum: clamped.
-        assert_eq!(a.decide(now, Some(100.0), 4), (8, Why::Hpa));
+        // Within the scale-up period that began at 1 replica: at most 5.
+        assert_eq!(a.decide(now, Some(100.0), 4), (5, Why::Hpa));
+        // Next period, above the maximum: clamped.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(a.decide(Instant::now(), Some(100.0), 5), (8, Why::Hpa));
     }
 
     #[tokio::test(start_paused = true)]
@@ -989,8 +1032,10 @@ mod tests {
     async fn failed_reads_hold_the_pool_then_fall_back_to_at_least_the_fallback() {
         let mut a = Autoscaler::new(spec());
         let now = Instant::now();
-        assert_eq!(a.decide(now, None, 3), (3, Why::Hold));
-        assert_eq!(a.decide(now, None, 3), (3, Why::Hold));
+        // More than three failures: the 4th applies the fallback.
+        for _ in 0..3 {
+            assert_eq!(a.decide(now, None, 3), (3, Why::Hold));
+        }
         assert_eq!(a.decide(now, None, 3), (3, Why::Fallback));
         assert_eq!(a.decide(now, None, 0), (0, Why::Hold));
         // currentReplicasIfHigher: below the fallback, the fallback.
@@ -1001,10 +1046,39 @@ mod tests {
             }),
             ..spec()
         });
+        assert_eq!(b.decide(now, None, 1), (1, Why::Hold));
         assert_eq!(b.decide(now, None, 1), (2, Why::Fallback));
         // A good read resets the count: at target, two replicas stay two.
         assert_eq!(b.decide(now, Some(8.0), 2), (2, Why::Hpa));
+        assert_eq!(b.decide(now, None, 2), (2, Why::Hold));
         assert_eq!(b.decide(now, None, 2), (2, Why::Fallback));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scale_up_grows_at_most_by_the_default_policies_per_period() {
+        let mut a = Autoscaler::new(ScalerSpec { max: 20, ..spec() });
+        // From 1: max(2 × 1, 1 + 4) = 5, though the backlog asks for 20.
+        assert_eq!(a.decide(Instant::now(), Some(80.0), 1), (5, Why::Hpa));
+        // Within the same period the start is still 1: no more.
+        assert_eq!(a.decide(Instant::now(), Some(80.0), 5), (5, Why::Hpa));
+        // A new period from 5: max(10, 9) = 10, then 20.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(a.decide(Instant::now(), Some(80.0), 5), (10, Why::Hpa));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(a.decide(Instant::now(), Some(80.0), 10), (20, Why::Hpa));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recommendations_outlive_a_stay_at_zero() {
+        let mut a = Autoscaler::new(spec());
+        assert_eq!(a.decide(Instant::now(), Some(16.0), 4), (4, Why::Hpa));
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(a.decide(Instant::now(), Some(0.0), 1), (0, Why::Deactivate));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(a.decide(Instant::now(), Some(0.5), 0), (1, Why::Activate));
+        // Three replicas (scaled by hand, say): the recommendation of 4 from 4.5 s ago
+        // is still in the 6 s window, so the HPA holds them.
+        assert_eq!(a.decide(Instant::now(), Some(0.5), 3), (3, Why::Hpa));
     }
 
     #[tokio::test(start_paused = true)]
