@@ -463,6 +463,10 @@ impl Broker for Probe {
     async fn stop_fetching(&self, queues: &[String]) {
         self.inner.stop_fetching(queues).await
     }
+
+    async fn resume_fetching(&self, queues: &[String]) {
+        self.inner.resume_fetching(queues).await
+    }
     async fn close(&self) {
         self.inner.close().await
     }

@@ -60,6 +60,8 @@ pub fn binary(package: &str) -> PathBuf {
     dir.join(package)
 }
 
+pub mod external_scaler;
+pub mod kube_api;
 pub mod sim;
 pub mod soak;
 

@@ -1,14 +1,16 @@
-//! Autoscaling on real processes: KEDA and HPA semantics (see `system_tests::sim`)
+//! Autoscaling on real processes: KEDA's and the HPA's rules (see `system_tests::sim`)
 //! drive real `demo-worker` replicas on the real Redis through a bursty load of mixed
 //! job lengths, some longer than the scale-down stabilization window. Scale-down sends
-//! SIGTERM to a random replica.
+//! SIGTERM to the pods a ReplicaSet deletes first.
 //!
-//! Time is compressed: polling 1 s, stabilization window 6 s, cooldown 4 s, long jobs
-//! 9 s. Each test prints its report.
+//! Time is compressed: KEDA polling 1 s, HPA sync 3 s, stabilization window 6 s,
+//! cooldown 4 s, long jobs 9 s. Each test prints its report.
 
 use std::time::Duration;
 
-use system_tests::sim::{self, Report, ScalerSpec, Scenario, Signal, Victims, Why};
+use system_tests::sim::{
+    self, KedaVersion, Loop, Report, ScalerSpec, Scenario, Signal, Victims, Wake, Why,
+};
 
 /// One run at a time: their timings should not share the machine.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -30,7 +32,8 @@ fn scenario(name: &str, signal: Signal, drain: Duration) -> Scenario {
         load: sim::bursty_load(7, LONG_JOB_MS),
         outage: None,
         seed: 11,
-        victims: Victims::Random,
+        victims: Victims::Age,
+        wake: Wake::Poll,
         limit: Duration::from_secs(120),
     }
 }
@@ -150,4 +153,103 @@ async fn an_unreadable_broker_holds_the_pool_and_it_recovers_when_the_broker_ret
         "{:?}",
         r.polls
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_keda_2_19_a_fallback_wakes_a_pool_at_zero_during_an_outage() {
+    let _serial = SERIAL.lock().await;
+    // The exporter is cut off from the start for 7 s; the first jobs arrive at 0.5 s.
+    let outage = Some((Duration::ZERO, Duration::from_secs(7)));
+    let mut new = scenario(
+        "KEDA 2.19, cut 0-7 s",
+        Signal::Backlog,
+        Duration::from_secs(12),
+    );
+    new.outage = outage;
+    let mut old = scenario(
+        "KEDA 2.17, cut 0-7 s",
+        Signal::Backlog,
+        Duration::from_secs(12),
+    );
+    old.outage = outage;
+    old.scaler.keda = KedaVersion::V2_17;
+    let (new, old) = tokio::join!(sim::run(&new), sim::run(&old));
+    print(&[&new, &old]);
+    assert_sound(&new);
+    assert_sound(&old);
+    let outage_end_ms = 7_000;
+    // 2.19: the 4th failed fetch falls back, which wakes the pool during the outage.
+    let at = new
+        .polls
+        .iter()
+        .position(|p| p.current == 0 && p.desired > 0)
+        .unwrap_or_else(|| panic!("never woke: {:?}", new.polls));
+    let woke = &new.polls[at];
+    assert_eq!(woke.why, Why::Fallback, "{woke:?}");
+    assert!(woke.at_ms < outage_end_ms, "{woke:?}");
+    // The polls up to it all failed: the 4th woke the pool.
+    assert_eq!(at, 3, "{:?}", new.polls);
+    assert!(new.polls[..=at].iter().all(|p| p.reading.is_none()));
+    // 2.17: failed polls neither count nor wake; the pool stays at zero until the
+    // exporter answers again.
+    let first = old
+        .polls
+        .iter()
+        .find(|p| p.desired > 0)
+        .unwrap_or_else(|| panic!("never woke: {:?}", old.polls));
+    assert_eq!(first.why, Why::Activate, "{first:?}");
+    assert!(first.at_ms >= outage_end_ms, "{first:?}");
+    assert!(
+        old.polls
+            .iter()
+            .filter(|p| p.reading.is_none())
+            .all(|p| p.by == Loop::Keda && p.why == Why::Hold && p.desired == 0),
+        "{:?}",
+        old.polls
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_surplus_replicas_let_scale_down_stop_no_busy_replica() {
+    let _serial = SERIAL.lock().await;
+    // A drain shorter than the long jobs: a busy replica stopped cuts its jobs short.
+    let drain = Duration::from_secs(3);
+    let mut cost = scenario("deletion cost, drain 3 s", Signal::Backlog, drain);
+    cost.victims = Victims::Cost;
+    let mut quiet = scenario("quiet surplus, drain 3 s", Signal::Backlog, drain);
+    quiet.victims = Victims::Quiet;
+    let (cost, quiet) = tokio::join!(sim::run(&cost), sim::run(&quiet));
+    print(&[&cost, &quiet]);
+    assert_sound(&cost);
+    assert_sound(&quiet);
+    assert!(quiet.stopped >= 1, "{}", quiet.json());
+    assert_eq!(quiet.stopped_busy, 0, "{}", quiet.json());
+    assert_eq!(quiet.interrupted, 0, "{}", quiet.json());
+    assert_eq!(quiet.released, 0, "{}", quiet.json());
+    assert_eq!(quiet.restarts, 0, "{}", quiet.json());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_push_wakes_the_pool_before_the_next_poll() {
+    let _serial = SERIAL.lock().await;
+    let drain = Duration::from_secs(12);
+    let polled = scenario("metrics-api", Signal::Backlog, drain);
+    let mut pushed = scenario("external-push", Signal::Backlog, drain);
+    pushed.wake = Wake::Push;
+    let (polled, pushed) = tokio::join!(sim::run(&polled), sim::run(&pushed));
+    print(&[&polled, &pushed]);
+    assert_sound(&polled);
+    assert_sound(&pushed);
+    assert_woke_within_one_poll(&polled);
+    // Every wake from zero of the push run came from a push, none from a poll.
+    let wakes: Vec<_> = pushed
+        .polls
+        .iter()
+        .filter(|p| p.current == 0 && p.desired > 0)
+        .collect();
+    assert!(!wakes.is_empty(), "{:?}", pushed.polls);
+    for p in wakes {
+        assert_eq!((p.by, p.why), (Loop::Push, Why::Activate), "{p:?}");
+    }
+    assert!(pushed.wake_ms.is_some(), "{}", pushed.json());
 }

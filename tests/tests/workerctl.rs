@@ -361,6 +361,7 @@ async fn workerctl_lists_live_workers_while_they_beat_and_not_after_they_leave()
     assert_eq!(w["concurrency"], 3, "{first}");
     assert_eq!(w["pid"], worker.pid(), "{first}");
     assert_eq!(w["draining"], false, "{first}");
+    assert_eq!(w["quiet"], false, "{first}");
 
     // Three TTLs later it is still there, beaten within the last TTL: the beats renew
     // its entry, which would have expired 900 ms after a single registration.

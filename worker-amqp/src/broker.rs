@@ -30,6 +30,7 @@ use crate::topology::{self, QueueType};
 
 mod get;
 mod later;
+mod ready;
 
 /// How long `close` tries to reach the broker to store copies it refused before.
 const STRANDED_CLOSE_WAIT: Duration = Duration::from_secs(10);
@@ -1714,6 +1715,21 @@ impl Broker for AmqpBroker {
             if count > 0 {
                 tracing::info!(queue = %q, jobs = count, "amqp: handed back jobs received but not started");
             }
+        }
+    }
+
+    async fn resume_fetching(&self, queues: &[String]) {
+        let inner = &self.inner;
+        // Get mode: after any doorbell change still running.
+        let _turn = if inner.getting() {
+            Some(inner.turn.lock().await)
+        } else {
+            None
+        };
+        let mut st = inner.state();
+        for q in queues {
+            // The next fetch or wait consumes (or rings) again.
+            st.queues.entry(q.clone()).or_default().stopped = false;
         }
     }
 

@@ -1508,3 +1508,104 @@ impl Drop for OpenOnDrop {
         self.0.store(true, Ordering::SeqCst);
     }
 }
+
+/// Three workers of one pool with `quiet_surplus`, each counting the jobs it started;
+/// a job's payload is how long it runs, in ms.
+async fn quiet_pool(broker: &MemoryBroker) -> (Vec<RunningWorker>, Vec<Arc<AtomicU32>>) {
+    let (mut workers, mut started) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let count = Arc::new(AtomicU32::new(0));
+        let c = count.clone();
+        let handler = handler_fn(move |job: Job<u64>| {
+            c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(job.payload)).await;
+                Ok::<_, JobError>(())
+            }
+        });
+        let cfg = config()
+            .pool("quiet")
+            .concurrency(2)
+            .heartbeat(Duration::from_millis(300))
+            .quiet_surplus(true)
+            .build()
+            .unwrap();
+        workers.push(
+            Worker::new(broker.clone(), cfg, handler)
+                .spawn()
+                .await
+                .unwrap(),
+        );
+        started.push(count);
+        // Started in turn, as pods are: the ranking tells them apart by start time.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (workers, started)
+}
+
+/// `(quiet, in_flight)` of each registered worker, sorted.
+async fn registry(broker: &MemoryBroker) -> Vec<(bool, u32)> {
+    let mut seen: Vec<(bool, u32)> = broker
+        .list_workers(Some("quiet"))
+        .await
+        .unwrap()
+        .iter()
+        .map(|w| (w.quiet, w.in_flight))
+        .collect();
+    seen.sort();
+    seen
+}
+
+#[tokio::test(start_paused = true)]
+async fn surplus_workers_go_quiet_take_jobs_again_when_needed_and_never_the_busy_one() {
+    let broker = MemoryBroker::new();
+    let (workers, started) = quiet_pool(&broker).await;
+    // Nothing to do: the pool needs 1 of 3.
+    eventually(Duration::from_secs(10), "2 of 3 quiet", || async {
+        registry(&broker).await == [(false, 0), (true, 0), (true, 0)]
+    })
+    .await;
+
+    put(&broker, "default", [serde_json::json!(60_000)]).await;
+    eventually(Duration::from_secs(10), "the long job running", || async {
+        registry(&broker).await == [(false, 1), (true, 0), (true, 0)]
+    })
+    .await;
+    // It stays so: the busy one is never quiet, the others take nothing.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(registry(&broker).await, [(false, 1), (true, 0), (true, 0)]);
+    }
+
+    // 13 in the backlog: the pool needs 7; every worker takes jobs.
+    put(
+        &broker,
+        "default",
+        std::iter::repeat_n(serde_json::json!(1000), 12),
+    )
+    .await;
+    eventually(Duration::from_secs(10), "every worker active", || async {
+        registry(&broker).await.iter().all(|(q, _)| !q)
+    })
+    .await;
+    eventually(Duration::from_secs(30), "the short jobs done", || async {
+        broker.depth("default").await.unwrap().backlog() == 1
+    })
+    .await;
+    for (i, s) in started.iter().enumerate() {
+        assert!(
+            s.load(Ordering::SeqCst) >= 2,
+            "worker {i} started {} jobs",
+            s.load(Ordering::SeqCst)
+        );
+    }
+    eventually(Duration::from_secs(10), "2 of 3 quiet again", || async {
+        registry(&broker).await == [(false, 1), (true, 0), (true, 0)]
+    })
+    .await;
+    assert_eq!(broker.depth("default").await.unwrap().in_flight, 1);
+    for w in workers {
+        w.shutdown_handle().force();
+        let _ = w.join().await;
+    }
+}

@@ -16,7 +16,8 @@
 //! echo '{"prompt":"hi"}' | workerctl enqueue gpu
 //! workerctl dead list gpu --json
 //! workerctl dead requeue gpu --yes
-//! workerctl exporter --pool gpu --queues gpu,gpu-low --capacity 4 --listen 0.0.0.0:9090
+//! workerctl exporter --pool gpu --queues gpu,gpu-low --capacity 4 --listen 0.0.0.0:9090 \
+//!     --grpc-listen 0.0.0.0:9091
 //! ```
 
 use std::io::IsTerminal;
@@ -26,10 +27,11 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use worker_core::telemetry::exporter::Exporter;
+use worker_core::telemetry::exporter::{Exporter, Opened};
 use worker_core::{Broker, JobId, NewJob, QueueDepth};
 
 mod escape;
+mod scaler;
 use escape::{escape, escape_json};
 
 /// Jobs per enqueue call.
@@ -89,8 +91,9 @@ enum Command {
         cost: Option<u32>,
     },
     /// Serve `/scaling` and `/metrics` for a pool from the broker alone (for KEDA's
-    /// `metrics-api` trigger: it exists at zero replicas). It never touches a job; when
-    /// it cannot read the broker it answers 503, never a 0.
+    /// `metrics-api` trigger: it exists at zero replicas), and with --grpc-listen KEDA's
+    /// external scaler service (`external-push` trigger). It never touches a job; when
+    /// it cannot read the broker it answers 503 (gRPC: UNAVAILABLE), never a 0.
     Exporter {
         /// Pool name.
         #[arg(long, env = "WORKER_POOL", default_value = "default")]
@@ -110,6 +113,16 @@ enum Command {
         /// Listen on.
         #[arg(long, env = "EXPORTER_ADDR", default_value = "0.0.0.0:9090")]
         listen: std::net::SocketAddr,
+        /// Serve KEDA's external scaler gRPC service here (`host:port`), or `off`.
+        #[arg(long, env = "EXPORTER_GRPC_ADDR", default_value = "off", value_parser = grpc_addr)]
+        grpc_listen: GrpcAddr,
+        /// The pool is active (gRPC IsActive, StreamIsActive) while its backlog is above this.
+        #[arg(long, env = "EXPORTER_ACTIVATION_BACKLOG", default_value_t = 0)]
+        activation_backlog: u64,
+        /// While a StreamIsActive stream is open: how often the depth is read besides the
+        /// wake-ups on new work (e.g. 5s); a return to idle is pushed on such a reading.
+        #[arg(long, env = "EXPORTER_WATCH_INTERVAL", default_value = "5s")]
+        watch_interval: humantime::Duration,
     },
     /// Inspect, requeue or drop dead letters.
     Dead {
@@ -255,6 +268,34 @@ impl Spec {
             Spec::Amqp(config) => Arc::new(config.connect().await?),
         })
     }
+
+    /// The broker, with the wake-up the exporter's activity watcher waits on.
+    async fn open_watched(self) -> Result<Opened, worker_core::BrokerError> {
+        Ok(match self {
+            Spec::Redis(config) => {
+                let broker = Arc::new(config.connect().await?);
+                Opened::new(broker.clone()).with_wake(Arc::new(scaler::RedisWake(broker)))
+            }
+            Spec::Amqp(config) => {
+                let broker = Arc::new(config.connect().await?);
+                Opened::new(broker.clone()).with_wake(Arc::new(scaler::AmqpWake(broker)))
+            }
+        })
+    }
+}
+
+/// Where the external scaler service listens; `None` for `off`.
+#[derive(Clone, Copy, Debug)]
+struct GrpcAddr(Option<std::net::SocketAddr>);
+
+fn grpc_addr(value: &str) -> Result<GrpcAddr, String> {
+    if value.trim().eq_ignore_ascii_case("off") {
+        return Ok(GrpcAddr(None));
+    }
+    value
+        .parse()
+        .map(|addr| GrpcAddr(Some(addr)))
+        .map_err(|e| format!("{e}: expected host:port (e.g. 0.0.0.0:9091) or off"))
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -270,18 +311,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         min_replicas,
         max_replicas,
         listen,
+        grpc_listen,
+        activation_backlog,
+        watch_interval,
     } = &cli.command
     {
         // The exporter opens the broker on the first request, and again on each one
         // until it can: a broker down at start is a 503, not an exit.
         let connect: worker_core::telemetry::exporter::Connect = Arc::new(move || {
             let spec = spec.clone();
-            Box::pin(spec.open())
+            Box::pin(spec.open_watched())
         });
         let exporter =
             Exporter::connecting(connect, pool.as_str(), (*capacity).max(1), queues.clone())
-                .replicas(*min_replicas, *max_replicas);
-        return serve_exporter(exporter, *listen).await;
+                .replicas(*min_replicas, *max_replicas)
+                .activation(*activation_backlog)
+                .watch_interval((*watch_interval).into());
+        return serve_exporter(exporter, *listen, grpc_listen.0).await;
     }
     // A command runs for a moment: delayed jobs are the long-running processes' to move.
     let spec = match spec {
@@ -353,10 +399,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn serve_exporter(exporter: Exporter, listen: std::net::SocketAddr) -> Result<(), Failure> {
+async fn serve_exporter(
+    exporter: Exporter,
+    listen: std::net::SocketAddr,
+    grpc: Option<std::net::SocketAddr>,
+) -> Result<(), Failure> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Failure::Usage(format!("cannot listen on {listen}: {e}")))?;
+    let grpc_listener = match grpc {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Failure::Usage(format!("cannot listen on {addr} (gRPC): {e}")))?,
+        ),
+        None => None,
+    };
     let stop = worker_core::CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move {
@@ -375,8 +433,28 @@ async fn serve_exporter(exporter: Exporter, listen: std::net::SocketAddr) -> Res
             });
         }
     }
-    exporter.serve(listener, stop).await?;
-    Ok(())
+    // One listener gone ends the other: the process exits rather than half-serves.
+    let grpc = async {
+        let Some(listener) = grpc_listener else {
+            return Ok(());
+        };
+        let served = scaler::serve(exporter.clone(), listener, stop.clone()).await;
+        stop.cancel();
+        served.map_err(|e| {
+            Failure::Broker(format!(
+                "gRPC listener failed: {}",
+                worker_core::error::chain(&e)
+            ))
+        })
+    };
+    let http = async {
+        let served = exporter.clone().serve(listener, stop.clone()).await;
+        stop.cancel();
+        served.map_err(Failure::from)
+    };
+    let (http, grpc) = tokio::join!(http, grpc);
+    http?;
+    grpc
 }
 
 fn check_json<'a>(payloads: impl Iterator<Item = &'a str>, what: &str) -> Result<(), Failure> {
@@ -472,7 +550,8 @@ async fn workers(
             .map(|w| {
                 json!({"id": w.id, "pool": w.pool, "queues": w.queues, "host": w.host,
                     "pid": w.pid, "concurrency": w.concurrency, "in_flight": w.in_flight,
-                    "draining": w.draining, "beat_age_s": w.beat_age().as_secs_f64()})
+                    "draining": w.draining, "quiet": w.quiet,
+                    "beat_age_s": w.beat_age().as_secs_f64()})
             })
             .collect();
         return Ok(Value::Array(v).to_string());
@@ -483,6 +562,7 @@ async fn workers(
         "queues",
         "in flight",
         "draining",
+        "quiet",
         "last beat s",
         "host",
         "pid",
@@ -494,6 +574,7 @@ async fn workers(
             w.queues.join(","),
             format!("{}/{}", w.in_flight, w.concurrency),
             if w.draining { "yes" } else { "no" }.into(),
+            if w.quiet { "yes" } else { "no" }.into(),
             format!("{:.1}", w.beat_age().as_secs_f64()),
             w.host.clone(),
             w.pid.to_string(),

@@ -254,9 +254,21 @@ does not follow an update of its Secret or ConfigMap. */}}
 
 {{/* Whether KEDA reads the exporter's /scaling. */}}
 {{- define "worker-pool.kedaReadsExporter" -}}
-{{- if and .Values.autoscaling.enabled (eq .Values.autoscaling.engine "keda") (eq .Values.autoscaling.keda.trigger "exporter") .Values.exporter.enabled -}}
+{{- if and .Values.autoscaling.enabled (eq .Values.autoscaling.engine "keda") (has .Values.autoscaling.keda.trigger (list "exporter" "exporter-push")) .Values.exporter.enabled -}}
 true
 {{- end -}}
+{{- end -}}
+
+{{/* Whether KEDA's external-push trigger reads the exporter's gRPC service. */}}
+{{- define "worker-pool.kedaPushes" -}}
+{{- if and (include "worker-pool.kedaReadsExporter" .) (eq .Values.autoscaling.keda.trigger "exporter-push") -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* host:port of the exporter's gRPC service, for the external-push trigger. */}}
+{{- define "worker-pool.scalerAddress" -}}
+{{- printf "%s.%s.svc.cluster.local:%d" (include "worker-pool.exporterName" .) .Release.Namespace (int .Values.exporter.grpcPort) -}}
 {{- end -}}
 
 {{/* Whether the pod-deletion-cost admission policy is installed: asked for, and a

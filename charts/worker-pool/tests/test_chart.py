@@ -143,7 +143,9 @@ SCALED_OBJECT_SCHEMA = {
                         "additionalProperties": False,
                         "required": ["type", "metadata"],
                         "properties": {
-                            "type": {"enum": ["metrics-api", "redis", "rabbitmq"]},
+                            "type": {
+                                "enum": ["metrics-api", "external-push", "redis", "rabbitmq"]
+                            },
                             "name": {"type": "string", "pattern": "^[a-z0-9-]+$"},
                             "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
                             "useCachedMetrics": {"type": "boolean"},
@@ -235,6 +237,15 @@ SCENARIOS = {
                 "rabbitmq": {"protocol": "http", "authenticationRef": "rabbitmq-management"},
             }
         },
+    },
+    "keda-exporter-push": {
+        "autoscaling": {"keda": {"trigger": "exporter-push", "activationBacklog": 2}},
+        "worker": {"queues": [{"name": "a", "weight": 2}, {"name": "b"}]},
+    },
+    "keda-exporter-push-amqp": {
+        "broker": {"type": "amqp"},
+        "autoscaling": {"keda": {"trigger": "exporter-push"}},
+        "exporter": {"grpcPort": 7000, "watchInterval": "2s"},
     },
     "autoscaling-off": {"autoscaling": {"enabled": False}, "replicas": {"min": 3}},
     "pod-deletion-cost": {"podDeletionCost": {"enabled": True}},
@@ -618,6 +629,10 @@ class RenderEveryScenario(unittest.TestCase):
                 # AverageValue: the HPA divides the metric by the target per replica.
                 self.assertEqual(trigger["metricType"], "AverageValue")
                 meta = trigger["metadata"]
+                if trigger["type"] == "external-push":
+                    # The exporter's GetMetricSpec gives the target: its --capacity.
+                    self.assertEqual(args_of(r.exporter())["--capacity"], concurrency)
+                    continue
                 target = {"metrics-api": "targetValue", "redis": "listLength", "rabbitmq": "value"}
                 self.assertEqual(meta[target[trigger["type"]]], concurrency)
             # The workers' replica count belongs to the autoscaler, not to each upgrade.
@@ -667,6 +682,13 @@ class RenderEveryScenario(unittest.TestCase):
             for so in r.all("ScaledObject"):
                 k = r.values["autoscaling"]["keda"]
                 for t in so["spec"]["triggers"]:
+                    if t["type"] == "external-push":
+                        # The exporter's IsActive applies it.
+                        self.assertEqual(
+                            args_of(r.exporter())["--activation-backlog"],
+                            str(k["activationBacklog"]),
+                        )
+                        continue
                     activation = {
                         "metrics-api": "activationTargetValue",
                         "redis": "activationListLength",
@@ -690,6 +712,50 @@ class RenderEveryScenario(unittest.TestCase):
             ],
             "0",
         )
+
+    def test_metrics_api_is_the_default_trigger(self):
+        # KEDA applies no fallback while an external scaler cannot be reached (KEDA
+        # issue 8056): the default keeps metrics-api, whose failures do trigger it.
+        (trigger,) = self.rendered["defaults"].one("ScaledObject")["spec"]["triggers"]
+        self.assertEqual(trigger["type"], "metrics-api")
+        exporter = self.rendered["defaults"].exporter()
+        self.assertNotIn("--grpc-listen", args_of(exporter))
+        self.assertEqual([p["name"] for p in container(exporter)["ports"]], ["http"])
+
+    def test_push_trigger_reaches_the_exporter_grpc_service_by_name(self):
+        seen = 0
+        for name, r in self.scenarios():
+            triggers = [
+                t
+                for so in r.all("ScaledObject")
+                for t in so["spec"]["triggers"]
+                if t["type"] == "external-push"
+            ]
+            exporter = r.exporter() if r.values["exporter"]["enabled"] else None
+            if not triggers:
+                if exporter is not None:
+                    self.assertNotIn("--grpc-listen", args_of(exporter))
+                continue
+            seen += 1
+            (trigger,) = triggers
+            self.assertEqual(trigger["name"], "backlog")
+            meta = trigger["metadata"]
+            self.assertEqual(meta["pool"], args_of(exporter)["--pool"])
+            host, _, port = meta["scalerAddress"].rpartition(":")
+            service_name, ns, svc, cluster, local = host.split(".")
+            self.assertEqual((ns, svc, cluster, local), (NAMESPACE, "svc", "cluster", "local"))
+            (service,) = [s for s in r.all("Service") if s["metadata"]["name"] == service_name]
+            (sport,) = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
+            self.assertEqual(sport["name"], "grpc")
+            pod_labels = exporter["spec"]["template"]["metadata"]["labels"]
+            self.assertTrue(matches(service["spec"]["selector"], pod_labels))
+            (cport,) = [p for p in container(exporter)["ports"] if p["name"] == sport["targetPort"]]
+            args = args_of(exporter)
+            self.assertEqual(args["--grpc-listen"], f"0.0.0.0:{cport['containerPort']}")
+            self.assertEqual(args["--watch-interval"], r.values["exporter"]["watchInterval"])
+            # The HTTP port stays for /metrics and /livez.
+            self.assertEqual(args["--listen"], f"0.0.0.0:{r.values['exporter']['port']}")
+        self.assertEqual(seen, 2)
 
     def test_security_context_non_root_read_only_no_capabilities(self):
         for _, r in self.scenarios():
@@ -1185,10 +1251,37 @@ class Security(unittest.TestCase):
         self.assertEqual(policies["worker"]["spec"]["egress"][-1], api)
         self.assertNotIn(api, policies["exporter"]["spec"]["egress"])
 
+    def test_network_policy_admits_keda_to_the_grpc_port_with_the_push_trigger(self):
+        values = merge(
+            SCENARIOS["network-policy"], {"autoscaling": {"keda": {"trigger": "exporter-push"}}}
+        )
+        r = Rendered(values)
+        np = r.values["networkPolicy"]
+        policy = r.one("NetworkPolicy", "exporter")["spec"]
+        ports = {p["name"]: p["containerPort"] for p in container(r.exporter())["ports"]}
+        self.assertEqual(
+            policy["ingress"],
+            [
+                {
+                    "from": np["scalerFrom"],
+                    "ports": [{"protocol": "TCP", "port": ports["grpc"]}],
+                },
+                {
+                    "from": np["metricsFrom"],
+                    "ports": [{"protocol": "TCP", "port": ports["http"]}],
+                },
+            ],
+        )
+
     def test_network_policies_without_peers_admit_no_one_and_leave_egress_open(self):
         cases = {
             # KEDA reads the exporter: its namespace (the default scalerFrom) may.
             "exporter trigger": ({}, {"worker": [], "exporter": ["keda"]}),
+            # KEDA's external-push trigger reads the exporter over gRPC.
+            "exporter-push trigger": (
+                {"autoscaling": {"keda": {"trigger": "exporter-push"}}},
+                {"worker": [], "exporter": ["keda"]},
+            ),
             # KEDA reads Redis itself: no one reaches the exporter.
             "redis trigger": (
                 {"autoscaling": {"keda": {"trigger": "redis"}}},

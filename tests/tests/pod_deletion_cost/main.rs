@@ -5,63 +5,49 @@
 //! A refused request (403) is logged with the RBAC hint and retried without touching
 //! jobs; a missing setting stops the worker at start with exit code 2.
 
-mod kube_api;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kube_api::{ApiRequest, FakeKubeApi};
 use serde_json::{json, Value};
-use system_tests::{free_addr, make_certificates, DemoWorker, RedisServer};
+use system_tests::kube_api::{ApiRequest, FakeCluster};
+use system_tests::DemoWorker;
 use worker_core::testing::{eventually, unique};
 use worker_core::Broker;
 use worker_redis::RedisBroker;
 
 const URL: &str = "redis://127.0.0.1:6379";
-const NAMESPACE: &str = "workers";
+const NAMESPACE: &str = FakeCluster::NAMESPACE;
 
-/// The API server, and a service-account directory with its CA and a token.
+/// The API server with its service-account directory, and a pod.
 struct Cluster {
-    api: FakeKubeApi,
-    dir: PathBuf,
-    sa_dir: String,
-    token: String,
+    fake: FakeCluster,
     pod: String,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = FakeCluster;
+    fn deref(&self) -> &FakeCluster {
+        &self.fake
+    }
 }
 
 impl Cluster {
     async fn start(refusing: bool) -> Self {
-        let dir = RedisServer::scratch_dir(free_addr().port());
-        make_certificates(&dir);
-        let api = FakeKubeApi::start(&dir, refusing).await;
-        let sa = dir.join("serviceaccount");
-        std::fs::create_dir_all(&sa).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::copy(dir.join("ca.crt"), sa.join("ca.crt")).unwrap_or_else(|e| panic!("{e}"));
-        let token = unique("token");
-        std::fs::write(sa.join("token"), format!("{token}\n")).unwrap_or_else(|e| panic!("{e}"));
         Self {
-            api,
-            sa_dir: sa.to_string_lossy().into_owned(),
-            dir,
-            token,
+            fake: FakeCluster::start(refusing).await,
             pod: unique("pod"),
         }
     }
 
     /// A worker on the real Redis under `prefix`, pod-deletion cost on.
     fn worker(&self, prefix: &str, extra: &[(&str, &str)]) -> DemoWorker {
-        let port = self.api.port.to_string();
+        let pod_env = self.worker_env(&self.pod);
         let mut env = vec![
             ("REDIS_URL", URL),
             ("REDIS_PREFIX", prefix),
             ("WORKER_QUEUES", "jobs"),
-            ("WORKER_POD_DELETION_COST", "true"),
-            ("POD_NAME", self.pod.as_str()),
-            ("POD_NAMESPACE", NAMESPACE),
-            ("KUBERNETES_SERVICE_HOST", "127.0.0.1"),
-            ("KUBERNETES_SERVICE_PORT", port.as_str()),
-            ("KUBERNETES_SERVICEACCOUNT_DIR", self.sa_dir.as_str()),
         ];
+        env.extend(pod_env.iter().map(|(k, v)| (*k, v.as_str())));
         env.extend_from_slice(extra);
         DemoWorker::start(&env)
     }
@@ -99,12 +85,6 @@ impl Cluster {
             json!({"metadata": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": value}}}),
             "{r:?}"
         );
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -282,6 +282,11 @@ pub struct WorkerInfo {
     pub in_flight: u32,
     /// Whether it is draining.
     pub draining: bool,
+    /// Whether it is quiet: live and ready but taking no new jobs, because the pool
+    /// needs fewer replicas than are live (see `WorkerConfig::quiet_surplus`). Absent
+    /// in entries written without it, which read as `false`.
+    #[serde(default)]
+    pub quiet: bool,
     /// Start time, ms since the Unix epoch.
     pub started_at_ms: u64,
     /// Last beat, ms since the Unix epoch.
@@ -301,6 +306,7 @@ impl WorkerInfo {
             concurrency: 0,
             in_flight: 0,
             draining: false,
+            quiet: false,
             started_at_ms: now,
             last_beat_ms: now,
         }
@@ -445,9 +451,18 @@ pub trait Broker: Send + Sync + 'static {
     /// receiving and hands back at once what it holds but has not given out, at the
     /// same attempt, so other workers can start it. Leases already given out are
     /// untouched: they extend and settle as before. A later fetch of these queues on
-    /// this instance may return nothing. The default does nothing: a backend that only
-    /// hands out jobs on fetch holds nothing.
+    /// this instance may return nothing until [`resume_fetching`](Self::resume_fetching).
+    /// The default does nothing: a backend that only hands out jobs on fetch holds
+    /// nothing.
     async fn stop_fetching(&self, queues: &[String]) {
+        let _ = queues;
+    }
+
+    /// Undo [`stop_fetching`](Self::stop_fetching) for `queues`: the next
+    /// [`fetch`](Self::fetch) or [`wait_for_work`](Self::wait_for_work) of them
+    /// receives jobs again (a quiet worker taking work again). Not after
+    /// [`close`](Self::close). The default does nothing.
+    async fn resume_fetching(&self, queues: &[String]) {
         let _ = queues;
     }
 
@@ -651,6 +666,9 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
     }
     async fn stop_fetching(&self, queues: &[String]) {
         (**self).stop_fetching(queues).await
+    }
+    async fn resume_fetching(&self, queues: &[String]) {
+        (**self).resume_fetching(queues).await
     }
     async fn close(&self) {
         (**self).close().await

@@ -6,10 +6,15 @@ use std::time::Duration;
 
 use crate::error::ConfigError;
 
-/// Keep this pod's `controller.kubernetes.io/pod-deletion-cost` annotation equal to
-/// its number of jobs in flight, so that a ReplicaSet scaling down removes idle pods
-/// first. Off unless set ([`WorkerConfigBuilder::pod_deletion_cost`], or
-/// `WORKER_POD_DELETION_COST=true`).
+/// Keep this pod's `controller.kubernetes.io/pod-deletion-cost` annotation current, so
+/// that a ReplicaSet scaling down removes idle pods first. Off unless set
+/// ([`WorkerConfigBuilder::pod_deletion_cost`], or `WORKER_POD_DELETION_COST=true`).
+///
+/// The value is the worker's number of jobs in flight. With
+/// [`quiet_surplus`](crate::WorkerConfigBuilder::quiet_surplus) on it is
+/// `2 × in_flight + (0 if quiet else 1)`: a quiet idle pod 0, an active idle pod 1, a
+/// quiet pod running one job 2, an active one 3. Quiet idle pods then go first, and a
+/// pod running jobs never goes before an idle one.
 ///
 /// The worker patches its own pod through the Kubernetes API with the pod's
 /// service-account token, trusting only the cluster CA beside it. The token file is
@@ -17,7 +22,7 @@ use crate::error::ConfigError;
 /// `patch` on `pods` in the pod's namespace.
 ///
 /// Changes are coalesced: at most one request per [`interval`](Self::interval), always
-/// with the latest count, and none while the count equals the one the API last
+/// with the latest value, and none while the value equals the one the API last
 /// accepted. A refused request is logged and retried with backoff; it never affects
 /// jobs.
 ///
@@ -55,7 +60,7 @@ impl PodDeletionCost {
     pub const DEFAULT_SERVICE_ACCOUNT_DIR: &'static str =
         "/var/run/secrets/kubernetes.io/serviceaccount";
 
-    /// The annotation kept equal to the jobs in flight.
+    /// The annotation kept current.
     pub const ANNOTATION: &'static str = "controller.kubernetes.io/pod-deletion-cost";
 
     /// Pod `pod_name` in `namespace`, with the API server at `api_host:api_port`; the

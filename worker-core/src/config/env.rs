@@ -117,15 +117,20 @@ pub(super) fn from_lookup(
             })?)
         };
     }
-    if let Some(v) = get("WORKER_POD_DELETION_COST") {
-        let on = match v.to_ascii_lowercase().as_str() {
-            "true" | "1" => true,
-            "false" | "0" => false,
-            _ => return Err(ConfigError::invalid("WORKER_POD_DELETION_COST", v, SWITCH)),
-        };
-        if on {
-            c.pod_deletion_cost = Some(PodDeletionCost::from_lookup(&lookup)?);
-        }
+    let switch = |key: &str| -> Result<Option<bool>, ConfigError> {
+        get(key)
+            .map(|v| match v.to_ascii_lowercase().as_str() {
+                "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                _ => Err(ConfigError::invalid(key, v, SWITCH)),
+            })
+            .transpose()
+    };
+    if switch("WORKER_POD_DELETION_COST")? == Some(true) {
+        c.pod_deletion_cost = Some(PodDeletionCost::from_lookup(&lookup)?);
+    }
+    if let Some(on) = switch("WORKER_QUIET_SURPLUS")? {
+        c.quiet_surplus = on;
     }
     c.validate().map_err(|e| match e {
         // Name the variable behind the setting that failed.
@@ -281,6 +286,7 @@ mod tests {
             ("WORKER_QUEUES", "a,,b", QUEUES),
             ("WORKER_SCHEDULING", "random", "weighted or priority"),
             ("WORKER_POD_DELETION_COST", "yes", SWITCH),
+            ("WORKER_QUIET_SURPLUS", "on", SWITCH),
             (
                 "WORKER_HTTP_ADDR",
                 "nowhere",
@@ -327,6 +333,24 @@ mod tests {
                 cost,
                 PodDeletionCost::new("gpu-0", "workers", "10.96.0.1", 443)
                     .service_account_dir("/tmp/sa")
+            );
+        }
+    }
+
+    #[test]
+    fn quiet_surplus_is_off_unless_switched_on() {
+        assert!(!read(&[]).unwrap().quiet_surplus);
+        for (v, on) in [
+            ("true", true),
+            ("1", true),
+            ("TRUE", true),
+            ("false", false),
+            ("0", false),
+        ] {
+            assert_eq!(
+                read(&[("WORKER_QUIET_SURPLUS", v)]).unwrap().quiet_surplus,
+                on,
+                "{v}"
             );
         }
     }

@@ -153,9 +153,14 @@ pub struct WorkerConfig {
     pub reap_interval: Duration,
     /// Longest idle wait before fetching again when the broker gives no wake-up.
     pub idle_wait: Duration,
-    /// Keep this pod's pod-deletion-cost annotation equal to its jobs in flight;
+    /// Keep this pod's pod-deletion-cost annotation current (see [`PodDeletionCost`]);
     /// `None` (the default) leaves the pod alone.
     pub pod_deletion_cost: Option<PodDeletionCost>,
+    /// Go quiet when the pool needs fewer replicas than are live and this worker is
+    /// among those a ReplicaSet would delete first: take no new jobs (running ones
+    /// finish), stay ready, and take jobs again when the need comes back. Checked
+    /// every `min(heartbeat, 1 s)`. Off by default.
+    pub quiet_surplus: bool,
 }
 
 impl Default for WorkerConfig {
@@ -177,6 +182,7 @@ impl Default for WorkerConfig {
             reap_interval: Duration::from_secs(5),
             idle_wait: Duration::from_secs(1),
             pod_deletion_cost: None,
+            quiet_surplus: false,
         }
     }
 }
@@ -358,8 +364,30 @@ impl WorkerConfigBuilder {
         idle_wait: Duration,
     }
 
-    /// Keep this pod's `controller.kubernetes.io/pod-deletion-cost` annotation equal to
-    /// its jobs in flight, so a ReplicaSet scaling down removes idle pods first (see
+    /// Go quiet while the pool needs fewer replicas than are live and this worker is
+    /// among the surplus, ranked as a ReplicaSet deletes pods: quiet workers first,
+    /// then those with fewer jobs in flight, then the newest. A quiet worker takes no
+    /// new jobs, lets its running jobs finish, stays ready, and takes jobs again as
+    /// soon as the pool needs it. Each worker decides alone, every `min(heartbeat,
+    /// 1 s)`, from the worker registry and the pool's depth (the `/scaling`
+    /// arithmetic). With [`pod_deletion_cost`](Self::pod_deletion_cost) the annotation
+    /// then ranks quiet pods first (see [`PodDeletionCost`]). Off by default.
+    ///
+    /// ```
+    /// use worker_core::WorkerConfig;
+    ///
+    /// let config = WorkerConfig::builder().quiet_surplus(true).build()?;
+    /// assert!(config.quiet_surplus);
+    /// # Ok::<(), worker_core::ConfigError>(())
+    /// ```
+    pub fn quiet_surplus(mut self, on: bool) -> Self {
+        self.config.quiet_surplus = on;
+        self
+    }
+
+    /// Keep this pod's `controller.kubernetes.io/pod-deletion-cost` annotation current
+    /// (its jobs in flight, or with [`quiet_surplus`](Self::quiet_surplus) also its
+    /// quiet state), so a ReplicaSet scaling down removes idle pods first (see
     /// [`PodDeletionCost`]). Off by default.
     ///
     /// ```no_run

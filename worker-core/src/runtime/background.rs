@@ -9,15 +9,20 @@ use crate::error::chain;
 use crate::handler::Handler;
 
 /// Register, beat every `heartbeat` with TTL = 3 × heartbeat, deregister at the end.
+/// The entry is written at once, between beats, when the drain begins or the quiet
+/// state changes: peers rank themselves by it.
 pub(crate) async fn heartbeat<H: Handler>(shared: Arc<Shared<H>>, stop: CancellationToken) {
     let ttl = shared.config.heartbeat * 3;
     let mut registered = false;
+    let mut drain_written = false;
     let mut tick = tokio::time::interval(shared.config.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
+            _ = shared.beat_now.notified() => {}
+            _ = shared.life.drain.cancelled(), if !drain_written => drain_written = true,
         }
         let info = shared.worker_info();
         let result = if registered {

@@ -1,8 +1,8 @@
-//! The task that keeps the pod's pod-deletion-cost annotation equal to the jobs in
-//! flight, so a ReplicaSet scaling down removes idle pods first.
+//! The task that keeps the pod's pod-deletion-cost annotation current ([`cost`]), so a
+//! ReplicaSet scaling down removes idle pods first (quiet idle ones before all).
 //!
-//! It follows the in-flight count through a watch channel (updated with the
-//! `worker_in_flight` gauge), so an idle worker makes no requests and no wake-ups.
+//! It follows the cost through a watch channel (updated with the `worker_in_flight`
+//! and `worker_quiet` gauges), so an idle worker makes no requests and no wake-ups.
 //! Coalescing: a change is sent at once if no request went out in the last interval,
 //! else when the interval ends — with the count as it is then, so a burst of changes
 //! costs one request. Nothing is sent while the count equals the one the API last
@@ -25,6 +25,19 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// runtime's wait for its background tasks, so the drain's exit is not delayed.
 const FINAL_GRACE: Duration = Duration::from_millis(300);
 
+/// The annotation's value for `in_flight` jobs: the count itself; with
+/// `quiet_surplus`, `2 × in_flight + (0 if quiet else 1)`, so that among pods running
+/// as many jobs a quiet one goes first, and an idle quiet pod (0) before every other.
+pub(crate) fn cost(quiet_surplus: bool, in_flight: u32, quiet: bool) -> u32 {
+    if quiet_surplus {
+        in_flight
+            .saturating_mul(2)
+            .saturating_add(u32::from(!quiet))
+    } else {
+        in_flight
+    }
+}
+
 /// Where the count goes: the Kubernetes API, or a test's recorder.
 pub(crate) trait CostSink: Send + Sync + 'static {
     /// Set the annotation to `cost`.
@@ -37,12 +50,12 @@ impl CostSink for PodApi {
     }
 }
 
-/// Run until `stop`: send the first count (0 at start) at once, then every change,
-/// coalesced to at most one request per `interval`. After `stop`, send the last
-/// count if the API does not hold it, for at most [`FINAL_GRACE`].
+/// Run until `stop`: send the first cost (the channel's value at start) at once, then
+/// every change, coalesced to at most one request per `interval`. After `stop`, send
+/// the last cost if the API does not hold it, for at most [`FINAL_GRACE`].
 pub(crate) async fn keep_current<S: CostSink>(
     sink: S,
-    mut in_flight: watch::Receiver<u32>,
+    mut costs: watch::Receiver<u32>,
     interval: Duration,
     stop: CancellationToken,
 ) {
@@ -51,10 +64,10 @@ pub(crate) async fn keep_current<S: CostSink>(
     let mut failures = 0u32;
     'run: loop {
         // Wait for a count the API does not hold.
-        while accepted == Some(*in_flight.borrow_and_update()) {
+        while accepted == Some(*costs.borrow_and_update()) {
             tokio::select! {
                 _ = stop.cancelled() => break 'run,
-                changed = in_flight.changed() => {
+                changed = costs.changed() => {
                     // The worker is gone.
                     if changed.is_err() {
                         break 'run;
@@ -67,7 +80,7 @@ pub(crate) async fn keep_current<S: CostSink>(
             _ = stop.cancelled() => break 'run,
             _ = tokio::time::sleep_until(not_before) => {}
         }
-        let cost = *in_flight.borrow_and_update();
+        let cost = *costs.borrow_and_update();
         if accepted == Some(cost) {
             continue;
         }
@@ -95,7 +108,7 @@ pub(crate) async fn keep_current<S: CostSink>(
             }
         }
     }
-    let cost = *in_flight.borrow();
+    let cost = *costs.borrow();
     if accepted != Some(cost) {
         match tokio::time::timeout(FINAL_GRACE, sink.set(cost)).await {
             Ok(Ok(())) => tracing::debug!(cost, "pod-deletion-cost annotation set at stop"),
@@ -320,6 +333,18 @@ mod tests {
         let began = Instant::now();
         w.task.await.unwrap();
         assert!(began.elapsed() <= FINAL_GRACE, "{:?}", began.elapsed());
+    }
+
+    #[test]
+    fn the_cost_ranks_quiet_idle_pods_first_and_never_a_busy_one_below_an_idle_one() {
+        assert_eq!(
+            [(0, true), (0, false), (1, true), (1, false)].map(|(n, q)| cost(true, n, q)),
+            [0, 1, 2, 3]
+        );
+        for q in [true, false] {
+            assert_eq!(cost(false, 3, q), 3);
+        }
+        assert_eq!(cost(true, u32::MAX, false), u32::MAX);
     }
 
     #[test]

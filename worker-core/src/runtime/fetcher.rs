@@ -10,12 +10,17 @@
 //! see `Lifecycle::set_writes_accepted`), no new fetch starts: a job taken
 //! now could not keep its lease, and would run again elsewhere with its attempt raised.
 //! Fetching resumes once a lease extension or a heartbeat succeeds.
+//!
+//! While the worker is quiet (the pool needs fewer replicas, see `quiet.rs`), no new
+//! fetch starts either: once those on the wire are back, the broker is told to stop
+//! fetching (a backend holding deliveries ahead hands them back), and when the worker
+//! is needed again it is told to resume, and fetching goes on at once.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -73,6 +78,21 @@ async fn wait_for_writes<H>(shared: &Shared<H>) -> bool {
     true
 }
 
+/// Quiet: hand back what the broker holds ahead, and wait until the worker is needed
+/// again (`true`, fetching resumed) or the drain begins (`false`).
+async fn stay_quiet<H>(shared: &Shared<H>, quiet: &mut watch::Receiver<bool>) -> bool {
+    let queues = shared.config.queue_names();
+    shared.broker.stop_fetching(&queues).await;
+    let resumed = tokio::select! {
+        _ = shared.life.drain.cancelled() => false,
+        needed = quiet.wait_for(|q| !*q) => needed.is_ok(),
+    };
+    if resumed {
+        shared.broker.resume_fetching(&queues).await;
+    }
+    resumed
+}
+
 /// Runs until the drain begins. Never holds more jobs than `held` permits allow, so a
 /// busy replica does not hoard work a new replica could start.
 pub(crate) async fn fetch_loop<H: Handler>(shared: Arc<Shared<H>>, tracker: TaskTracker) {
@@ -85,8 +105,16 @@ pub(crate) async fn fetch_loop<H: Handler>(shared: Arc<Shared<H>>, tracker: Task
     let mut pause: Option<Pause> = None;
     // Every queue is at its own limit: wait for a job to settle or a fetch to return.
     let mut blocked = false;
+    let mut quiet = shared.quiet.subscribe();
     loop {
         if fetches.is_empty() {
+            if *quiet.borrow_and_update() {
+                if !stay_quiet(&shared, &mut quiet).await {
+                    break;
+                }
+                (pause, blocked) = (None, false);
+                continue;
+            }
             match pause.take() {
                 Some(Pause::Idle(open)) => {
                     // Wait only on the queues the plan could take from: a queue at its
@@ -96,12 +124,18 @@ pub(crate) async fn fetch_loop<H: Handler>(shared: Arc<Shared<H>>, tracker: Task
                         _ = drain.cancelled() => break,
                         _ = shared.job_done.notified() => {}
                         _ = shared.broker.wait_for_work(&open, shared.config.idle_wait) => {}
+                        Ok(()) = quiet.changed() => continue,
                     }
                 }
                 Some(Pause::Failed(wait)) => {
                     tokio::select! {
                         _ = drain.cancelled() => break,
                         _ = tokio::time::sleep(wait) => {}
+                        Ok(()) = quiet.changed() => {
+                            // Keep the backoff when the worker is needed again.
+                            pause = Some(Pause::Failed(wait));
+                            continue;
+                        }
                     }
                 }
                 None => {}
@@ -112,6 +146,7 @@ pub(crate) async fn fetch_loop<H: Handler>(shared: Arc<Shared<H>>, tracker: Task
         }
         let may_fetch = pause.is_none()
             && !blocked
+            && !*quiet.borrow()
             && fetches.len() < MAX_FETCHES
             && shared.life.writes_accepted();
         tokio::select! {
@@ -127,6 +162,8 @@ pub(crate) async fn fetch_loop<H: Handler>(shared: Arc<Shared<H>>, tracker: Task
                 }
             }
             _ = shared.job_done.notified(), if blocked => blocked = false,
+            // Quiet from now on, or needed again: look again.
+            Ok(()) = quiet.changed() => {}
             permit = shared.limits.held.clone().acquire_owned(), if may_fetch => {
                 let Ok(first) = permit else { break };
                 let mut held = vec![first];

@@ -5,6 +5,7 @@ mod deletion_cost;
 mod fetcher;
 mod job;
 pub(crate) mod limits;
+mod quiet;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -91,9 +92,18 @@ pub(crate) struct Shared<H> {
     /// Signalled when a job settles, so a fetcher blocked on per-queue limits retries.
     pub(crate) job_done: Notify,
     pub(crate) running: AtomicU32,
-    /// `running` as last published, for tasks that follow it (the pod-deletion cost).
-    in_flight: watch::Sender<u32>,
+    /// Whether this worker is quiet (see [`WorkerConfig::quiet_surplus`]); the fetch
+    /// loop follows it.
+    pub(crate) quiet: watch::Sender<bool>,
+    /// The pod-deletion cost as last published (from `running` and `quiet`), for the
+    /// task that keeps the annotation current.
+    cost: watch::Sender<u32>,
+    /// Asks the heartbeat to write the registry entry now: the quiet or draining state
+    /// changed, and peers rank by it.
+    pub(crate) beat_now: Notify,
     pub(crate) worker_id: String,
+    /// Start time, ms since the Unix epoch, as the registry shows it.
+    started_at_ms: u64,
     counts: Counts,
     on_settled: Option<OnSettled>,
 }
@@ -131,20 +141,49 @@ impl<H> Shared<H> {
         // Only a gauge reading; no data is published through this counter.
         let running = self.running.load(Ordering::Relaxed);
         metrics::gauge!(names::IN_FLIGHT, names::POOL => pool.clone()).set(f64::from(running));
-        // Loaded again under the channel's lock: of two jobs ending together, the one
-        // publishing last sends the newer count, never a stale one.
-        self.in_flight.send_if_modified(|seen| {
-            let now = self.running.load(Ordering::Relaxed);
-            let changed = *seen != now;
-            *seen = now;
-            changed
-        });
+        self.publish_cost();
         metrics::gauge!(names::UTILIZATION, names::POOL => pool.clone())
             .set(f64::from(running) / f64::from(self.config.concurrency));
         if let Some((used, total)) = self.limits.budget_used() {
             metrics::gauge!(names::BUDGET_USED, names::POOL => pool.clone()).set(f64::from(used));
             metrics::gauge!(names::BUDGET_TOTAL, names::POOL => pool).set(f64::from(total));
         }
+    }
+
+    /// Publish the pod-deletion cost of the current count and quiet state.
+    fn publish_cost(&self) {
+        // Loaded again under the channel's lock: of two jobs ending together, the one
+        // publishing last sends the newer cost, never a stale one.
+        self.cost.send_if_modified(|seen| {
+            let now = deletion_cost::cost(
+                self.config.quiet_surplus,
+                self.running.load(Ordering::Relaxed),
+                *self.quiet.borrow(),
+            );
+            let changed = *seen != now;
+            *seen = now;
+            changed
+        });
+    }
+
+    /// Set the quiet state; `true` when it changed. A change is published at once: to
+    /// the fetch loop, the `worker_quiet` gauge, the pod-deletion cost and the registry.
+    pub(crate) fn set_quiet(&self, quiet: bool) -> bool {
+        let changed = self.quiet.send_if_modified(|q| {
+            let changed = *q != quiet;
+            *q = quiet;
+            changed
+        });
+        if changed {
+            metrics::gauge!(names::QUIET, names::POOL => self.config.pool.clone()).set(if quiet {
+                1.0
+            } else {
+                0.0
+            });
+            self.publish_cost();
+            self.beat_now.notify_one();
+        }
+        changed
     }
 
     pub(crate) fn worker_info(&self) -> WorkerInfo {
@@ -157,6 +196,8 @@ impl<H> Shared<H> {
         info.concurrency = self.config.concurrency;
         info.in_flight = self.running.load(Ordering::Relaxed);
         info.draining = self.life.drain.is_cancelled();
+        info.quiet = *self.quiet.borrow();
+        info.started_at_ms = self.started_at_ms;
         info
     }
 }
@@ -311,7 +352,10 @@ impl<H: Handler> Worker<H> {
             limits: Limits::new(&self.config),
             job_done: Notify::new(),
             running: AtomicU32::new(0),
-            in_flight: watch::Sender::new(0),
+            quiet: watch::Sender::new(false),
+            cost: watch::Sender::new(deletion_cost::cost(self.config.quiet_surplus, 0, false)),
+            beat_now: Notify::new(),
+            started_at_ms: crate::job::now_ms(),
             worker_id: format!(
                 "{}-{}-{:08x}",
                 self.config.pool,
@@ -330,32 +374,42 @@ impl<H: Handler> Worker<H> {
             tokio::spawn(background::heartbeat(shared.clone(), stop.clone())),
             tokio::spawn(background::reaper(shared.clone(), stop.clone())),
         ];
+        // The HTTP routes and the quiet check share one depth reading.
+        let pool = http::HttpState::new(
+            shared.life.clone(),
+            shared.broker.clone(),
+            shared.config.pool.clone(),
+            shared.config.capacity_per_replica(),
+            shared.config.queue_names(),
+        );
+        if shared.config.quiet_surplus {
+            background.push(tokio::spawn(quiet::keep_deciding(
+                shared.clone(),
+                pool.clone(),
+                stop.clone(),
+            )));
+        }
         if let Some(listener) = listener {
-            let state = http::HttpState {
-                life: shared.life.clone(),
-                broker: shared.broker.clone(),
-                pool: shared.config.pool.clone(),
-                capacity: shared.config.capacity_per_replica(),
-                queues: shared.config.queue_names(),
-            };
-            background.push(http::serve(listener, state, stop.clone()));
+            background.push(http::serve(listener, pool, stop.clone()));
         }
         if let Some((api, interval)) = pod_api {
             background.push(tokio::spawn(deletion_cost::keep_current(
                 api,
-                shared.in_flight.subscribe(),
+                shared.cost.subscribe(),
                 interval,
                 stop.clone(),
             )));
         }
         shared.publish_load();
         metrics::gauge!(names::DRAINING, names::POOL => shared.config.pool.clone()).set(0.0);
+        metrics::gauge!(names::QUIET, names::POOL => shared.config.pool.clone()).set(0.0);
         shared.life.advance(State::Running);
         tracing::info!(
             pool = %shared.config.pool,
             worker = %shared.worker_id,
             queues = ?shared.config.queue_names(),
             concurrency = shared.config.concurrency,
+            quiet_surplus = shared.config.quiet_surplus,
             http = ?http_addr,
             "worker running"
         );

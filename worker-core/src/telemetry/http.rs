@@ -23,6 +23,8 @@ use crate::error::chain;
 use crate::lifecycle::{Lifecycle, State};
 use crate::BrokerError;
 
+/// The worker's routes' state. Clones share one depth reading, so the routes and the
+/// quiet-surplus check together cost the broker at most ten readings a second.
 #[derive(Clone)]
 pub(crate) struct HttpState {
     pub(crate) life: Arc<Lifecycle>,
@@ -30,38 +32,53 @@ pub(crate) struct HttpState {
     pub(crate) pool: String,
     pub(crate) capacity: u32,
     pub(crate) queues: Vec<String>,
+    depth: Arc<SharedReading<ScalingDoc>>,
 }
 
-/// The routes' state: the worker's, and the depth reading its requests share.
-struct Routes {
-    state: HttpState,
-    depth: SharedReading<ScalingDoc>,
-}
+impl HttpState {
+    /// The state of a worker of `pool` whose replicas each run `capacity` jobs, fed by
+    /// `queues`.
+    pub(crate) fn new(
+        life: Arc<Lifecycle>,
+        broker: Arc<dyn Broker>,
+        pool: String,
+        capacity: u32,
+        queues: Vec<String>,
+    ) -> Self {
+        Self {
+            life,
+            broker,
+            pool,
+            capacity,
+            queues,
+            depth: Arc::new(SharedReading::new(reading::DEFAULT_TTL)),
+        }
+    }
 
-impl Routes {
-    async fn read(&self) -> Result<Arc<ScalingDoc>, Arc<BrokerError>> {
-        let s = &self.state;
+    /// The pool's scaling document, from the shared reading.
+    pub(crate) async fn read(&self) -> Result<Arc<ScalingDoc>, Arc<BrokerError>> {
         self.depth
             .get(|| async {
-                let read =
-                    ScalingDoc::read(s.broker.as_ref(), &s.pool, s.capacity, &s.queues).await;
-                depth_read(&s.pool, read)
+                let read = ScalingDoc::read(
+                    self.broker.as_ref(),
+                    &self.pool,
+                    self.capacity,
+                    &self.queues,
+                )
+                .await;
+                depth_read(&self.pool, read)
             })
             .await
     }
 }
 
 pub(crate) fn router(state: HttpState) -> Router {
-    let routes = Routes {
-        state,
-        depth: SharedReading::new(reading::DEFAULT_TTL),
-    };
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/scaling", get(scaling))
-        .with_state(Arc::new(routes))
+        .with_state(Arc::new(state))
 }
 
 /// Serve until `stop` fires.
@@ -81,8 +98,7 @@ pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-async fn readyz(AxumState(r): AxumState<Arc<Routes>>) -> Response {
-    let s = &r.state;
+async fn readyz(AxumState(s): AxumState<Arc<HttpState>>) -> Response {
     if s.life.is_ready() {
         return (StatusCode::OK, "ready\n").into_response();
     }
@@ -98,7 +114,7 @@ async fn readyz(AxumState(r): AxumState<Arc<Routes>>) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
 }
 
-async fn scaling(AxumState(r): AxumState<Arc<Routes>>) -> Response {
+async fn scaling(AxumState(r): AxumState<Arc<HttpState>>) -> Response {
     match r.read().await {
         Ok(doc) => Json(doc.as_ref()).into_response(),
         // Never a zero that would scale the pool down: an error the autoscaler sees as one.
@@ -106,7 +122,7 @@ async fn scaling(AxumState(r): AxumState<Arc<Routes>>) -> Response {
     }
 }
 
-async fn metrics(AxumState(r): AxumState<Arc<Routes>>) -> Response {
+async fn metrics(AxumState(r): AxumState<Arc<HttpState>>) -> Response {
     // A failed reading is counted and logged where it was taken; the process's own
     // metrics are served regardless.
     let _ = r.read().await;

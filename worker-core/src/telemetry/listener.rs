@@ -26,8 +26,10 @@ use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -71,23 +73,7 @@ pub(crate) async fn serve(
     // hyper enforces the header-read timeout only with a timer set.
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    loop {
-        let (stream, peer) = tokio::select! {
-            biased;
-            () = stop.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    accept_failed(e, &stop).await;
-                    continue;
-                }
-            },
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, cap = limits.max_connections, "HTTP connection over the cap closed");
-            drop(stream);
-            continue;
-        };
+    while let Some((stream, peer, slot)) = accept_within(&listener, &slots, &stop, "HTTP").await {
         let service = TowerToHyperService::new(router.clone());
         let connection = http.serve_connection(TokioIo::new(stream), service);
         let stop = stop.clone();
@@ -114,9 +100,42 @@ pub(crate) async fn serve(
     Ok(())
 }
 
+/// The next connection of `listener` that gets one of `slots`, or `None` once `stop`
+/// fires. A connection accepted while every slot is taken is closed at once (see the
+/// module's docs); a failed accept is logged and waited out. `what` names the
+/// listener in logs (`HTTP`, `gRPC`). The slot is the caller's to hold for as long
+/// as the connection lives.
+pub async fn accept_within(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    stop: &CancellationToken,
+    what: &'static str,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = stop.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(e, stop, what).await;
+                    continue;
+                }
+            },
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(slot) => return Some((stream, peer, slot)),
+            Err(_) => {
+                tracing::debug!(%peer, listener = what, "connection over the cap closed");
+                drop(stream);
+            }
+        }
+    }
+}
+
 /// After a failed accept: a client that gave up is nothing; anything else (out of file
 /// descriptors, most often) is logged and waited out, as retrying at once would spin.
-async fn accept_failed(e: io::Error, stop: &CancellationToken) {
+async fn accept_failed(e: io::Error, stop: &CancellationToken, what: &str) {
     if matches!(
         e.kind(),
         io::ErrorKind::ConnectionRefused
@@ -125,7 +144,7 @@ async fn accept_failed(e: io::Error, stop: &CancellationToken) {
     ) {
         return;
     }
-    tracing::error!(error = %e, "HTTP listener cannot accept; trying again in 1s");
+    tracing::error!(error = %e, listener = what, "cannot accept; trying again in 1s");
     let _ = stop
         .run_until_cancelled(tokio::time::sleep(Duration::from_secs(1)))
         .await;

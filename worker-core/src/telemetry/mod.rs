@@ -11,6 +11,7 @@
 pub mod exporter;
 pub(crate) mod http;
 mod listener;
+pub use listener::accept_within;
 mod reading;
 pub mod scaling;
 #[cfg(test)]
@@ -36,6 +37,9 @@ pub mod names {
     pub const UTILIZATION: &str = "worker_utilization";
     /// Gauge, 1 while draining.
     pub const DRAINING: &str = "worker_draining";
+    /// Gauge, 1 while quiet: the pool needs fewer replicas than are live and this
+    /// worker takes no new jobs.
+    pub const QUIET: &str = "worker_quiet";
     /// Gauge of queue depth, label `state`.
     pub const QUEUE_DEPTH: &str = "worker_queue_depth";
     /// Gauge of pending + in flight + delayed that is due.
@@ -108,7 +112,10 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
                 .set_buckets(BUCKETS)
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             match builder.install_recorder() {
-                Ok(handle) => Some(handle),
+                Ok(handle) => {
+                    describe();
+                    Some(handle)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "a metrics recorder is already installed; /metrics will not render");
                     None
@@ -116,4 +123,34 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
+}
+
+/// The `# HELP` line of every metric the runtime records.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(names::JOBS_TOTAL, "Jobs settled, by outcome.");
+    describe_histogram!(names::JOB_DURATION, "Handler run time in seconds.");
+    describe_histogram!(
+        names::JOB_WAIT,
+        "Seconds from enqueue (or due time) to start."
+    );
+    describe_gauge!(names::IN_FLIGHT, "Jobs running in this process.");
+    describe_gauge!(names::UTILIZATION, "Busy run slots over all run slots.");
+    describe_gauge!(names::DRAINING, "1 while this worker drains.");
+    describe_gauge!(
+        names::QUIET,
+        "1 while this worker is quiet: the pool needs fewer replicas than are live, and it takes no new jobs."
+    );
+    describe_gauge!(names::QUEUE_DEPTH, "Jobs of a queue by state.");
+    describe_gauge!(
+        names::QUEUE_BACKLOG,
+        "Pending + in flight + delayed that is due, of a queue."
+    );
+    describe_gauge!(
+        names::QUEUE_OLDEST_AGE,
+        "Age in seconds of a queue's oldest pending job."
+    );
+    describe_gauge!(names::BUDGET_USED, "Budget units held by running jobs.");
+    describe_gauge!(names::BUDGET_TOTAL, "This worker's budget in units.");
+    describe_counter!(names::BROKER_ERRORS, "Failed broker calls, by operation.");
 }

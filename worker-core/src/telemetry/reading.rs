@@ -11,9 +11,11 @@ use tokio::time::Instant;
 
 use crate::BrokerError;
 
-/// How long a reading answers requests: below any scrape or KEDA polling interval,
-/// long enough that a burst of requests costs one reading.
-pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(1);
+/// How long a reading answers requests: long enough that a burst of requests costs
+/// one reading, short enough that an autoscaler never acts on an old one. A reading a
+/// second old once made a pool go to zero while jobs were arriving: KEDA's poll read
+/// the backlog from before them, as if it had polled a second early.
+pub(crate) const DEFAULT_TTL: Duration = Duration::from_millis(100);
 
 /// What a reading gave: shared, since one reading answers many requests.
 pub(crate) type Shared<T> = Result<Arc<T>, Arc<BrokerError>>;
@@ -54,6 +56,19 @@ impl<T> SharedReading<T> {
                 return reading.clone();
             }
         }
+        let reading = read().await.map(Arc::new).map_err(Arc::new);
+        *last = Some((Instant::now(), reading.clone()));
+        reading
+    }
+
+    /// A new reading taken by `read`, however young the last one is (after one in
+    /// flight, if any); it then answers requests for the TTL like any other.
+    pub(crate) async fn fresh<F, Fut>(&self, read: F) -> Shared<T>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, BrokerError>>,
+    {
+        let mut last = self.last.lock().await;
         let reading = read().await.map(Arc::new).map_err(Arc::new);
         *last = Some((Instant::now(), reading.clone()));
         reading

@@ -33,13 +33,13 @@ fn worker_router_connected(broker: &CountingBroker, connected: bool) -> Router {
     let life = Lifecycle::new();
     life.advance(State::Running);
     life.set_connected(connected);
-    http::router(HttpState {
+    http::router(HttpState::new(
         life,
-        broker: Arc::new(broker.clone()),
-        pool: "gpu".into(),
-        capacity: 4,
-        queues: vec!["a".into(), "b".into()],
-    })
+        Arc::new(broker.clone()),
+        "gpu".into(),
+        4,
+        vec!["a".into(), "b".into()],
+    ))
 }
 
 fn exporter_router(broker: &CountingBroker) -> Router {

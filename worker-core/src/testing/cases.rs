@@ -619,10 +619,11 @@ pub async fn worker_registry_lives_by_ttl(b: &dyn Broker) {
     );
     w1.in_flight = 3;
     w1.draining = true;
+    w1.quiet = true;
     b.beat_worker(&w1, LONG).await.unwrap();
     let listed = b.list_workers(Some(&pool)).await.unwrap();
     let seen = listed.iter().find(|w| w.id == w1.id).expect("w1 listed");
-    assert_eq!((seen.in_flight, seen.draining), (3, true));
+    assert_eq!((seen.in_flight, seen.draining, seen.quiet), (3, true, true));
     assert!(seen.beat_age() < Duration::from_secs(5));
     eventually(Duration::from_secs(5), "w2 expired", || async {
         !ids(b.list_workers(Some(&pool)).await.unwrap()).contains(&w2.id)
@@ -956,6 +957,7 @@ pub async fn worker_registry_renews_on_beat_and_lists_what_was_written(b: &dyn B
     beating.concurrency = 8;
     beating.in_flight = 2;
     beating.started_at_ms = 1_700_000_000_000;
+    beating.quiet = true;
     let silent = WorkerInfo::new(unique("silent"), &pool, vec!["a".into()]);
     let mut elsewhere = WorkerInfo::new(unique("elsewhere"), &other_pool, vec!["c".into()]);
     elsewhere.draining = true;
@@ -1091,7 +1093,8 @@ pub async fn a_refused_checkpoint_changes_nothing(b: &dyn Broker) {
 /// The queues named in `stop_fetching` are left to other workers: what this instance
 /// held but had not handed out is fetched by another instance on the same store (at the
 /// same attempt), while the leases it had given out stay its own and still extend and
-/// ack. A backend that holds nothing ahead of `fetch` passes by doing nothing.
+/// ack. A backend that holds nothing ahead of `fetch` passes by doing nothing. After
+/// `resume_fetching`, the stopped instance fetches that queue's new jobs again.
 pub async fn stop_fetching_leaves_the_rest_to_other_workers(b: &dyn Broker, other: &dyn Broker) {
     let q = unique("stop");
     let queues = vec![q.clone()];
@@ -1124,6 +1127,22 @@ pub async fn stop_fetching_leaves_the_rest_to_other_workers(b: &dyn Broker, othe
         other.ack(&d.lease).await.unwrap();
     }
     assert!(take(other, &q, 10, LONG).await.is_empty());
+
+    // The other worker leaves the queue, so that the new jobs can only go to this one.
+    other.stop_fetching(&queues).await;
+    b.resume_fetching(&queues).await;
+    let again: HashSet<JobId> = put(b, &q, 2).await.into_iter().collect();
+    let resumed = fetch_at_least(b, &q, 2, "after resume_fetching").await;
+    assert_eq!(
+        resumed
+            .iter()
+            .map(|d| d.envelope.id.clone())
+            .collect::<HashSet<_>>(),
+        again
+    );
+    for d in &resumed {
+        b.ack(&d.lease).await.unwrap();
+    }
     for (who, broker) in [("stopped", b), ("other", other)] {
         let d = broker.depth(&q).await.unwrap();
         assert_eq!(

@@ -1,26 +1,21 @@
-//! Autoscaling on real processes: an autoscaler with KEDA's and the HPA's semantics
-//! drives a pool of real `demo-worker` processes on the real Redis through a bursty
-//! load, and reports what happened to every job and every replica.
+//! Autoscaling on real processes: KEDA's and the HPA's rules drive a pool of real
+//! `demo-worker` processes on the real Redis through a bursty load, and a ReplicaSet's
+//! rules pick the pods a scale-down deletes; the report says what happened to every
+//! job and every replica.
 //!
-//! The autoscaler ([`Autoscaler`]) reads one signal every polling interval:
+//! The autoscaler ([`Autoscaler`], in `autoscaler.rs`) runs two loops, each with its
+//! own reading of the signal: KEDA's polling loop, which only activates a pool at zero
+//! and returns it to zero after the cooldown, and the HPA's sync, which sets the count
+//! above zero. The signal is one of:
 //! - [`Signal::Backlog`]: the pool's `/scaling` document from a real `workerctl
 //!   exporter` (KEDA's `metrics-api` trigger on `backlog`);
 //! - [`Signal::PendingOnly`]: the length of the pending list, what KEDA's `redis` list
 //!   trigger sees.
 //!
-//! and decides as KEDA and the HPA do: `desired = ceil(metric / target)` for an
-//! `AverageValue` target, no change within the HPA's 10 % tolerance, clamped to
-//! `[max(min, 1), max]`; scale-up at once and scale-down to the highest recommendation
-//! of the stabilization window; activation from zero when the metric exceeds the
-//! activation value, and back to zero once it has not for the cooldown period; a read
-//! that fails holds the replicas, and once failures in a row exceed
-//! `failure_threshold` the fallback keeps `max(current, replicas)` (KEDA's
-//! `currentReplicasIfHigher`); scale-up at most `max(2 × start, start + 4)` per
-//! scale-up period, `start` being the replicas at the period's start (the HPA's
-//! default policies).
-//!
-//! Scaling down sends SIGTERM to a replica chosen at random, as a ReplicaSet may; the
-//! replica drains and its process lives on until it exits, and those seconds count.
+//! Scaling down sends SIGTERM to the pods `ActivePodsWithRanks` puts first
+//! (`replicaset.rs`): not-ready pods, then the lowest pod-deletion cost (read from the
+//! annotations the workers keep, when they keep them), then newer pods; the replica
+//! drains and its process lives on until it exits, and those seconds count.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -35,207 +30,16 @@ use worker_redis::RedisConfig;
 
 use crate::{binary, since_epoch_ms, DemoWorker};
 
+mod autoscaler;
+mod replicaset;
+
+pub use autoscaler::{Autoscaler, Fallback, KedaVersion, Loop, ScalerSpec, Why};
+pub use replicaset::{less, pods_to_delete, Phase, PodFacts};
+
 /// The shared Redis the pool runs on.
 const REDIS: &str = "127.0.0.1:6379";
 /// The pool's one queue.
 const QUEUE: &str = "jobs";
-
-/// How the autoscaler decides: the fields of a KEDA `ScaledObject` and its HPA.
-#[derive(Debug, Clone)]
-pub struct ScalerSpec {
-    /// KEDA's `pollingInterval`.
-    pub polling: Duration,
-    /// The `AverageValue` target per replica (the workers' concurrency).
-    pub target: f64,
-    /// KEDA's `activationTargetValue`: active while the metric is above it.
-    pub activation: f64,
-    /// `minReplicaCount` (0 lets the pool scale to zero).
-    pub min: u32,
-    /// `maxReplicaCount`.
-    pub max: u32,
-    /// KEDA's `cooldownPeriod`: inactive this long before going to zero.
-    pub cooldown: Duration,
-    /// The HPA's scale-down `stabilizationWindowSeconds`.
-    pub scale_down_window: Duration,
-    /// The HPA's tolerance (0.1 by default).
-    pub tolerance: f64,
-    /// KEDA's `fallback` with `behavior: currentReplicasIfHigher`.
-    pub fallback: Option<Fallback>,
-    /// The `periodSeconds` of the HPA's default scale-up policies (15 s): within one
-    /// period the replicas grow to at most `max(2 × start, start + 4)`.
-    pub scale_up_period: Duration,
-}
-
-impl ScalerSpec {
-    /// KEDA's and the HPA's rules on a compressed clock: polling 1 s, a 4 s cooldown,
-    /// a 6 s scale-down window, a 1 s scale-up period, the 10 % tolerance, 0 to 8
-    /// replicas, activation on any backlog, and a fallback holding at least one
-    /// replica once more than three reads in a row have failed.
-    /// `target` is the jobs one replica runs at once.
-    pub fn compressed(target: u32) -> Self {
-        Self {
-            polling: Duration::from_secs(1),
-            target: f64::from(target),
-            activation: 0.0,
-            min: 0,
-            max: 8,
-            cooldown: Duration::from_secs(4),
-            scale_down_window: Duration::from_secs(6),
-            tolerance: 0.1,
-            fallback: Some(Fallback {
-                failure_threshold: 3,
-                replicas: 1,
-            }),
-            scale_up_period: Duration::from_secs(1),
-        }
-    }
-}
-
-/// KEDA's `fallback` section.
-#[derive(Debug, Clone, Copy)]
-pub struct Fallback {
-    /// Failed reads in a row before the fallback applies.
-    pub failure_threshold: u32,
-    /// The replicas it holds at least.
-    pub replicas: u32,
-}
-
-/// Why the autoscaler chose a replica count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Why {
-    /// At zero and still inactive.
-    Idle,
-    /// From zero: the metric went above the activation value.
-    Activate,
-    /// To zero: inactive for the cooldown period.
-    Deactivate,
-    /// The HPA's arithmetic and stabilization.
-    Hpa,
-    /// The read failed, fewer times than the fallback's threshold: nothing changes.
-    Hold,
-    /// The read failed more than `failure_threshold` times in a row.
-    Fallback,
-}
-
-/// KEDA's scale loop and the HPA it feeds, as one decision per reading.
-#[derive(Debug)]
-pub struct Autoscaler {
-    spec: ScalerSpec,
-    failures: u32,
-    last_active: Option<Instant>,
-    recommendations: VecDeque<(Instant, u32)>,
-    /// The HPA's scale-up events: when, and how many replicas each added.
-    scale_ups: VecDeque<(Instant, u32)>,
-}
-
-impl Autoscaler {
-    /// An autoscaler with no history.
-    pub fn new(spec: ScalerSpec) -> Self {
-        Self {
-            spec,
-            failures: 0,
-            last_active: None,
-            recommendations: VecDeque::new(),
-            scale_ups: VecDeque::new(),
-        }
-    }
-
-    /// The most replicas the HPA may scale up to now, from `current`: its default
-    /// scale-up policies (100 % and 4 pods per period, `selectPolicy: Max`), from the
-    /// replicas at the start of the period. Kubernetes
-    /// `calculateScaleUpLimitWithScalingRules` with `getReplicasChangePerPeriod`
-    /// (pkg/controller/podautoscaler/horizontal.go).
-    fn scale_up_limit(&mut self, now: Instant, current: u32) -> u32 {
-        let period = self.spec.scale_up_period;
-        while let Some(&(at, _)) = self.scale_ups.front() {
-            if now.duration_since(at) >= period {
-                self.scale_ups.pop_front();
-            } else {
-                break;
-            }
-        }
-        let added: u32 = self.scale_ups.iter().map(|&(_, n)| n).sum();
-        let start = current.saturating_sub(added);
-        (start * 2).max(start + 4)
-    }
-
-    /// The replica count for a `reading` of the metric (`None`: the read failed) taken
-    /// at `now` with `current` replicas.
-    pub fn decide(&mut self, now: Instant, reading: Option<f64>, current: u32) -> (u32, Why) {
-        let spec = &self.spec;
-        let Some(metric) = reading else {
-            self.failures += 1;
-            if let Some(f) = spec.fallback {
-                // KEDA's fallback feeds the HPA; a pool at zero has no HPA running. It
-                // applies once the failures exceed the threshold (KEDA
-                // `GetMetricsWithFallback`, pkg/fallback/fallback.go: the 4th failure
-                // for a threshold of 3).
-                if self.failures > f.failure_threshold && current > 0 {
-                    return (current.max(f.replicas).min(spec.max), Why::Fallback);
-                }
-            }
-            return (current, Why::Hold);
-        };
-        self.failures = 0;
-        let active = metric > spec.activation;
-        if active {
-            self.last_active = Some(now);
-        }
-        if current == 0 {
-            return if active {
-                (spec.min.max(1), Why::Activate)
-            } else {
-                (0, Why::Idle)
-            };
-        }
-        if !active && spec.min == 0 {
-            let cooled = self
-                .last_active
-                .is_none_or(|t| now.duration_since(t) >= spec.cooldown);
-            if cooled {
-                // The HPA keeps its recommendations while KEDA holds the pool at zero
-                // (Kubernetes `stabilizeRecommendationWithBehaviors` reads them again
-                // when the HPA runs next).
-                return (0, Why::Deactivate);
-            }
-        }
-        // The HPA: usage ratio of an AverageValue target on an external metric.
-        let ratio = metric / (spec.target * f64::from(current));
-        let raw = if (ratio - 1.0).abs() <= spec.tolerance {
-            current
-        } else {
-            // Bounded by the clamp below; the cast saturates.
-            (metric / spec.target).ceil() as u32
-        };
-        let recommendation = raw.clamp(spec.min.max(1), spec.max);
-        self.recommendations.push_back((now, recommendation));
-        while let Some(&(at, _)) = self.recommendations.front() {
-            if now.duration_since(at) > spec.scale_down_window {
-                self.recommendations.pop_front();
-            } else {
-                break;
-            }
-        }
-        let highest = self
-            .recommendations
-            .iter()
-            .map(|&(_, r)| r)
-            .max()
-            .unwrap_or(recommendation);
-        // Up at once (window 0) within the scale-up limit; down only to the highest
-        // recommendation in the window (Kubernetes `normalizeDesiredReplicasWithBehaviors`:
-        // stabilization, then `convertDesiredReplicasWithBehaviorRate`).
-        let desired = if recommendation >= current {
-            recommendation.min(self.scale_up_limit(now, current).max(current))
-        } else {
-            current.min(highest)
-        };
-        if desired > current {
-            self.scale_ups.push_back((now, desired - current));
-        }
-        (desired, Why::Hpa)
-    }
-}
 
 /// The signal the autoscaler reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,8 +69,9 @@ pub struct LoadItem {
     pub sleep_ms: u64,
 }
 
-/// A bursty load of mixed job lengths: a burst of short jobs, then long jobs (longer
-/// than `long_ms`) while nothing else waits, a quiet spell, a second burst and a trickle.
+/// A bursty load of mixed job lengths: a burst of 20 short jobs at 0.5 s, then 6 jobs
+/// of `long_ms` from 7.5 s, once the burst is done and nothing else waits, a quiet
+/// spell, a second burst at 16 s and a trickle.
 pub fn bursty_load(seed: u64, long_ms: u64) -> Vec<LoadItem> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut load = Vec::new();
@@ -279,7 +84,7 @@ pub fn bursty_load(seed: u64, long_ms: u64) -> Vec<LoadItem> {
     }
     for i in 0..6 {
         load.push(LoadItem {
-            at: at(2_500 + i * 100),
+            at: at(7_500 + i * 100),
             sleep_ms: long_ms,
         });
     }
@@ -298,14 +103,42 @@ pub fn bursty_load(seed: u64, long_ms: u64) -> Vec<LoadItem> {
     load
 }
 
-/// Which replica a scale-down stops.
+/// What the workers tell the ReplicaSet that picks the pods a scale-down deletes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Victims {
-    /// Any, at random: a ReplicaSet without pod-deletion costs may stop a busy pod.
-    Random,
-    /// The one with the fewest jobs in flight: what the ReplicaSet does when workers
-    /// keep `controller.kubernetes.io/pod-deletion-cost` (`WORKER_POD_DELETION_COST`).
-    IdleFirst,
+    /// Nothing: no pod-deletion cost, so the ReplicaSet goes by readiness, then by
+    /// how recently each pod became ready, then by age (newer first), whether a pod is
+    /// busy or not.
+    Age,
+    /// Each worker keeps its pod's `controller.kubernetes.io/pod-deletion-cost` equal
+    /// to its jobs in flight (`WORKER_POD_DELETION_COST`).
+    Cost,
+    /// As [`Cost`](Self::Cost), and surplus workers go quiet
+    /// (`WORKER_QUIET_SURPLUS`): when the pool needs fewer replicas than are live, the
+    /// ones the ReplicaSet would delete first stop taking jobs, and an idle quiet
+    /// worker's cost is 0.
+    Quiet,
+}
+
+impl Victims {
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Victims::Age => "no deletion cost",
+            Victims::Cost => "deletion cost",
+            Victims::Quiet => "deletion cost, quiet surplus",
+        }
+    }
+}
+
+/// How a pool at zero learns of work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// KEDA's polling loop reads the signal every `pollingInterval`.
+    Poll,
+    /// As well, the exporter's external scaler pushes `true` on `StreamIsActive` when
+    /// the first job arrives, and KEDA checks the scalers at once (`external-push`).
+    Push,
 }
 
 /// One run of a pool under an autoscaler.
@@ -325,10 +158,12 @@ pub struct Scenario {
     pub load: Vec<LoadItem>,
     /// From when to when (since the start) the exporter cannot reach Redis.
     pub outage: Option<(Duration, Duration)>,
-    /// Seeds the choice of the replica to stop.
+    /// Seeds the pods' UIDs (the ReplicaSet's last tie-breaker).
     pub seed: u64,
-    /// Which replica a scale-down stops.
+    /// What the workers tell the ReplicaSet.
     pub victims: Victims,
+    /// How a pool at zero learns of work.
+    pub wake: Wake,
     /// The run gives up after this.
     pub limit: Duration,
 }
@@ -336,9 +171,11 @@ pub struct Scenario {
 /// One reading and decision.
 #[derive(Debug, Clone)]
 pub struct Poll {
+    /// Which loop read and decided.
+    pub by: Loop,
     /// When the read began (ms since the start).
     pub at_ms: u64,
-    /// The metric, or `None` when the read failed.
+    /// The metric, or `None` when the read failed; for a push, 1 (active) or 0.
     pub reading: Option<f64>,
     /// The pool's true backlog at that moment (pending + in flight + due), read
     /// directly from Redis whatever the signal.
@@ -360,8 +197,12 @@ pub struct Report {
     pub name: String,
     /// The signal's name.
     pub signal: &'static str,
-    /// Which replica a scale-down stopped.
+    /// What the workers told the ReplicaSet.
     pub victims: Victims,
+    /// How a pool at zero learned of work.
+    pub wake: Wake,
+    /// The KEDA release whose rules applied.
+    pub keda: &'static str,
     /// `WORKER_DRAIN_TIMEOUT` in seconds.
     pub drain_timeout_s: f64,
     /// The longest job's run time in seconds.
@@ -432,7 +273,8 @@ impl Report {
     pub fn json(&self) -> Value {
         json!({
             "name": self.name, "signal": self.signal,
-            "victims": format!("{:?}", self.victims), "drain_timeout_s": self.drain_timeout_s,
+            "victims": format!("{:?}", self.victims), "wake": format!("{:?}", self.wake),
+            "keda": self.keda, "drain_timeout_s": self.drain_timeout_s,
             "longest_job_s": self.longest_job_s, "jobs": self.jobs, "completed": self.completed,
             "unfinished": self.unfinished, "dead": self.dead, "lost": self.lost, "lost_ids": self.lost_ids, "duplicated": self.duplicated, "interrupted": self.interrupted,
             "released": self.released, "restarts": self.restarts, "stopped": self.stopped,
@@ -448,11 +290,12 @@ impl Report {
         })
     }
 
-    /// The replica count over time, one character per poll (`.` for zero, `!` for a
-    /// failed read).
+    /// The replica count over time, one character per poll of KEDA's loop (`.` for
+    /// zero, `!` for a failed read).
     pub fn timeline(&self) -> String {
         self.polls
             .iter()
+            .filter(|p| p.by == Loop::Keda)
             .map(|p| match (p.reading, p.desired) {
                 (None, _) => '!',
                 (_, 0) => '.',
@@ -475,11 +318,12 @@ pub fn table(reports: &[&Report]) -> String {
     let rows: Vec<(&str, Cell)> = vec![
         ("signal", Box::new(|r| r.signal.to_string())),
         (
-            "scale-down stops",
-            Box::new(|r| match r.victims {
-                Victims::Random => "a random replica".to_owned(),
-                Victims::IdleFirst => "the least busy (deletion cost)".to_owned(),
-            }),
+            "workers tell the ReplicaSet",
+            Box::new(|r| r.victims.name().to_owned()),
+        ),
+        (
+            "wake from zero",
+            Box::new(|r| format!("{:?}, {}", r.wake, r.keda)),
         ),
         (
             "drain timeout / longest job",
@@ -555,12 +399,18 @@ pub fn table(reports: &[&Report]) -> String {
     out
 }
 
-/// One replica: a `demo-worker` process.
+/// One replica: a `demo-worker` process, as a pod.
 struct Replica {
     worker: DemoWorker,
+    /// Its pod's name (`POD_NAME`).
+    pod: String,
     started: Instant,
     stopped: Option<Instant>,
     exited: Option<Instant>,
+    /// When its readiness probe last began to succeed, since the run's start.
+    ready_since: Option<Duration>,
+    /// Its pod's UID.
+    uid: String,
 }
 
 impl Replica {
@@ -569,6 +419,36 @@ impl Replica {
         let count = |name: &str| events.iter().filter(|e| e["event"] == name).count();
         count("start").saturating_sub(count("end") + count("cancelled"))
     }
+
+    /// What the ReplicaSet sees of its pod: one node, running, its readiness as last
+    /// probed, and the deletion cost the API server holds for it.
+    fn facts(&self, start: Instant, costs: &HashMap<String, i64>) -> PodFacts {
+        PodFacts {
+            assigned: true,
+            phase: Phase::Running,
+            ready: self.ready_since.is_some(),
+            ready_since: self.ready_since,
+            deletion_cost: costs
+                .get(&self.pod)
+                .map_or(0, |&c| i32::try_from(c).unwrap_or(i32::MAX)),
+            on_same_node: 1,
+            restarts: 0,
+            created: self.started.duration_since(start),
+            uid: self.uid.clone(),
+        }
+    }
+}
+
+/// Whether `/readyz` answers 200 within 200 ms, as a readiness probe asks.
+async fn ready(http: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(
+            Duration::from_millis(200),
+            worker_core::testing::http_get(http, "/readyz"),
+        )
+        .await,
+        Ok(Ok((200, _)))
+    )
 }
 
 /// A run's key prefix, unique in this machine's Redis.
@@ -595,6 +475,34 @@ async fn read_backlog(exporter: SocketAddr, timeout: Duration) -> Option<f64> {
     }
     let doc: Value = serde_json::from_str(&body).ok()?;
     doc["backlog"].as_f64()
+}
+
+/// Subscribe to the `StreamIsActive` of the exporter's external scaler at `grpc`, as
+/// KEDA does for an `external-push` trigger, and hand on each value it pushes; a
+/// stream that ends or fails is opened again, as KEDA does.
+fn stream_is_active(grpc: SocketAddr) -> tokio::sync::mpsc::UnboundedReceiver<bool> {
+    use crate::external_scaler::{connect, pb::ScaledObjectRef};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let object = ScaledObjectRef {
+            name: "sim".into(),
+            namespace: "sim".into(),
+            scaler_metadata: [("pool".to_owned(), "sim".to_owned())].into(),
+        };
+        let mut client = connect(grpc).await;
+        while !tx.is_closed() {
+            if let Ok(stream) = client.stream_is_active(object.clone()).await {
+                let mut stream = stream.into_inner();
+                while let Ok(Some(message)) = stream.message().await {
+                    if tx.send(message.result).is_err() {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    rx
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -651,28 +559,40 @@ pub async fn run(scenario: &Scenario) -> Report {
         .await
         .unwrap_or_else(|e| panic!("redis: {e}"));
     let proxy = crate::soak::ChaosProxy::start(upstream).await;
+    let grpc = crate::free_addr();
     let exporter = match scenario.signal {
-        Signal::Backlog => Some(
-            crate::start_exporter(
-                &[
-                    "--pool",
-                    "sim",
-                    "--queues",
-                    QUEUE,
-                    "--capacity",
-                    &scenario.concurrency.to_string(),
-                    "--max-replicas",
-                    &scenario.scaler.max.to_string(),
-                ],
-                &[
-                    ("REDIS_URL", &format!("redis://{}", proxy.addr)),
-                    ("REDIS_PREFIX", &prefix),
-                ],
-            )
-            .await,
-        ),
+        Signal::Backlog => {
+            let capacity = scenario.concurrency.to_string();
+            let max = scenario.scaler.max.to_string();
+            let grpc = grpc.to_string();
+            let mut args = vec![
+                "--pool",
+                "sim",
+                "--queues",
+                QUEUE,
+                "--capacity",
+                &capacity,
+                "--max-replicas",
+                &max,
+            ];
+            if scenario.wake == Wake::Push {
+                args.extend(["--grpc-listen", &grpc, "--watch-interval", "1s"]);
+            }
+            let env = [
+                ("REDIS_URL", format!("redis://{}", proxy.addr)),
+                ("REDIS_PREFIX", prefix.clone()),
+            ];
+            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            Some(crate::start_exporter(&args, &env).await)
+        }
         Signal::PendingOnly => None,
     };
+    // KEDA's end of `StreamIsActive`: each value the exporter pushes.
+    let mut pushes = match (scenario.wake, &exporter) {
+        (Wake::Push, Some(_)) => Some(stream_is_active(grpc)),
+        _ => None,
+    };
+    let mut pushed: VecDeque<bool> = VecDeque::new();
     let env: Vec<(String, String)> = vec![
         ("REDIS_URL".into(), format!("redis://{REDIS}")),
         ("REDIS_PREFIX".into(), prefix.clone()),
@@ -687,10 +607,19 @@ pub async fn run(scenario: &Scenario) -> Report {
             format!("{}ms", scenario.drain_timeout.as_millis()),
         ),
         ("WORKER_LEASE".into(), "10s".into()),
-        ("WORKER_HEARTBEAT".into(), "1s".into()),
+        ("WORKER_HEARTBEAT".into(), "500ms".into()),
         ("RUST_LOG".into(), "warn".into()),
     ];
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let kube = match scenario.victims {
+        Victims::Age => None,
+        Victims::Cost | Victims::Quiet => Some(crate::kube_api::FakeCluster::start(false).await),
+    };
+    let mut env = env;
+    if scenario.victims == Victims::Quiet {
+        env.push(("WORKER_QUIET_SURPLUS".into(), "true".into()));
+    }
+    let env = env;
+    let mut pods_made = 0u32;
 
     let mut rng = fastrand::Rng::with_seed(scenario.seed);
     let mut scaler = Autoscaler::new(scenario.scaler.clone());
@@ -706,6 +635,7 @@ pub async fn run(scenario: &Scenario) -> Report {
     let ms = |at: Instant| u64::try_from(at.duration_since(start).as_millis()).unwrap_or(0);
     let mut first_enqueue: Option<Instant> = None;
     let mut next_poll = start;
+    let mut next_sync = start;
     let mut outage_on = false;
     let mut max_replicas = 0;
     let mut stopped_busy = 0;
@@ -753,11 +683,44 @@ pub async fn run(scenario: &Scenario) -> Report {
                 r.exited = Some(Instant::now());
             }
         }
-        // The autoscaler.
-        if now >= next_poll {
-            next_poll += scenario.scaler.polling;
-            let reading = match (scenario.signal, &exporter) {
-                (Signal::Backlog, Some((_, addr))) => {
+        // Readiness, as the kubelet's probe would see it: for pods not yet ready.
+        for r in replicas.iter_mut().filter(|r| r.stopped.is_none()) {
+            if r.ready_since.is_none() && ready(r.worker.http).await {
+                r.ready_since = Some(r.started.duration_since(start) + r.started.elapsed());
+            }
+        }
+        // A push, KEDA's polling loop, and the HPA's sync: the last two each read the
+        // signal themselves.
+        for by in [Loop::Push, Loop::Keda, Loop::Hpa] {
+            let mut push = None;
+            match by {
+                Loop::Push => match pushed.pop_front() {
+                    Some(active) => push = Some(active),
+                    None => continue,
+                },
+                Loop::Keda | Loop::Hpa => {
+                    let (next, period) = if by == Loop::Keda {
+                        (&mut next_poll, scenario.scaler.polling)
+                    } else {
+                        (&mut next_sync, scenario.scaler.hpa_sync)
+                    };
+                    if now < *next {
+                        continue;
+                    }
+                    *next += period;
+                }
+            }
+            let running: Vec<usize> = (0..replicas.len())
+                .filter(|&i| replicas[i].stopped.is_none())
+                .collect();
+            let current = u32::try_from(running.len()).unwrap_or(u32::MAX);
+            // The HPA does not scale a target at zero, nor read for it.
+            if by == Loop::Hpa && current == 0 {
+                continue;
+            }
+            let reading = match (push, scenario.signal, &exporter) {
+                (Some(active), _, _) => Some(if active { 1.0 } else { 0.0 }),
+                (None, Signal::Backlog, Some((_, addr))) => {
                     read_backlog(*addr, scenario.scaler.polling).await
                 }
                 _ => broker.depth(QUEUE).await.ok().map(|d| d.pending as f64),
@@ -768,14 +731,16 @@ pub async fn run(scenario: &Scenario) -> Report {
                 .await
                 .ok()
                 .map(|d| d.pending + d.in_flight + d.delayed_due);
-            let running: Vec<usize> = (0..replicas.len())
-                .filter(|&i| replicas[i].stopped.is_none())
-                .collect();
-            let current = u32::try_from(running.len()).unwrap_or(u32::MAX);
             let alive = u32::try_from(replicas.iter().filter(|r| r.exited.is_none()).count())
                 .unwrap_or(u32::MAX);
-            let (desired, why) = scaler.decide(now, reading, current);
+            let at = Instant::now();
+            let (desired, why) = match (by, push) {
+                (Loop::Push, Some(active)) => scaler.push(at, active, current),
+                (Loop::Hpa, _) => scaler.sync(at, reading, current),
+                _ => scaler.poll(at, reading, current),
+            };
             polls.push(Poll {
+                by,
                 at_ms: ms(now),
                 reading,
                 backlog,
@@ -786,31 +751,45 @@ pub async fn run(scenario: &Scenario) -> Report {
             });
             if desired > current {
                 for _ in current..desired {
+                    pods_made += 1;
+                    let pod = format!("replica-{pods_made}");
+                    let kube_env = kube.as_ref().map(|k| k.worker_env(&pod));
+                    let mut env_refs: Vec<(&str, &str)> =
+                        env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    env_refs.extend(kube_env.iter().flatten().map(|(k, v)| (*k, v.as_str())));
+                    if kube.is_none() {
+                        env_refs.push(("POD_NAME", &pod));
+                    }
                     replicas.push(Replica {
                         worker: DemoWorker::start(&env_refs),
+                        pod: pod.clone(),
                         started: Instant::now(),
                         stopped: None,
                         exited: None,
+                        ready_since: None,
+                        uid: format!("{:016x}", rng.u64(..)),
                     });
                 }
-            } else {
-                let mut running = running;
-                for _ in desired..current {
-                    let pick = match scenario.victims {
-                        Victims::Random => rng.usize(..running.len()),
-                        // The ReplicaSet removes the lowest pod-deletion-cost first,
-                        // ties at random: the replica with the fewest jobs in flight.
-                        Victims::IdleFirst => {
-                            let loads: Vec<usize> =
-                                running.iter().map(|&i| replicas[i].in_flight()).collect();
-                            let least = loads.iter().copied().min().unwrap_or(0);
-                            let idle: Vec<usize> =
-                                (0..running.len()).filter(|&k| loads[k] == least).collect();
-                            idle[rng.usize(..idle.len())]
-                        }
-                    };
-                    let victim = running.swap_remove(pick);
-                    let r = &mut replicas[victim];
+            } else if desired < current {
+                let now_since = Instant::now().duration_since(start);
+                let costs = kube
+                    .as_ref()
+                    .map(|k| k.api.deletion_costs())
+                    .unwrap_or_default();
+                let mut pods = Vec::with_capacity(running.len());
+                for &i in &running {
+                    let r = &mut replicas[i];
+                    // The Ready condition as it stands: probed again now.
+                    if ready(r.worker.http).await {
+                        r.ready_since.get_or_insert(now_since);
+                    } else {
+                        r.ready_since = None;
+                    }
+                    pods.push(r.facts(start, &costs));
+                }
+                let count = usize::try_from(current - desired).unwrap_or(usize::MAX);
+                for k in pods_to_delete(&pods, count, now_since) {
+                    let r = &mut replicas[running[k]];
                     if r.in_flight() > 0 {
                         stopped_busy += 1;
                     }
@@ -833,7 +812,13 @@ pub async fn run(scenario: &Scenario) -> Report {
                 break;
             }
         }
-        tokio::time::sleep(tick).await;
+        match &mut pushes {
+            Some(rx) => tokio::select! {
+                () = tokio::time::sleep(tick) => {}
+                Some(active) = rx.recv() => pushed.push_back(active),
+            },
+            None => tokio::time::sleep(tick).await,
+        }
     }
     proxy.set_down(false);
 
@@ -927,7 +912,7 @@ pub async fn run(scenario: &Scenario) -> Report {
     let total_work_ms: u64 = scenario.load.iter().map(|i| i.sleep_ms).sum();
     let step = scenario.scaler.polling.as_secs_f64();
     let (mut short, mut excess) = (0.0, 0.0);
-    for p in &polls {
+    for p in polls.iter().filter(|p| p.by == Loop::Keda) {
         if let Some(backlog) = p.backlog {
             let need = backlog.div_ceil(u64::from(scenario.concurrency.max(1)));
             let alive = u64::from(p.alive);
@@ -943,6 +928,8 @@ pub async fn run(scenario: &Scenario) -> Report {
         name: scenario.name.clone(),
         signal: scenario.signal.name(),
         victims: scenario.victims,
+        wake: scenario.wake,
+        keda: scenario.scaler.keda.name(),
         drain_timeout_s: scenario.drain_timeout.as_secs_f64(),
         longest_job_s: scenario.load.iter().map(|i| i.sleep_ms).max().unwrap_or(0) as f64 / 1000.0,
         jobs: enqueued.len(),
@@ -986,111 +973,6 @@ pub async fn run(scenario: &Scenario) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec() -> ScalerSpec {
-        ScalerSpec::compressed(4)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn wakes_from_zero_on_one_job_and_scales_up_at_once() {
-        let mut a = Autoscaler::new(spec());
-        let now = Instant::now();
-        assert_eq!(a.decide(now, Some(0.0), 0), (0, Why::Idle));
-        assert_eq!(a.decide(now, Some(1.0), 0), (1, Why::Activate));
-        // ceil(13 / 4) = 4, at once.
-        assert_eq!(a.decide(now, Some(13.0), 1), (4, Why::Hpa));
-        // Within the 10 % tolerance: 4 replicas for a backlog of 17 stay 4.
-        assert_eq!(a.decide(now, Some(17.0), 4), (4, Why::Hpa));
-        // Within the scale-up period that began at 1 replica: at most 5.
-        assert_eq!(a.decide(now, Some(100.0), 4), (5, Why::Hpa));
-        // Next period, above the maximum: clamped.
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(a.decide(Instant::now(), Some(100.0), 5), (8, Why::Hpa));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn scales_down_only_after_the_stabilization_window_and_to_zero_after_cooldown() {
-        let mut a = Autoscaler::new(spec());
-        assert_eq!(a.decide(Instant::now(), Some(16.0), 4), (4, Why::Hpa));
-        // The backlog drops to 4: the window still holds the recommendation of 4.
-        for _ in 0..6 {
-            tokio::time::advance(Duration::from_secs(1)).await;
-            assert_eq!(a.decide(Instant::now(), Some(4.0), 4), (4, Why::Hpa));
-        }
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(a.decide(Instant::now(), Some(4.0), 4), (1, Why::Hpa));
-        // Idle: one replica (the HPA's floor) until the cooldown has passed.
-        for _ in 0..3 {
-            tokio::time::advance(Duration::from_secs(1)).await;
-            assert_eq!(a.decide(Instant::now(), Some(0.0), 1), (1, Why::Hpa));
-        }
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(a.decide(Instant::now(), Some(0.0), 1), (0, Why::Deactivate));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn failed_reads_hold_the_pool_then_fall_back_to_at_least_the_fallback() {
-        let mut a = Autoscaler::new(spec());
-        let now = Instant::now();
-        // More than three failures: the 4th applies the fallback.
-        for _ in 0..3 {
-            assert_eq!(a.decide(now, None, 3), (3, Why::Hold));
-        }
-        assert_eq!(a.decide(now, None, 3), (3, Why::Fallback));
-        assert_eq!(a.decide(now, None, 0), (0, Why::Hold));
-        // currentReplicasIfHigher: below the fallback, the fallback.
-        let mut b = Autoscaler::new(ScalerSpec {
-            fallback: Some(Fallback {
-                failure_threshold: 1,
-                replicas: 2,
-            }),
-            ..spec()
-        });
-        assert_eq!(b.decide(now, None, 1), (1, Why::Hold));
-        assert_eq!(b.decide(now, None, 1), (2, Why::Fallback));
-        // A good read resets the count: at target, two replicas stay two.
-        assert_eq!(b.decide(now, Some(8.0), 2), (2, Why::Hpa));
-        assert_eq!(b.decide(now, None, 2), (2, Why::Hold));
-        assert_eq!(b.decide(now, None, 2), (2, Why::Fallback));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn scale_up_grows_at_most_by_the_default_policies_per_period() {
-        let mut a = Autoscaler::new(ScalerSpec { max: 20, ..spec() });
-        // From 1: max(2 × 1, 1 + 4) = 5, though the backlog asks for 20.
-        assert_eq!(a.decide(Instant::now(), Some(80.0), 1), (5, Why::Hpa));
-        // Within the same period the start is still 1: no more.
-        assert_eq!(a.decide(Instant::now(), Some(80.0), 5), (5, Why::Hpa));
-        // A new period from 5: max(10, 9) = 10, then 20.
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(a.decide(Instant::now(), Some(80.0), 5), (10, Why::Hpa));
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(a.decide(Instant::now(), Some(80.0), 10), (20, Why::Hpa));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn recommendations_outlive_a_stay_at_zero() {
-        let mut a = Autoscaler::new(spec());
-        assert_eq!(a.decide(Instant::now(), Some(16.0), 4), (4, Why::Hpa));
-        tokio::time::advance(Duration::from_secs(4)).await;
-        assert_eq!(a.decide(Instant::now(), Some(0.0), 1), (0, Why::Deactivate));
-        tokio::time::advance(Duration::from_millis(500)).await;
-        assert_eq!(a.decide(Instant::now(), Some(0.5), 0), (1, Why::Activate));
-        // Three replicas (scaled by hand, say): the recommendation of 4 from 4.5 s ago
-        // is still in the 6 s window, so the HPA holds them.
-        assert_eq!(a.decide(Instant::now(), Some(0.5), 3), (3, Why::Hpa));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn without_fallback_failed_reads_only_hold() {
-        let mut a = Autoscaler::new(ScalerSpec {
-            fallback: None,
-            ..spec()
-        });
-        for _ in 0..10 {
-            assert_eq!(a.decide(Instant::now(), None, 2), (2, Why::Hold));
-        }
-    }
 
     #[test]
     fn percentiles() {

@@ -1,8 +1,11 @@
 //! A stand-in for the Kubernetes API server: HTTPS with a test certificate, HTTP/1.1
 //! with keep-alive, every request recorded with its answer. It answers 403 (a
-//! Kubernetes `Status`, as RBAC does) while told to refuse, else 200.
+//! Kubernetes `Status`, as RBAC does) while told to refuse, else 200. It follows the
+//! pod-deletion-cost annotation of each pod it was asked to patch
+//! ([`FakeKubeApi::deletion_costs`]).
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -35,6 +38,89 @@ impl ApiRequest {
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v.as_str())
     }
+
+    /// The pod a `PATCH` of `/api/v1/namespaces/{namespace}/pods/{name}` names.
+    pub fn pod(&self) -> Option<&str> {
+        if self.method != "PATCH" {
+            return None;
+        }
+        let mut parts = self.path.strip_prefix("/api/v1/namespaces/")?.split('/');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(ns), Some("pods"), Some(name), None) if !ns.is_empty() && !name.is_empty() => {
+                Some(name)
+            }
+            _ => None,
+        }
+    }
+
+    /// The pod-deletion-cost annotation's value in the body, when it is a string
+    /// holding a number (as Kubernetes requires).
+    pub fn deletion_cost(&self) -> Option<i64> {
+        let body: serde_json::Value = serde_json::from_str(&self.body).ok()?;
+        body["metadata"]["annotations"][DELETION_COST]
+            .as_str()?
+            .parse()
+            .ok()
+    }
+}
+
+/// The annotation a ReplicaSet ranks pods by when it scales down.
+pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+
+/// A fake API server and what a worker needs to reach it: a scratch directory with the
+/// server's certificate and a service-account directory holding its CA and a token.
+/// The directory goes when this is dropped.
+pub struct FakeCluster {
+    /// The API server.
+    pub api: FakeKubeApi,
+    /// The scratch directory (certificates, the service-account directory).
+    pub dir: PathBuf,
+    /// The service-account directory (`ca.crt`, `token`).
+    pub sa_dir: String,
+    /// The service-account token.
+    pub token: String,
+}
+
+impl FakeCluster {
+    /// Namespace of the pods the workers patch.
+    pub const NAMESPACE: &'static str = "workers";
+
+    /// Start the API server (answering 403 while `refusing`) with fresh certificates.
+    pub async fn start(refusing: bool) -> Self {
+        let dir = crate::RedisServer::scratch_dir(crate::free_addr().port());
+        crate::make_certificates(&dir);
+        let api = FakeKubeApi::start(&dir, refusing).await;
+        let sa = dir.join("serviceaccount");
+        std::fs::create_dir_all(&sa).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::copy(dir.join("ca.crt"), sa.join("ca.crt")).unwrap_or_else(|e| panic!("{e}"));
+        let token = worker_core::testing::unique("token");
+        std::fs::write(sa.join("token"), format!("{token}\n")).unwrap_or_else(|e| panic!("{e}"));
+        Self {
+            api,
+            sa_dir: sa.to_string_lossy().into_owned(),
+            dir,
+            token,
+        }
+    }
+
+    /// The variables that make a worker of pod `pod` keep its pod-deletion cost on
+    /// this server (`WORKER_POD_DELETION_COST=true` and the pod's and API's settings).
+    pub fn worker_env(&self, pod: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("WORKER_POD_DELETION_COST", "true".into()),
+            ("POD_NAME", pod.into()),
+            ("POD_NAMESPACE", Self::NAMESPACE.into()),
+            ("KUBERNETES_SERVICE_HOST", "127.0.0.1".into()),
+            ("KUBERNETES_SERVICE_PORT", self.api.port.to_string()),
+            ("KUBERNETES_SERVICEACCOUNT_DIR", self.sa_dir.clone()),
+        ]
+    }
+}
+
+impl Drop for FakeCluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The fake API server; it stops when dropped.
@@ -48,10 +134,10 @@ pub struct FakeKubeApi {
 
 impl FakeKubeApi {
     /// Serve the certificate `server.crt` / `server.key` of `certs` (see
-    /// [`make_certificates`](system_tests::make_certificates)) on a free port,
+    /// [`make_certificates`](crate::make_certificates)) on a free port,
     /// answering 403 while `refusing`.
     pub async fn start(certs: &Path, refusing: bool) -> Self {
-        let acceptor = system_tests::tls_acceptor(certs);
+        let acceptor = crate::tls_acceptor(certs);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("bind: {e}"));
@@ -93,6 +179,19 @@ impl FakeKubeApi {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The pod-deletion cost each pod has now: per pod name, the annotation value of
+    /// the last `PATCH` of `/api/v1/namespaces/{namespace}/pods/{name}` the server
+    /// accepted (a pod never patched, or whose value is not a number, is absent).
+    pub fn deletion_costs(&self) -> HashMap<String, i64> {
+        let mut costs = HashMap::new();
+        for r in self.requests() {
+            if let (200, Some(pod), Some(cost)) = (r.status, r.pod(), r.deletion_cost()) {
+                costs.insert(pod.to_owned(), cost);
+            }
+        }
+        costs
     }
 }
 
