@@ -887,6 +887,14 @@ class Variants(unittest.TestCase):
         r = Rendered({"autoscaling": {"keda": {"version": "2.9", "fallback": {"enabled": False}}}})
         self.assertNotIn("fallback", r.one("ScaledObject")["spec"])
 
+    def test_quiet_surplus_env_only_when_enabled(self):
+        self.assertNotIn("WORKER_QUIET_SURPLUS", env_of(Rendered({}).workers()))
+        on = Rendered({"worker": {"quietSurplus": True}})
+        self.assertEqual(env_of(on.workers())["WORKER_QUIET_SURPLUS"], "true")
+        gpu = Rendered(example("gpu-inference"))
+        self.assertEqual(env_of(gpu.workers())["WORKER_QUIET_SURPLUS"], "true")
+        self.assertEqual(env_of(gpu.workers())["WORKER_POD_DELETION_COST"], "true")
+
     def test_pod_deletion_cost_env_and_rbac_only_when_enabled(self):
         off = Rendered({})
         self.assertEqual(off.all("Role") + off.all("RoleBinding"), [])
