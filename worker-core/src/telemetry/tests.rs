@@ -181,6 +181,41 @@ async fn concurrent_scaling_requests_share_one_broker_read() {
     }
 }
 
+/// A job enqueued after a reading is in the backlog a request sees 150 ms later: an
+/// autoscaler polling then must not read the backlog from before it (with a reading
+/// that answered for a second, a KEDA poll returned a pool to zero under arriving
+/// jobs).
+#[tokio::test(start_paused = true)]
+async fn a_reading_older_than_100_ms_is_not_served() {
+    for (name, router) in [
+        ("worker", worker_router as fn(&CountingBroker) -> Router),
+        ("exporter", exporter_router),
+    ] {
+        let broker = CountingBroker::default();
+        let router = router(&broker);
+        let backlog = |body: &str| -> u64 {
+            let doc: serde_json::Value = serde_json::from_str(body).unwrap();
+            doc["backlog"].as_u64().unwrap()
+        };
+        let (status, body) = get(&router, "/scaling").await;
+        assert_eq!(
+            (status, backlog(&body)),
+            (StatusCode::OK, 0),
+            "{name}: {body}"
+        );
+        crate::Broker::enqueue(&broker, vec![crate::NewJob::new("a", b"{}".to_vec())])
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_millis(150)).await;
+        let (status, body) = get(&router, "/scaling").await;
+        assert_eq!(
+            (status, backlog(&body)),
+            (StatusCode::OK, 1),
+            "{name}: {body}"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn broker_error_text_stays_out_of_response_bodies() {
     let broker = CountingBroker::new(Duration::ZERO);
