@@ -737,7 +737,7 @@ pub async fn run(scenario: &Scenario) -> Report {
             let (desired, why) = match (by, push) {
                 (Loop::Push, Some(active)) => scaler.push(at, active, current),
                 (Loop::Hpa, _) => scaler.sync(at, reading, current),
-                _ => scaler.poll(at, reading, current),
+                (Loop::Keda | Loop::Push, _) => scaler.poll(at, reading, current),
             };
             polls.push(Poll {
                 by,

@@ -154,23 +154,18 @@ pub(crate) async fn keep_deciding<H: Handler>(
         let me = shared.worker_info();
         let verdict = decide(&me, &listed, desired);
         if shared.set_quiet(settle.next(me.quiet, verdict.quiet)) {
-            if verdict.quiet {
-                tracing::info!(
-                    need = verdict.need,
-                    live = verdict.live,
-                    "quiet: the pool needs {} of {} replicas; taking no new jobs",
-                    verdict.need,
-                    verdict.live
-                );
+            let (state, then) = if verdict.quiet {
+                ("quiet", "taking no new jobs")
             } else {
-                tracing::info!(
-                    need = verdict.need,
-                    live = verdict.live,
-                    "resumed: the pool needs {} of {} replicas; taking jobs again",
-                    verdict.need,
-                    verdict.live
-                );
-            }
+                ("resumed", "taking jobs again")
+            };
+            tracing::info!(
+                need = verdict.need,
+                live = verdict.live,
+                "{state}: the pool needs {} of {} replicas; {then}",
+                verdict.need,
+                verdict.live
+            );
         }
     }
 }
