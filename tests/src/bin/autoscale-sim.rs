@@ -13,7 +13,8 @@
 //! `backlog`, `+push` (wake from zero by the external scaler's `StreamIsActive`; else
 //! by polling). Other options: `--drain` (WORKER_DRAIN_TIMEOUT), `--long` (the long
 //! jobs' length), `--concurrency`, `--polling`, `--hpa-sync`, `--window` (scale-down
-//! stabilization), `--cooldown`, `--max`, `--keda 2.17|2.19`, `--seed`, `--limit`.
+//! stabilization), `--cooldown`, `--max`, `--keda 2.17|2.19`, `--seed`, `--limit`,
+//! `--polls` (then every reading and decision of each run, with the need).
 //! Prints the table, then one JSON line per run; exits 1 if a run lost a job.
 
 use std::process::ExitCode;
@@ -33,6 +34,7 @@ struct Args {
     seed: u64,
     limit: Duration,
     keda: KedaVersion,
+    polls: bool,
     columns: Vec<(Signal, Victims, Wake)>,
 }
 
@@ -75,6 +77,7 @@ fn parse() -> Result<Args, String> {
         seed: 7,
         limit: Duration::from_secs(120),
         keda: KedaVersion::V2_19,
+        polls: false,
         columns: vec![
             (Signal::Backlog, Victims::Age, Wake::Poll),
             (Signal::PendingOnly, Victims::Age, Wake::Poll),
@@ -82,6 +85,10 @@ fn parse() -> Result<Args, String> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--polls" {
+            a.polls = true;
+            continue;
+        }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let duration = || {
             humantime::parse_duration(&value)
@@ -179,6 +186,11 @@ async fn main() -> ExitCode {
     println!("{}", sim::table(&refs));
     for r in &reports {
         println!("{}", r.json());
+    }
+    if a.polls {
+        for r in &reports {
+            println!("{}", sim::trace(r));
+        }
     }
     if reports.iter().any(|r| r.lost > 0) {
         return ExitCode::from(1);

@@ -245,6 +245,10 @@ pub struct Report {
     pub short_replica_seconds: f64,
     /// Replica-seconds beyond the need, the same way.
     pub excess_replica_seconds: f64,
+    /// Of those, the replica-seconds the autoscaler kept beyond the need (replicas it
+    /// counts, not draining, minus the need): what its scale-down window and cooldown
+    /// hold whichever pods go. The rest are draining replicas still alive.
+    pub held_replica_seconds: f64,
     /// Enqueue to first start, p50 / p99 / max, in ms.
     pub wait_ms: (u64, u64, u64),
     /// From the first enqueue to the poll that woke the pool from zero, in ms.
@@ -284,6 +288,7 @@ impl Report {
             "provisioning": round2(self.provisioning()),
             "short_replica_seconds": round2(self.short_replica_seconds),
             "excess_replica_seconds": round2(self.excess_replica_seconds),
+            "held_replica_seconds": round2(self.held_replica_seconds),
             "wait_ms": {"p50": self.wait_ms.0, "p99": self.wait_ms.1, "max": self.wait_ms.2},
             "wake_ms": self.wake_ms, "woke_on_first_poll": self.woke_on_first_poll,
             "failed_reads": self.failed_reads, "finished": self.finished,
@@ -367,6 +372,16 @@ pub fn table(reports: &[&Report]) -> String {
             }),
         ),
         (
+            "excess held / draining",
+            Box::new(|r| {
+                format!(
+                    "{:.0} / {:.0}",
+                    r.held_replica_seconds,
+                    r.excess_replica_seconds - r.held_replica_seconds
+                )
+            }),
+        ),
+        (
             "wait p50 / p99 / max",
             Box::new(|r| format!("{} / {} / {} ms", r.wait_ms.0, r.wait_ms.1, r.wait_ms.2)),
         ),
@@ -395,6 +410,27 @@ pub fn table(reports: &[&Report]) -> String {
     }
     for r in reports {
         let _ = writeln!(out, "replicas per poll, {}: {}", r.name, r.timeline());
+    }
+    out
+}
+
+/// Every reading and decision of a run, one line each: when, which loop, the reading,
+/// the true backlog, the replicas live and alive, the decision and why.
+pub fn trace(report: &Report) -> String {
+    let mut out = format!("{}:\n", report.name);
+    for p in &report.polls {
+        let _ = writeln!(
+            out,
+            "{:>7} ms {:<5} reading {:<6} backlog {:<6} current {:>2} alive {:>2} -> {:>2} {:?}",
+            p.at_ms,
+            format!("{:?}", p.by),
+            p.reading.map_or("failed".into(), |r| format!("{r}")),
+            p.backlog.map_or("?".into(), |b| b.to_string()),
+            p.current,
+            p.alive,
+            p.desired,
+            p.why
+        );
     }
     out
 }
@@ -911,13 +947,14 @@ pub async fn run(scenario: &Scenario) -> Report {
     lost_ids.truncate(20);
     let total_work_ms: u64 = scenario.load.iter().map(|i| i.sleep_ms).sum();
     let step = scenario.scaler.polling.as_secs_f64();
-    let (mut short, mut excess) = (0.0, 0.0);
+    let (mut short, mut excess, mut held) = (0.0, 0.0, 0.0);
     for p in polls.iter().filter(|p| p.by == Loop::Keda) {
         if let Some(backlog) = p.backlog {
             let need = backlog.div_ceil(u64::from(scenario.concurrency.max(1)));
             let alive = u64::from(p.alive);
             short += need.saturating_sub(alive) as f64 * step;
             excess += alive.saturating_sub(need) as f64 * step;
+            held += u64::from(p.current).saturating_sub(need) as f64 * step;
         }
     }
     if let Some((mut child, _)) = exporter {
@@ -957,6 +994,7 @@ pub async fn run(scenario: &Scenario) -> Report {
         ideal_replica_seconds: total_work_ms as f64 / 1000.0 / f64::from(scenario.concurrency),
         short_replica_seconds: short,
         excess_replica_seconds: excess,
+        held_replica_seconds: held,
         wait_ms: (
             percentile(&waits, 50.0),
             percentile(&waits, 99.0),
