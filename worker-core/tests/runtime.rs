@@ -409,6 +409,8 @@ struct Partitionable {
     inner: MemoryBroker,
     partitioned: Arc<AtomicBool>,
     extended: Arc<Mutex<HashMap<String, u32>>>,
+    /// The leases of each `extend_leases` call, in order.
+    extend_calls: Arc<Mutex<Vec<usize>>>,
     acked: Arc<Mutex<Vec<JobId>>>,
 }
 
@@ -418,6 +420,7 @@ impl Partitionable {
             inner,
             partitioned: Arc::new(AtomicBool::new(false)),
             extended: Arc::default(),
+            extend_calls: Arc::default(),
             acked: Arc::default(),
         }
     }
@@ -465,6 +468,14 @@ impl Broker for Partitionable {
             });
         }
         self.inner.extend_lease(lease, d).await
+    }
+    async fn extend_leases(&self, leases: &[Lease], d: Duration) -> Vec<Result<(), BrokerError>> {
+        self.extend_calls.lock().unwrap().push(leases.len());
+        let mut out = Vec::with_capacity(leases.len());
+        for lease in leases {
+            out.push(self.extend_lease(lease, d).await);
+        }
+        out
     }
     async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError> {
         self.inner.reap_expired(queues).await
@@ -653,6 +664,41 @@ async fn a_lease_that_runs_out_while_writes_are_refused_is_given_up_at_its_deadl
     assert_eq!(starts, [1, 2]);
     let report = stop(worker).await;
     assert_eq!((report.ok, report.failed), (1, 1));
+}
+
+/// One lease keeper per process: the leases of jobs fetched together fall due together
+/// and go in one `extend_leases` call per tick, every job's lease in each; a job's own
+/// task runs its handler and nothing per job ticks.
+#[tokio::test(start_paused = true)]
+async fn leases_that_fall_due_together_are_extended_in_one_call() {
+    let memory = MemoryBroker::new();
+    put(&memory, "default", (0..8).map(|i| serde_json::json!(i))).await;
+    let broker = Partitionable::new(memory.clone());
+    let handler = handler_fn(|_job: Job<u64>| async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Ok::<_, JobError>(())
+    });
+    let cfg = config()
+        .concurrency(8)
+        .lease(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let w = Worker::new(broker.clone(), cfg, handler)
+        .spawn()
+        .await
+        .unwrap();
+    settled(&memory, &["default"]).await;
+    let calls = broker.extend_calls.lock().unwrap().clone();
+    // 10 s of running with a 3 s lease: an extension every 1 s (a third of the lease).
+    assert!((8..=11).contains(&calls.len()), "calls: {calls:?}");
+    assert!(calls.iter().all(|&n| n == 8), "leases per call: {calls:?}");
+    let per_job: Vec<u32> = broker.extended.lock().unwrap().values().copied().collect();
+    assert_eq!(per_job.len(), 8);
+    assert!(
+        per_job.iter().all(|&n| n as usize == calls.len()),
+        "{per_job:?}"
+    );
+    assert_eq!(stop(w).await.ok, 8);
 }
 
 #[tokio::test(start_paused = true)]

@@ -986,6 +986,64 @@ impl Broker for RedisBroker {
         .await
     }
 
+    async fn extend_leases(
+        &self,
+        leases: &[Lease],
+        lease_for: Duration,
+    ) -> Vec<Result<(), BrokerError>> {
+        // One script call per queue (a queue's keys share one slot), all at once.
+        let mut by_queue: Vec<(&str, Vec<usize>)> = Vec::new();
+        for (i, lease) in leases.iter().enumerate() {
+            match by_queue.iter_mut().find(|(q, _)| *q == lease.queue) {
+                Some((_, at)) => at.push(i),
+                None => by_queue.push((&lease.queue, vec![i])),
+            }
+        }
+        let ms = u64::try_from(lease_for.as_millis()).unwrap_or(u64::MAX);
+        let calls = by_queue.iter().map(|(queue, at)| async move {
+            let reply: Result<Vec<i64>, BrokerError> = self
+                .queue_call("extend_lease", &scripts::EXTEND_ALL, queue, |inv| {
+                    inv.arg(ms);
+                    for &i in at {
+                        inv.arg(leases[i].job_id.as_str())
+                            .arg(batch::ack_suffix(leases[i].token));
+                    }
+                })
+                .await;
+            (at, reply)
+        });
+        let mut out: Vec<Result<(), BrokerError>> = leases.iter().map(|_| Ok(())).collect();
+        for (at, reply) in futures::future::join_all(calls).await {
+            match reply {
+                Ok(done) if done.len() == at.len() => {
+                    for (&i, d) in at.iter().zip(done) {
+                        if d != 1 {
+                            out[i] = Err(BrokerError::LeaseLost {
+                                job_id: leases[i].job_id.clone(),
+                            });
+                        }
+                    }
+                }
+                Ok(done) => {
+                    let e = BrokerError::Protocol(format!(
+                        "extend_lease: reply of {} items for {} leases",
+                        done.len(),
+                        at.len()
+                    ));
+                    for &i in at.iter() {
+                        out[i] = Err(crate::error::for_each_waiter(&e));
+                    }
+                }
+                Err(e) => {
+                    for &i in at.iter() {
+                        out[i] = Err(crate::error::for_each_waiter(&e));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     async fn checkpoint(&self, lease: &Lease, job: &Envelope) -> Result<(), BrokerError> {
         let size = job.checkpoint.as_ref().map_or(0, |c| c.len()) + job.payload.len();
         if size > self.max_payload {

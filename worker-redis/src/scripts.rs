@@ -28,6 +28,7 @@ scripts! {
     DEAD = "dead.lua",
     RELEASE = "release.lua",
     EXTEND = "extend.lua",
+    EXTEND_ALL = "extend_all.lua",
     CHECKPOINT = "checkpoint.lua",
     REAP = "reap.lua",
     DEPTH = "depth.lua",

@@ -378,6 +378,19 @@ pub trait Broker: Send + Sync + 'static {
     /// Push the lease deadline to now + `lease`.
     async fn extend_lease(&self, lease: &Lease, lease_for: Duration) -> Result<(), BrokerError>;
 
+    /// Push each lease's deadline to now + `lease_for`: one outcome per lease, in
+    /// order, each as [`extend_lease`](Self::extend_lease) would answer it (a refused
+    /// token refuses that lease alone). The worker extends every lease it holds
+    /// through this, at once; the default extends them one by one, concurrently. A
+    /// backend that can extend many in one round trip overrides it.
+    async fn extend_leases(
+        &self,
+        leases: &[Lease],
+        lease_for: Duration,
+    ) -> Vec<Result<(), BrokerError>> {
+        futures::future::join_all(leases.iter().map(|l| self.extend_lease(l, lease_for))).await
+    }
+
     /// Store `job.checkpoint` as the in-flight job's saved progress, replacing any
     /// earlier one. `job` is the envelope `lease` delivered, with only its checkpoint
     /// changed: a backend that stores envelopes whole may write it back as it is. The
@@ -626,6 +639,13 @@ impl<B: Broker + ?Sized> Broker for std::sync::Arc<B> {
     }
     async fn extend_lease(&self, lease: &Lease, lease_for: Duration) -> Result<(), BrokerError> {
         (**self).extend_lease(lease, lease_for).await
+    }
+    async fn extend_leases(
+        &self,
+        leases: &[Lease],
+        lease_for: Duration,
+    ) -> Vec<Result<(), BrokerError>> {
+        (**self).extend_leases(leases, lease_for).await
     }
     async fn checkpoint(&self, lease: &Lease, job: &Envelope) -> Result<(), BrokerError> {
         (**self).checkpoint(lease, job).await

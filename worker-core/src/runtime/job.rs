@@ -2,12 +2,13 @@
 //!
 //! 1. **admission** — too many attempts (a job whose worker keeps dying) or a cost over
 //!    the whole budget: dead-letter at once;
-//! 2. **start** — wait for budget units and a run permit, keeping the lease alive; a drain
-//!    beginning before the job starts releases it at once;
+//! 2. **start** — wait for budget units and a run permit, the lease registered with
+//!    the process's lease keeper (`leases.rs`), which extends it; a drain beginning
+//!    before the job starts releases it at once;
 //! 3. **decode** — an undecodable payload is dead-lettered with the decode error;
-//! 4. **run** — the handler on its own task (a panic is caught there), supervised by this
-//!    task: lease extended every lease/3 (see [`LeaseKeeper`]), the per-job timeout, the
-//!    drain deadline;
+//! 4. **run** — the handler in this job's own task (a panic is caught here), raced
+//!    against its token, which the keeper cancels when the lease is lost or the job's
+//!    timeout passes, and the worker at the drain deadline;
 //! 5. **settle** — ack, retry with backoff, dead-letter or release, fenced by the lease
 //!    token; transient broker errors are retried until the lease would have expired.
 //!    The job's fetch permit is already back by then (it returns with the handler), so
@@ -17,10 +18,10 @@
 //!
 //! The job timeout, the drain deadline (or a second signal) and a lost lease cancel the
 //! handler's token. It then has a grace of 250 ms ([`CANCEL_GRACE`]) to return by
-//! itself; past that its task is aborted, which stops it at its next await. Either way,
-//! what it answers when it ends decides, and an `Ok` is acked:
+//! itself; past that its future is dropped, which stops it at the await it is in.
+//! Either way, what it answers when it ends decides, and an `Ok` is acked:
 //!
-//! | told to stop by | `Ok`         | `Fatal`                 | `Retry`                     | else (interrupted, panic, aborted) |
+//! | told to stop by | `Ok`         | `Fatal`                 | `Retry`                     | else (interrupted, panic, dropped) |
 //! |-----------------|--------------|-------------------------|-----------------------------|------------------------------------|
 //! | the job timeout | ack          | dead letter, its reason | retry, its reason and delay | retry: "timed out after …"         |
 //! | the drain       | ack          | release                 | release                     | release                            |
@@ -33,15 +34,16 @@
 //! than the timer why it stopped. After the drain deadline an error is how the handler
 //! stopped, not a verdict on the job: the job goes back to pending, attempt not counted.
 //!
-//! Until its task has really ended (a handler holding its thread, between awaits, is not
-//! stopped by the abort), the job keeps its run permit, its budget units, its fetch
-//! permit and its lease, which is extended as before; only then is the job settled. So
-//! this worker never runs one job twice at once, nor more units than its budget.
-//! A warning names a job whose handler outlives its grace.
+//! Until its future has really ended (a handler holding its thread, between awaits,
+//! cannot be dropped until it yields), the job keeps its run permit, its budget units,
+//! its fetch permit and its lease, which the keeper, on another task, goes on
+//! extending; only then is the job settled. So this worker never runs one job twice at
+//! once, nor more units than its budget. A warning names a job whose handler outlives
+//! its grace.
 //!
 //! Work a handler moved off its own task (`spawn_blocking`, `tokio::spawn`) is not seen:
-//! the abort drops the handler's future, which detaches that work, and the job is then
-//! settled while the work goes on. Such a handler watches
+//! dropping the handler's future detaches that work, and the job is then settled while
+//! the work goes on. Such a handler watches
 //! [`JobContext::cancellation`](crate::JobContext::cancellation) inside that work.
 //!
 //! A handler that never returns keeps its job leased for as long as the process lives.
@@ -56,11 +58,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
+use futures::FutureExt;
+use std::panic::AssertUnwindSafe;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::leases::Watch;
 use super::limits::RunPermits;
 use super::{Settled, Shared};
 use crate::broker::{Delivery, Lease};
@@ -85,8 +89,7 @@ pub(crate) async fn run<H: Handler>(
         queue = %queue,
         attempt = delivery.envelope.attempt,
     );
-    let keeper = LeaseKeeper::new(shared.config.lease, fetched_at);
-    let outcome = supervise(&shared, delivery, held, keeper)
+    let outcome = supervise(&shared, delivery, held, fetched_at)
         .instrument(span)
         .await;
     // After the settling call returned: what is recorded is what the broker confirmed.
@@ -100,10 +103,18 @@ pub(crate) async fn run<H: Handler>(
     shared.job_done.notify_one();
 }
 
-/// How long a cancelled handler may take to return by itself before it is aborted.
+/// How long a cancelled handler may take to return by itself before its future is dropped.
 const CANCEL_GRACE: Duration = Duration::from_millis(250);
 
-type Answer = Result<Result<(), JobError>, JoinError>;
+/// How the handler's future ended.
+enum Answer {
+    /// It returned this.
+    Returned(Result<(), JobError>),
+    /// It panicked, with this message.
+    Panicked(String),
+    /// It was dropped after its grace, at an await.
+    Aborted,
+}
 
 /// Why the handler's token was cancelled.
 enum Stop {
@@ -120,112 +131,14 @@ enum RunEnd {
     Stopped { why: Stop, answer: Answer },
 }
 
-/// First wait before extending again after a transient failure; it doubles up to
-/// lease/3.
-const EXTEND_RETRY: Duration = Duration::from_millis(250);
-/// Least wait between two extensions.
-const EXTEND_RETRY_MIN: Duration = Duration::from_millis(10);
-
-/// Keeps one job's lease: extends it every lease/3, and knows by the worker's own clock
-/// until when the lease surely lasts. The lease is lost when the broker refuses the
-/// token, or when that time passes without an extension: another worker may own the
-/// job by then. A transient failure (the broker unreachable, or refusing writes) loses
-/// nothing while time is left: the extension is tried again sooner, and the fetch loop
-/// takes no new jobs until writes are accepted again.
-pub(crate) struct LeaseKeeper {
-    lease: Duration,
-    /// When to extend next.
-    next: Instant,
-    /// Until when the lease surely lasts: the last successful extension (or the fetch)
-    /// was sent `lease` before, and the broker started that lease no earlier.
-    held_until: Instant,
-    /// The wait after the next transient failure.
-    retry: Duration,
-}
-
-impl LeaseKeeper {
-    fn new(lease: Duration, fetched_at: Instant) -> Self {
-        Self {
-            lease,
-            next: Instant::now() + lease / 3,
-            held_until: fetched_at + lease,
-            retry: EXTEND_RETRY,
-        }
-    }
-
-    /// Wait until an extension is due.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: it only sleeps.
-    async fn due(&self) {
-        tokio::time::sleep_until(self.next).await;
-    }
-
-    /// Extend the lease once. `Err` only when the lease is lost.
-    async fn extend<H>(&mut self, shared: &Shared<H>, lease: &Lease) -> Result<(), BrokerError> {
-        let sent = Instant::now();
-        let call = shared.broker.extend_lease(lease, self.lease);
-        // A reply after `held_until` still counts: the broker is the judge of its lease.
-        match tokio::time::timeout_at(self.held_until, call).await {
-            Ok(Ok(())) => {
-                self.held_until = sent + self.lease;
-                self.next = Instant::now() + self.lease / 3;
-                self.retry = EXTEND_RETRY;
-                if shared.life.set_writes_accepted(true) {
-                    tracing::info!("lease extended: the broker accepts writes again");
-                }
-                Ok(())
-            }
-            Ok(Err(e)) if !e.is_transient() => {
-                tracing::warn!(error = %chain(&e), "lease lost: another worker owns this job now");
-                Err(e)
-            }
-            Ok(Err(e)) => {
-                shared.broker_error("extend_lease");
-                shared.life.set_writes_accepted(false);
-                let now = Instant::now();
-                if now >= self.held_until {
-                    return Err(self.ran_out(lease, Some(&e)));
-                }
-                let left = self.held_until - now;
-                let wait = self.retry.min(left / 2).max(EXTEND_RETRY_MIN);
-                self.next = now + wait;
-                self.retry = (self.retry * 2).min(self.lease / 3);
-                tracing::warn!(
-                    error = %chain(&e),
-                    retry_in = ?wait,
-                    lease_left = ?left,
-                    "lease extension failed; retrying while the lease lasts"
-                );
-                Ok(())
-            }
-            Err(_) => {
-                shared.broker_error("extend_lease");
-                shared.life.set_writes_accepted(false);
-                Err(self.ran_out(lease, None))
-            }
-        }
-    }
-
-    fn ran_out(&self, lease: &Lease, last: Option<&BrokerError>) -> BrokerError {
-        let error = last.map(|e| chain(e)).unwrap_or_else(|| "no reply".into());
-        tracing::warn!(
-            %error,
-            "lease lost: it ran out before an extension succeeded; another worker may own this job now"
-        );
-        BrokerError::LeaseLost {
-            job_id: lease.job_id.clone(),
-        }
-    }
-}
-
 /// `held` is the job's fetch permit: given back as soon as the handler has returned,
 /// so the next fetch overlaps this job's settling call instead of waiting for it.
+/// `fetched_at` is when the fetch that leased it was sent.
 async fn supervise<H: Handler>(
     shared: &Shared<H>,
     delivery: Delivery,
     held: OwnedSemaphorePermit,
-    mut keeper: LeaseKeeper,
+    fetched_at: Instant,
 ) -> Outcome {
     let Delivery { envelope, lease } = delivery;
     let max_attempts = envelope.max_attempts.unwrap_or(shared.config.max_attempts);
@@ -247,9 +160,16 @@ async fn supervise<H: Handler>(
         return dead_letter(shared, &lease, &reason).await;
     }
 
+    // From here until it settles, the process's lease keeper keeps the lease.
+    let kept = shared
+        .leases
+        .hold(lease.clone(), fetched_at, &shared.life.hard);
+
     // 2. start
-    let Some(permits) = wait_to_start(shared, &lease, &mut keeper, envelope.cost).await else {
-        return if shared.life.drain.is_cancelled() {
+    let Some(permits) = wait_to_start(shared, &kept.watch, envelope.cost).await else {
+        let lost = kept.watch.lost();
+        drop(kept);
+        return if shared.life.drain.is_cancelled() && !lost {
             release(shared, &lease).await
         } else {
             Outcome::Failed
@@ -261,6 +181,7 @@ async fn supervise<H: Handler>(
         Ok(p) => p,
         Err(e) => {
             drop(permits);
+            drop(kept);
             let reason = format!("undecodable payload: {e}");
             return dead_letter(shared, &lease, &reason).await;
         }
@@ -268,7 +189,7 @@ async fn supervise<H: Handler>(
 
     // 4. run
     let envelope = Arc::new(envelope);
-    let cancel = shared.life.hard.child_token();
+    let cancel = kept.watch.stop.clone();
     let job = Job {
         payload,
         raw: envelope.payload.clone(),
@@ -298,11 +219,16 @@ async fn supervise<H: Handler>(
     shared.running.fetch_add(1, Ordering::Relaxed);
     shared.publish_load();
     let started = Instant::now();
+    kept.settle_in().await;
+    if let Some(limit) = shared.config.job_timeout {
+        kept.time_out_at(started + limit).await;
+    }
 
+    // The handler runs in this task; a panic is caught here.
     let handler = shared.handler.clone();
-    let task =
-        tokio::spawn(async move { handler.handle(job).await }.instrument(tracing::Span::current()));
-    let end = supervise_handler(shared, &lease, &mut keeper, task, &cancel).await;
+    let run = AssertUnwindSafe(handler.handle(job)).catch_unwind();
+    let end = supervise_handler(shared, &kept.watch, run).await;
+    drop(kept);
 
     metrics::histogram!(names::JOB_DURATION, &labels).record(started.elapsed().as_secs_f64());
     shared.running.fetch_sub(1, Ordering::Relaxed);
@@ -316,17 +242,18 @@ async fn supervise<H: Handler>(
             why: Stop::LeaseLost,
             ..
         } => Outcome::Failed,
-        RunEnd::Finished(Ok(Ok(())))
+        RunEnd::Finished(Answer::Returned(Ok(())))
         | RunEnd::Stopped {
-            answer: Ok(Ok(())), ..
+            answer: Answer::Returned(Ok(())),
+            ..
         } => settle(shared, &lease, Outcome::Ok, || shared.broker.ack(&lease)).await,
-        RunEnd::Finished(Ok(Err(JobError::Fatal { reason }))) => {
+        RunEnd::Finished(Answer::Returned(Err(JobError::Fatal { reason }))) => {
             dead_letter(shared, &lease, &reason).await
         }
-        RunEnd::Finished(Ok(Err(JobError::Retry { reason, after }))) => {
+        RunEnd::Finished(Answer::Returned(Err(JobError::Retry { reason, after }))) => {
             fail(shared, &lease, &envelope, max_attempts, &reason, after).await
         }
-        RunEnd::Finished(Ok(Err(JobError::Interrupted { reason }))) => {
+        RunEnd::Finished(Answer::Returned(Err(JobError::Interrupted { reason }))) => {
             if shared.life.drain.is_cancelled() {
                 tracing::info!(%reason, "handler stopped for the drain; job released");
                 release(shared, &lease).await
@@ -336,13 +263,14 @@ async fn supervise<H: Handler>(
                 fail(shared, &lease, &envelope, max_attempts, &reason, None).await
             }
         }
-        RunEnd::Finished(Err(e)) => {
-            let reason = if e.is_panic() {
-                format!("handler panicked: {}", panic_message(e.into_panic()))
-            } else {
-                "handler task was cancelled".to_owned()
-            };
+        RunEnd::Finished(Answer::Panicked(message)) => {
+            let reason = format!("handler panicked: {message}");
             tracing::error!(%reason, "handler failed");
+            fail(shared, &lease, &envelope, max_attempts, &reason, None).await
+        }
+        RunEnd::Finished(Answer::Aborted) => {
+            // Never built: only a handler told to stop is dropped.
+            let reason = "handler was dropped before it ended".to_owned();
             fail(shared, &lease, &envelope, max_attempts, &reason, None).await
         }
         RunEnd::Stopped {
@@ -352,8 +280,10 @@ async fn supervise<H: Handler>(
             why: Stop::TimedOut(limit),
             answer,
         } => match answer {
-            Ok(Err(JobError::Fatal { reason })) => dead_letter(shared, &lease, &reason).await,
-            Ok(Err(JobError::Retry { reason, after })) => {
+            Answer::Returned(Err(JobError::Fatal { reason })) => {
+                dead_letter(shared, &lease, &reason).await
+            }
+            Answer::Returned(Err(JobError::Retry { reason, after })) => {
                 fail(shared, &lease, &envelope, max_attempts, &reason, after).await
             }
             _ => {
@@ -364,118 +294,77 @@ async fn supervise<H: Handler>(
     }
 }
 
-/// Wait for budget units and a run permit, extending the lease while waiting. `None`
-/// when the drain began first (the caller releases) or the lease was lost.
-async fn wait_to_start<H>(
-    shared: &Shared<H>,
-    lease: &Lease,
-    keeper: &mut LeaseKeeper,
-    cost: u32,
-) -> Option<RunPermits> {
+/// Wait for budget units and a run permit (the keeper extends the lease meanwhile).
+/// `None` when the drain began first (the caller releases) or the lease was lost.
+async fn wait_to_start<H>(shared: &Shared<H>, watch: &Watch, cost: u32) -> Option<RunPermits> {
     let drain = &shared.life.drain;
     let units = shared.limits.units_for(cost);
-    if drain.is_cancelled() {
+    if drain.is_cancelled() || watch.stop.is_cancelled() {
         return None;
     }
     if let Some(p) = shared.limits.try_start(units) {
         return Some(p);
     }
-    let start = shared.limits.start(units);
-    tokio::pin!(start);
-    loop {
-        tokio::select! {
-            biased;
-            _ = drain.cancelled() => return None,
-            permits = &mut start => return permits,
-            _ = keeper.due() => keeper.extend(shared, lease).await.ok()?,
-        }
+    tokio::select! {
+        biased;
+        _ = drain.cancelled() => None,
+        _ = watch.stop.cancelled() => None,
+        permits = shared.limits.start(units) => permits,
     }
 }
 
-/// Run the handler to its end. Returns only once its task has ended, so the caller
-/// gives back its permits and settles the job only then.
-async fn supervise_handler<H>(
-    shared: &Shared<H>,
-    lease: &Lease,
-    keeper: &mut LeaseKeeper,
-    mut task: JoinHandle<Result<(), JobError>>,
-    cancel: &tokio_util::sync::CancellationToken,
-) -> RunEnd {
-    let timeout = shared.config.job_timeout;
-    let timed_out = async {
-        match timeout {
-            Some(t) => tokio::time::sleep(t).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(timed_out);
-    let why = loop {
-        tokio::select! {
-            biased;
-            answer = &mut task => {
-                // Only the drain deadline cancels the token while this loop runs.
-                if cancel.is_cancelled() {
-                    return RunEnd::Stopped { why: Stop::Drain, answer };
-                }
-                return RunEnd::Finished(answer);
-            }
-            _ = cancel.cancelled() => break Stop::Drain,
-            _ = &mut timed_out => break Stop::TimedOut(timeout.unwrap_or_default()),
-            _ = keeper.due() => {
-                if keeper.extend(shared, lease).await.is_err() {
-                    break Stop::LeaseLost;
-                }
-            }
-        }
-    };
-    cancel.cancel();
-    let keep_lease = !matches!(why, Stop::LeaseLost);
-    let (answer, lost) = wait_for_end(shared, lease, &mut task, keeper, keep_lease).await;
-    let why = if lost { Stop::LeaseLost } else { why };
-    RunEnd::Stopped { why, answer }
+/// Why the keeper or the drain cancelled the handler's token.
+fn why_stopped<H>(shared: &Shared<H>, watch: &Watch) -> Stop {
+    if watch.lost() {
+        Stop::LeaseLost
+    } else if watch.timed_out() {
+        Stop::TimedOut(shared.config.job_timeout.unwrap_or_default())
+    } else {
+        Stop::Drain
+    }
 }
 
-/// Wait for a cancelled handler's task to end: a grace to return by itself, then an
-/// abort, which stops it at its next await only. The lease is kept alive all along, if
-/// `keep_lease`. Returns how the task ended and whether the lease was lost meanwhile.
-async fn wait_for_end<H>(
-    shared: &Shared<H>,
-    lease: &Lease,
-    task: &mut JoinHandle<Result<(), JobError>>,
-    keeper: &mut LeaseKeeper,
-    mut keep_lease: bool,
-) -> (Answer, bool) {
-    let mut lost = false;
-    let grace = tokio::time::sleep(CANCEL_GRACE);
-    tokio::pin!(grace);
-    let mut aborted_at: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            biased;
-            answer = &mut *task => {
-                // Not stopped by the abort: it held its thread past it.
-                if let (Some(at), false) = (aborted_at, matches!(&answer, Err(e) if e.is_cancelled())) {
-                    let after = at.elapsed();
-                    tracing::warn!(job = %lease.job_id, ?after, "handler held its thread past its abort; settling the job now");
-                }
-                return (answer, lost);
-            }
-            _ = &mut grace, if aborted_at.is_none() => {
-                tracing::warn!(
-                    job = %lease.job_id,
-                    grace = ?CANCEL_GRACE,
-                    "handler did not stop within its grace; aborting it, and keeping its permits and lease until it has ended"
-                );
-                task.abort();
-                aborted_at = Some(Instant::now());
-            }
-            _ = keeper.due(), if keep_lease => {
-                if keeper.extend(shared, lease).await.is_err() {
-                    keep_lease = false;
-                    lost = true;
-                }
-            }
+/// Run the handler to its end. Returns only once its future has ended or been
+/// dropped, so the caller gives back its permits and settles the job only then.
+async fn supervise_handler<H, F>(shared: &Shared<H>, watch: &Watch, run: F) -> RunEnd
+where
+    F: Future<Output = std::thread::Result<Result<(), JobError>>>,
+{
+    let mut run = std::pin::pin!(run);
+    let answer = |r: std::thread::Result<Result<(), JobError>>| match r {
+        Ok(r) => Answer::Returned(r),
+        Err(payload) => Answer::Panicked(panic_message(payload)),
+    };
+    tokio::select! {
+        biased;
+        r = &mut run => {
+            let answer = answer(r);
+            return if watch.stop.is_cancelled() {
+                RunEnd::Stopped { why: why_stopped(shared, watch), answer }
+            } else {
+                RunEnd::Finished(answer)
+            };
         }
+        _ = watch.stop.cancelled() => {}
+    }
+    // Told to stop: a grace to return by itself, then the future is dropped, which
+    // stops it at the await it is in. The keeper extends the lease all along, unless
+    // it is lost.
+    let grace = tokio::time::sleep(CANCEL_GRACE);
+    let answer = tokio::select! {
+        biased;
+        r = &mut run => answer(r),
+        () = grace => {
+            tracing::warn!(
+                grace = ?CANCEL_GRACE,
+                "handler did not stop within its grace; dropping it"
+            );
+            Answer::Aborted
+        }
+    };
+    RunEnd::Stopped {
+        why: why_stopped(shared, watch),
+        answer,
     }
 }
 

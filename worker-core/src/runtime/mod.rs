@@ -4,6 +4,7 @@ mod background;
 mod deletion_cost;
 mod fetcher;
 mod job;
+mod leases;
 pub(crate) mod limits;
 mod quiet;
 
@@ -89,6 +90,8 @@ pub(crate) struct Shared<H> {
     pub(crate) life: Arc<Lifecycle>,
     pub(crate) sched: Mutex<Scheduler>,
     pub(crate) limits: Limits,
+    /// Every lease this worker holds, kept by one task.
+    pub(crate) leases: leases::Leases,
     /// Signalled when a job settles, so a fetcher blocked on per-queue limits retries.
     pub(crate) job_done: Notify,
     pub(crate) running: AtomicU32,
@@ -350,6 +353,7 @@ impl<H: Handler> Worker<H> {
         let shared = Arc::new(Shared {
             sched: Mutex::new(Scheduler::new(&self.config.queues, self.config.scheduling)),
             limits: Limits::new(&self.config),
+            leases: leases::Leases::new(self.config.lease),
             job_done: Notify::new(),
             running: AtomicU32::new(0),
             quiet: watch::Sender::new(false),
@@ -373,6 +377,7 @@ impl<H: Handler> Worker<H> {
         let mut background = vec![
             tokio::spawn(background::heartbeat(shared.clone(), stop.clone())),
             tokio::spawn(background::reaper(shared.clone(), stop.clone())),
+            tokio::spawn(leases::keep(shared.clone(), stop.clone())),
         ];
         // The HTTP routes and the quiet check share one depth reading.
         let pool = http::HttpState::new(

@@ -76,6 +76,11 @@ async fn every_operation_is_refused(b: &dyn Broker, lease: &Lease, what: &str) {
         matches!(r, Err(BrokerError::LeaseLost { .. })),
         "extend_lease of {what}: {r:?}"
     );
+    let r = b.extend_leases(std::slice::from_ref(lease), LONG).await;
+    assert!(
+        matches!(r.as_slice(), [Err(BrokerError::LeaseLost { .. })]),
+        "extend_leases of {what}: {r:?}"
+    );
     let mut job = Envelope::from_new(NewJob::new(&lease.queue, "late").id(lease.job_id.clone()));
     job.checkpoint = Some(Bytes::from_static(b"late"));
     let r = b.checkpoint(lease, &job).await;
@@ -320,6 +325,40 @@ pub async fn extended_lease_is_not_reaped(b: &dyn Broker) {
         assert_eq!(b.reap_expired(std::slice::from_ref(&q)).await.unwrap(), 0);
     }
     b.ack(&got[0].lease).await.unwrap();
+}
+
+/// Leases of several queues extended in one call: each outcome is its own lease's, in
+/// order; a stale token is refused alone, and the leases extended are not reaped.
+pub async fn extending_many_leases_refuses_each_stale_one_alone(b: &dyn Broker) {
+    let (q1, q2) = (unique("extend-many"), unique("extend-many"));
+    put(b, &q1, 2).await;
+    put(b, &q2, 1).await;
+    let lease = Duration::from_millis(300);
+    let mut got = take(b, &q1, 2, lease).await;
+    got.extend(take(b, &q2, 1, lease).await);
+    assert_eq!(got.len(), 3);
+    let mut forged = got[1].lease.clone();
+    forged.token = LeaseToken(forged.token.0.wrapping_add(1).max(1));
+    let leases = [got[0].lease.clone(), forged, got[2].lease.clone()];
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = b.extend_leases(&leases, lease).await;
+        assert!(
+            matches!(
+                r.as_slice(),
+                [Ok(()), Err(BrokerError::LeaseLost { job_id }), Ok(())] if *job_id == got[1].envelope.id
+            ),
+            "{r:?}"
+        );
+    }
+    // Only the lease whose extension was refused ran out.
+    let queues = vec![q1.clone(), q2.clone()];
+    assert_eq!(b.reap_expired(&queues).await.unwrap(), 1);
+    b.ack(&got[0].lease).await.unwrap();
+    b.ack(&got[2].lease).await.unwrap();
+    let d = b.depth(&q1).await.unwrap();
+    assert_eq!((d.pending, d.in_flight), (1, 0));
+    assert!(b.extend_leases(&[], lease).await.is_empty());
 }
 
 /// Many reapers at the same moment reclaim each expired lease exactly once.

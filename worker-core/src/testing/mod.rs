@@ -83,6 +83,7 @@ macro_rules! __conformance_cases {
             jobs_out_of_bounds_are_refused_and_nothing_is_written,
             expired_lease_is_reaped_with_attempt_counted,
             extended_lease_is_not_reaped,
+            extending_many_leases_refuses_each_stale_one_alone,
             concurrent_reapers_reclaim_each_lease_once,
             stale_token_is_refused_everywhere,
             retry_after_delays_and_counts_the_attempt,
