@@ -1287,6 +1287,28 @@ async fn scaling_and_metrics_equal_the_true_state_while_jobs_run() {
         (doc["backlog"].as_u64(), doc["desired_replicas"].as_u64()) == (Some(0), Some(0))
     })
     .await;
+    // Each job counted once by outcome, its run time recorded, on the queue it came from.
+    let (_, metrics) = http_get(addr, "/metrics").await.unwrap();
+    let line = |name: &str, labels: &str| {
+        let prefix = format!("{name}{{{labels}}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_owned))
+    };
+    assert_eq!(
+        line("worker_jobs_total", &format!("{q},outcome=\"ok\"")).as_deref(),
+        Some("10"),
+        "{metrics}"
+    );
+    assert_eq!(
+        line("worker_job_duration_seconds_count", &q).as_deref(),
+        Some("10")
+    );
+    assert_eq!(line("worker_job_wait_seconds_count", &q).as_deref(), Some("10"));
+    assert_eq!(
+        line("worker_in_flight", &format!("pool=\"{pool}\"")).as_deref(),
+        Some("0")
+    );
     let r = stop(w).await;
     assert_eq!(r.ok, 10);
 }

@@ -71,7 +71,7 @@ use crate::broker::{Delivery, Lease};
 use crate::error::{chain, BrokerError, JobError};
 use crate::handler::Handler;
 use crate::job::{now_ms, Envelope, Job, JobContext, Progress};
-use crate::telemetry::{names, Outcome};
+use crate::telemetry::Outcome;
 
 /// `fetched_at` is when the fetch that leased `delivery` was sent: the broker started
 /// the lease no earlier, so the lease surely lasts until `fetched_at + lease`.
@@ -210,12 +210,9 @@ async fn supervise<H: Handler>(
             ))),
         },
     };
-    let labels = [
-        (names::POOL, shared.config.pool.clone()),
-        (names::QUEUE, envelope.queue.clone()),
-    ];
+    let meters = shared.meters.queue(&shared.config.pool, &envelope.queue);
     let waited = now_ms().saturating_sub(envelope.due_at_ms.max(envelope.enqueued_at_ms));
-    metrics::histogram!(names::JOB_WAIT, &labels).record(waited as f64 / 1000.0);
+    meters.wait.record(waited as f64 / 1000.0);
     shared.running.fetch_add(1, Ordering::Relaxed);
     shared.publish_load();
     let started = Instant::now();
@@ -230,7 +227,7 @@ async fn supervise<H: Handler>(
     let end = supervise_handler(shared, &kept.watch, run).await;
     drop(kept);
 
-    metrics::histogram!(names::JOB_DURATION, &labels).record(started.elapsed().as_secs_f64());
+    meters.duration.record(started.elapsed().as_secs_f64());
     shared.running.fetch_sub(1, Ordering::Relaxed);
     drop(permits);
     drop(held);

@@ -6,6 +6,7 @@ mod fetcher;
 mod job;
 mod leases;
 pub(crate) mod limits;
+mod meters;
 mod quiet;
 
 use std::net::SocketAddr;
@@ -92,6 +93,8 @@ pub(crate) struct Shared<H> {
     pub(crate) limits: Limits,
     /// Every lease this worker holds, kept by one task.
     pub(crate) leases: leases::Leases,
+    /// The metric handles each job records through.
+    pub(crate) meters: meters::Meters,
     /// Signalled when a job settles, so a fetcher blocked on per-queue limits retries.
     pub(crate) job_done: Notify,
     pub(crate) running: AtomicU32,
@@ -121,13 +124,7 @@ impl<H> Shared<H> {
         let Settled { queue, outcome, .. } = &settled;
         let (queue, outcome) = (queue.as_str(), *outcome);
         self.counts.add(outcome);
-        metrics::counter!(
-            names::JOBS_TOTAL,
-            names::POOL => self.config.pool.clone(),
-            names::QUEUE => queue.to_owned(),
-            names::OUTCOME => outcome.as_str()
-        )
-        .increment(1);
+        self.meters.queue(&self.config.pool, queue).settled(outcome);
         if let Some(f) = &self.on_settled {
             f(&settled);
         }
@@ -140,16 +137,16 @@ impl<H> Shared<H> {
 
     /// Refresh the process gauges after a job starts or ends.
     pub(crate) fn publish_load(&self) {
-        let pool = self.config.pool.clone();
         // Only a gauge reading; no data is published through this counter.
         let running = self.running.load(Ordering::Relaxed);
-        metrics::gauge!(names::IN_FLIGHT, names::POOL => pool.clone()).set(f64::from(running));
+        let m = &self.meters;
+        m.in_flight.set(f64::from(running));
         self.publish_cost();
-        metrics::gauge!(names::UTILIZATION, names::POOL => pool.clone())
+        m.utilization
             .set(f64::from(running) / f64::from(self.config.concurrency));
         if let Some((used, total)) = self.limits.budget_used() {
-            metrics::gauge!(names::BUDGET_USED, names::POOL => pool.clone()).set(f64::from(used));
-            metrics::gauge!(names::BUDGET_TOTAL, names::POOL => pool).set(f64::from(total));
+            m.budget_used.set(f64::from(used));
+            m.budget_total.set(f64::from(total));
         }
     }
 
@@ -354,6 +351,7 @@ impl<H: Handler> Worker<H> {
             sched: Mutex::new(Scheduler::new(&self.config.queues, self.config.scheduling)),
             limits: Limits::new(&self.config),
             leases: leases::Leases::new(self.config.lease),
+            meters: meters::Meters::new(&self.config.pool, &self.config.queue_names()),
             job_done: Notify::new(),
             running: AtomicU32::new(0),
             quiet: watch::Sender::new(false),
