@@ -426,6 +426,13 @@ impl Broker for Probe {
     async fn extend_lease(&self, lease: &Lease, lease_for: Duration) -> Result<(), BrokerError> {
         self.inner.extend_lease(lease, lease_for).await
     }
+    async fn extend_leases(
+        &self,
+        leases: &[Lease],
+        lease_for: Duration,
+    ) -> Vec<Result<(), BrokerError>> {
+        self.inner.extend_leases(leases, lease_for).await
+    }
     async fn reap_expired(&self, queues: &[String]) -> Result<u64, BrokerError> {
         self.inner.reap_expired(queues).await
     }
@@ -487,9 +494,12 @@ pub struct RawItem {
 ///
 /// * Redis: `LPUSH` to a list; a consumer moves the oldest item into a processing
 ///   list with `LMOVE` (`BLMOVE` on its own connection when it must wait) and acks
-///   with `LREM` — the reliable-queue pattern, one round trip per step.
+///   with `LREM` — the reliable-queue pattern, one round trip per step. A drain runs
+///   each consumer on a thread of its own with a blocking connection of its own
+///   ([`RawRedis::drain_on_threads`]).
 /// * AMQP: a durable queue, persistent messages published with confirms; one lapin
-///   consumer with prefetch C and manual acks, its deliveries shared by the C tasks.
+///   consumer with the framework's prefetch (C, plus `WORKER_PREFETCH` where the
+///   framework has one) and manual acks, its deliveries shared by the C tasks.
 /// * Memory: a mutex-guarded deque with a semaphore counting its items, and a
 ///   processing map, so a taken item is held until acked as the framework holds it.
 #[derive(Clone)]
@@ -542,6 +552,65 @@ impl RawAmqp {
     }
 }
 
+impl RawRedis {
+    /// Drain the list with `c` consumers, each an OS thread with a blocking connection
+    /// of its own and nothing else in its way: `LMOVE` the oldest item into the
+    /// processing list, run the handler (a sleep of `sleep_ms`), `LREM` it. Returns
+    /// (acked, first start, last ack) on `clock`.
+    pub async fn drain_on_threads(
+        &self,
+        c: u32,
+        sleep_ms: u64,
+        clock: fn() -> u64,
+    ) -> Result<(u64, u64, u64)> {
+        let first = Arc::new(AtomicU64::new(0));
+        let last = Arc::new(AtomicU64::new(0));
+        let acked = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for _ in 0..c {
+            let mut conn = self.client.get_connection()?;
+            let (src, processing) = (self.src.clone(), self.processing.clone());
+            let (first, last, acked) = (first.clone(), last.clone(), acked.clone());
+            threads.push(std::thread::spawn(move || -> redis::RedisResult<()> {
+                loop {
+                    let item: Option<Vec<u8>> = redis::cmd("LMOVE")
+                        .arg(&src)
+                        .arg(&processing)
+                        .arg("RIGHT")
+                        .arg("LEFT")
+                        .query(&mut conn)?;
+                    let Some(item) = item else {
+                        return Ok(());
+                    };
+                    let _ = first.compare_exchange(0, clock(), Ordering::AcqRel, Ordering::Acquire);
+                    if sleep_ms > 0 {
+                        std::thread::sleep(Duration::from_millis(sleep_ms));
+                    }
+                    let _: i64 = redis::cmd("LREM")
+                        .arg(&processing)
+                        .arg(1)
+                        .arg(&item)
+                        .query(&mut conn)?;
+                    last.fetch_max(clock(), Ordering::AcqRel);
+                    acked.fetch_add(1, Ordering::AcqRel);
+                }
+            }));
+        }
+        tokio::task::spawn_blocking(move || {
+            for t in threads {
+                t.join().map_err(|_| "a raw consumer thread panicked")??;
+            }
+            Ok::<_, crate::Error>(())
+        })
+        .await??;
+        Ok((
+            acked.load(Ordering::Acquire),
+            first.load(Ordering::Acquire),
+            last.load(Ordering::Acquire),
+        ))
+    }
+}
+
 /// The Redis raw queue's connection and lists.
 pub struct RawRedis {
     /// For consumers that need their own connection.
@@ -574,8 +643,10 @@ impl Default for RawMemory {
 }
 
 impl Raw {
-    /// A fresh raw queue for `kind` named after `name`, to be consumed `c` at a time.
-    pub async fn new(kind: Kind, urls: &Urls, name: &str, c: u32) -> Result<Self> {
+    /// A fresh raw queue for `kind` named after `name`; on RabbitMQ its consumer's
+    /// prefetch is `prefetch` (the framework's at the same point: concurrency plus
+    /// `WORKER_PREFETCH`).
+    pub async fn new(kind: Kind, urls: &Urls, name: &str, prefetch: u32) -> Result<Self> {
         Ok(match kind {
             Kind::Amqp => {
                 let conn = lapin_connect(&urls.amqp_url).await?;
@@ -601,7 +672,7 @@ impl Raw {
                     _producer: producer,
                     publisher,
                     queue: name.to_owned(),
-                    prefetch: c.clamp(1, u32::from(u16::MAX)) as u16,
+                    prefetch: prefetch.clamp(1, u32::from(u16::MAX)) as u16,
                     consumer: tokio::sync::OnceCell::new(),
                 }))
             }
@@ -733,7 +804,7 @@ impl RawConsumer {
                     ..
                 } = r.as_ref();
                 let data: Option<Vec<u8>> = match &mut self.own {
-                    Some(own) => {
+                    Some(own) if self.blocking => {
                         redis::cmd("BLMOVE")
                             .arg(src)
                             .arg(processing)
@@ -743,13 +814,14 @@ impl RawConsumer {
                             .query_async(own)
                             .await?
                     }
-                    None => {
+                    own => {
+                        let mut c = own.clone().unwrap_or_else(|| conn.clone());
                         redis::cmd("LMOVE")
                             .arg(src)
                             .arg(processing)
                             .arg("RIGHT")
                             .arg("LEFT")
-                            .query_async(&mut conn.clone())
+                            .query_async(&mut c)
                             .await?
                     }
                 };

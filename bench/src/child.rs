@@ -202,11 +202,20 @@ pub struct RawArgs {
     /// Handler sleep, ms.
     #[arg(long, default_value_t = 0)]
     pub sleep_ms: u64,
+    /// Deliveries held ahead of the consumers beyond `concurrency` (RabbitMQ).
+    #[arg(long, default_value_t = 0)]
+    pub prefetch: u32,
 }
 
 /// The `raw-worker` child: consume the raw queue until it is empty, then report.
 pub async fn run_raw_worker(args: RawArgs) -> Result<()> {
-    let raw = Raw::new(args.backend, &args.urls, &args.name, args.concurrency).await?;
+    let raw = Raw::new(
+        args.backend,
+        &args.urls,
+        &args.name,
+        args.concurrency + args.prefetch,
+    )
+    .await?;
     let t = raw_drain_consumers(&raw, args.concurrency, args.sleep_ms, unix_ns).await?;
     println!(
         "{}",
@@ -226,13 +235,22 @@ pub struct RawTiming {
     pub last_ack: u64,
 }
 
-/// Run `c` non-blocking raw consumers until the queue is empty.
+/// Run `c` non-blocking raw consumers until the queue is empty (on Redis, each on a
+/// thread of its own with a blocking connection).
 pub async fn raw_drain_consumers(
     raw: &Raw,
     c: u32,
     sleep_ms: u64,
     clock: fn() -> u64,
 ) -> Result<RawTiming> {
+    if let Raw::Redis(r) = raw {
+        let (acked, first_start, last_ack) = r.drain_on_threads(c, sleep_ms, clock).await?;
+        return Ok(RawTiming {
+            acked,
+            first_start,
+            last_ack,
+        });
+    }
     let first = Arc::new(AtomicU64::new(0));
     let last = Arc::new(AtomicU64::new(0));
     let acked = Arc::new(AtomicU64::new(0));

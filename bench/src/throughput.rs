@@ -32,7 +32,8 @@ pub struct DrainArgs {
     /// Handler sleep, ms (0: a no-op handler).
     #[arg(long, default_value_t = 0)]
     pub sleep_ms: u64,
-    /// Framework prefetch: jobs fetched ahead of free permits (`WORKER_PREFETCH`).
+    /// Framework prefetch: jobs fetched ahead of free permits (`WORKER_PREFETCH`). The
+    /// raw RabbitMQ consumer's prefetch is the framework's total, C plus this.
     #[arg(long, default_value_t = 0)]
     pub prefetch: u32,
     /// Runs per figure (the median is reported).
@@ -270,7 +271,7 @@ async fn framework_processes(
 /// One raw-loop drain.
 pub async fn raw_loop(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Result<Drain> {
     let name = namespace("raw");
-    let raw = Raw::new(kind, urls, &name, c).await?;
+    let raw = Raw::new(kind, urls, &name, c + args.prefetch).await?;
     let item = vec![b'x'; args.payload.max(1)];
     // Every item distinct, as real payloads are (LREM compares bytes).
     let items = (0..args.jobs)
@@ -298,6 +299,8 @@ pub async fn raw_loop(kind: Kind, urls: &Urls, args: &DrainArgs, c: u32) -> Resu
                         c.to_string(),
                         "--sleep-ms".into(),
                         args.sleep_ms.to_string(),
+                        "--prefetch".into(),
+                        args.prefetch.to_string(),
                     ],
                 ]
                 .concat(),

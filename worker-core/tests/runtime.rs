@@ -1304,7 +1304,10 @@ async fn scaling_and_metrics_equal_the_true_state_while_jobs_run() {
         line("worker_job_duration_seconds_count", &q).as_deref(),
         Some("10")
     );
-    assert_eq!(line("worker_job_wait_seconds_count", &q).as_deref(), Some("10"));
+    assert_eq!(
+        line("worker_job_wait_seconds_count", &q).as_deref(),
+        Some("10")
+    );
     assert_eq!(
         line("worker_in_flight", &format!("pool=\"{pool}\"")).as_deref(),
         Some("0")
