@@ -133,6 +133,20 @@ enum Scenario {
         #[arg(long, default_value_t = 3)]
         runs: u32,
     },
+    /// From a worker process's start to its first job, with jobs waiting.
+    ColdStart {
+        /// Backend (redis or amqp).
+        #[arg(long, value_enum)]
+        backend: Kind,
+        #[command(flatten)]
+        urls: Urls,
+        /// Jobs waiting, and the worker's concurrency.
+        #[arg(long, default_value_t = 16)]
+        concurrency: u32,
+        /// Runs (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: u32,
+    },
     /// Draw the throughput chart from a saved run's output (its JSON lines).
     Chart {
         /// The saved output of `bench all` or `bench throughput`.
@@ -177,7 +191,8 @@ async fn run(scenario: Scenario) -> Result<()> {
         | Scenario::Latency { urls, .. }
         | Scenario::Idle { urls, .. }
         | Scenario::Memory { urls, .. }
-        | Scenario::DrainTime { urls, .. } => Some(urls.clone()),
+        | Scenario::DrainTime { urls, .. }
+        | Scenario::ColdStart { urls, .. } => Some(urls.clone()),
         Scenario::Worker(_) | Scenario::RawWorker(_) | Scenario::Chart { .. } => None,
     };
     let result = scenario_run(scenario).await;
@@ -236,6 +251,14 @@ async fn scenario_run(scenario: Scenario) -> Result<()> {
             sleep_ms,
             runs,
         } => resources::drain_time(backend, &urls, concurrency, sleep_ms, runs)
+            .await
+            .map(drop),
+        Scenario::ColdStart {
+            backend,
+            urls,
+            concurrency,
+            runs,
+        } => resources::cold_start(backend, &urls, concurrency, runs)
             .await
             .map(drop),
         Scenario::Chart { input, output } => {
@@ -313,6 +336,9 @@ async fn all(backends: &[Kind], urls: &Urls, quick: bool, chart: &std::path::Pat
             if quick { 1 } else { 3 },
         )
         .await?;
+        if kind != Kind::Memory {
+            resources::cold_start(kind, urls, 16, if quick { 1 } else { 5 }).await?;
+        }
     }
     if !quick {
         report::chart(&points, chart)?;

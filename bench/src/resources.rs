@@ -1,5 +1,6 @@
 //! What a worker process costs: CPU and broker commands while idle, peak memory
-//! under load, and how long it takes to exit after a SIGTERM.
+//! under load, how long it takes to exit after a SIGTERM, and how long from its start
+//! to its first job.
 
 use std::time::Duration;
 
@@ -308,12 +309,60 @@ pub async fn drain_time(
         let last_end = ends.iter().copied().max().unwrap_or(termed).max(termed);
         samples.push(exited.saturating_sub(last_end) as f64 / 1e6);
     }
-    let ms = median(&samples);
     println!(
         "drain time on {}: SIGTERM with {c} jobs in flight (each {sleep_ms} ms); exit after the last job ended, median of {runs}",
         kind.name()
     );
-    let mut t = Table::new(&["ms after last job", "runs"]);
+    let ms = print_median("ms after last job", &samples);
+    let out = json!({"scenario": "drain-time", "backend": kind.name(), "concurrency": c,
+        "sleep_ms": sleep_ms, "ms_after_last_job": ms, "runs": samples});
+    println!("{out}");
+    Ok(out)
+}
+
+/// From a worker process's start to its first job started, with jobs waiting: what a
+/// pool woken from zero pays on top of scheduling its pod. Timed from outside: the
+/// clock starts just before the process is spawned (a release build of this binary's
+/// `worker`) and stops at the first start event it prints.
+pub async fn cold_start(kind: Kind, urls: &Urls, c: u32, runs: u32) -> Result<Value> {
+    if kind == Kind::Memory {
+        return Err("cold start needs a broker outside the process: redis or amqp".into());
+    }
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        let prefix = namespace("cold-start");
+        let broker = connect(kind, urls, &prefix, c).await?;
+        fill(broker.as_ref(), "cold", u64::from(c), 100).await?;
+        let mut args = worker_args(kind, urls, &prefix, "cold", c);
+        args.push("--events".into());
+        let spawned = unix_ns();
+        let mut child = Child::spawn(&args)?;
+        let mut seen = Vec::new();
+        let first = child
+            .next_event("start", Duration::from_secs(30), &mut seen)
+            .await?;
+        let started = first["unix_ns"]
+            .as_u64()
+            .ok_or("a start event without its time")?;
+        samples.push(started.saturating_sub(spawned) as f64 / 1e6);
+        child.signal("TERM").await?;
+        child.wait(Duration::from_secs(60)).await?;
+    }
+    println!(
+        "cold start on {}: process start to first job started, {c} jobs waiting, median of {runs}",
+        kind.name()
+    );
+    let ms = print_median("ms to first start", &samples);
+    let out = json!({"scenario": "cold-start", "backend": kind.name(), "concurrency": c,
+        "ms_to_first_start": ms, "runs": samples});
+    println!("{out}");
+    Ok(out)
+}
+
+/// Print the median of `samples` under `header`, then every sample; returns the median.
+fn print_median(header: &str, samples: &[f64]) -> f64 {
+    let ms = median(samples);
+    let mut t = Table::new(&[header, "runs"]);
     t.row(vec![
         format!("{ms:.1}"),
         samples
@@ -323,8 +372,5 @@ pub async fn drain_time(
             .join(" "),
     ]);
     t.print();
-    let out = json!({"scenario": "drain-time", "backend": kind.name(), "concurrency": c,
-        "sleep_ms": sleep_ms, "ms_after_last_job": ms, "runs": samples});
-    println!("{out}");
-    Ok(out)
+    ms
 }
