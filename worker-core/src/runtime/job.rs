@@ -112,8 +112,6 @@ enum Answer {
     Returned(Result<(), JobError>),
     /// It panicked, with this message.
     Panicked(String),
-    /// It was dropped after its grace, at an await.
-    Aborted,
 }
 
 /// Why the handler's token was cancelled.
@@ -128,7 +126,8 @@ enum RunEnd {
     /// The handler ended without being told to stop.
     Finished(Answer),
     /// It was told to stop; `answer` is how it ended.
-    Stopped { why: Stop, answer: Answer },
+    /// `None`: it was dropped after its grace, at an await.
+    Stopped { why: Stop, answer: Option<Answer> },
 }
 
 /// `held` is the job's fetch permit: given back as soon as the handler has returned,
@@ -210,7 +209,7 @@ async fn supervise<H: Handler>(
             ))),
         },
     };
-    let meters = shared.meters.queue(&shared.config.pool, &envelope.queue);
+    let meters = shared.meters.queue(&envelope.queue);
     let waited = now_ms().saturating_sub(envelope.due_at_ms.max(envelope.enqueued_at_ms));
     meters.wait.record(waited as f64 / 1000.0);
     shared.running.fetch_add(1, Ordering::Relaxed);
@@ -241,7 +240,7 @@ async fn supervise<H: Handler>(
         } => Outcome::Failed,
         RunEnd::Finished(Answer::Returned(Ok(())))
         | RunEnd::Stopped {
-            answer: Answer::Returned(Ok(())),
+            answer: Some(Answer::Returned(Ok(()))),
             ..
         } => settle(shared, &lease, Outcome::Ok, || shared.broker.ack(&lease)).await,
         RunEnd::Finished(Answer::Returned(Err(JobError::Fatal { reason }))) => {
@@ -265,11 +264,6 @@ async fn supervise<H: Handler>(
             tracing::error!(%reason, "handler failed");
             fail(shared, &lease, &envelope, max_attempts, &reason, None).await
         }
-        RunEnd::Finished(Answer::Aborted) => {
-            // Never built: only a handler told to stop is dropped.
-            let reason = "handler was dropped before it ended".to_owned();
-            fail(shared, &lease, &envelope, max_attempts, &reason, None).await
-        }
         RunEnd::Stopped {
             why: Stop::Drain, ..
         } => release(shared, &lease).await,
@@ -277,10 +271,10 @@ async fn supervise<H: Handler>(
             why: Stop::TimedOut(limit),
             answer,
         } => match answer {
-            Answer::Returned(Err(JobError::Fatal { reason })) => {
+            Some(Answer::Returned(Err(JobError::Fatal { reason }))) => {
                 dead_letter(shared, &lease, &reason).await
             }
-            Answer::Returned(Err(JobError::Retry { reason, after })) => {
+            Some(Answer::Returned(Err(JobError::Retry { reason, after }))) => {
                 fail(shared, &lease, &envelope, max_attempts, &reason, after).await
             }
             _ => {
@@ -337,7 +331,7 @@ where
         r = &mut run => {
             let answer = answer(r);
             return if watch.stop.is_cancelled() {
-                RunEnd::Stopped { why: why_stopped(shared, watch), answer }
+                RunEnd::Stopped { why: why_stopped(shared, watch), answer: Some(answer) }
             } else {
                 RunEnd::Finished(answer)
             };
@@ -350,13 +344,13 @@ where
     let grace = tokio::time::sleep(CANCEL_GRACE);
     let answer = tokio::select! {
         biased;
-        r = &mut run => answer(r),
+        r = &mut run => Some(answer(r)),
         () = grace => {
             tracing::warn!(
                 grace = ?CANCEL_GRACE,
                 "handler did not stop within its grace; dropping it"
             );
-            Answer::Aborted
+            None
         }
     };
     RunEnd::Stopped {

@@ -63,6 +63,7 @@ pub(crate) struct Meters {
     pub(crate) utilization: Gauge,
     pub(crate) budget_used: Gauge,
     pub(crate) budget_total: Gauge,
+    pool: String,
     queues: HashMap<String, QueueMeters>,
 }
 
@@ -74,6 +75,7 @@ impl Meters {
             utilization: gauge(names::UTILIZATION),
             budget_used: gauge(names::BUDGET_USED),
             budget_total: gauge(names::BUDGET_TOTAL),
+            pool: pool.to_owned(),
             queues: queues
                 .iter()
                 .map(|q| (q.clone(), QueueMeters::new(pool, q)))
@@ -82,10 +84,10 @@ impl Meters {
     }
 
     /// The handles of `queue`, one of the worker's queues.
-    pub(crate) fn queue(&self, pool: &str, queue: &str) -> Cow<'_, QueueMeters> {
+    pub(crate) fn queue(&self, queue: &str) -> Cow<'_, QueueMeters> {
         match self.queues.get(queue) {
             Some(m) => Cow::Borrowed(m),
-            None => Cow::Owned(QueueMeters::new(pool, queue)),
+            None => Cow::Owned(QueueMeters::new(&self.pool, queue)),
         }
     }
 }

@@ -124,7 +124,7 @@ impl<H> Shared<H> {
         let Settled { queue, outcome, .. } = &settled;
         let (queue, outcome) = (queue.as_str(), *outcome);
         self.counts.add(outcome);
-        self.meters.queue(&self.config.pool, queue).settled(outcome);
+        self.meters.queue(queue).settled(outcome);
         if let Some(f) = &self.on_settled {
             f(&settled);
         }
